@@ -1,0 +1,1 @@
+"""gemini-proxy's pure logic (config, selector, breaker, classify, routing, store) and the addon."""

@@ -1,0 +1,201 @@
+"""The admin HTTP server (aiohttp): /healthz, /readyz, /metrics and the /admin/ API.
+
+Everything under /admin/ needs `Authorization: Bearer <gemini_admin_token>` (constant-time
+compare). Bad input answers 4xx JSON and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from . import metrics
+from .config import MAX_WEIGHT, NAME_RE, ConfigError
+from .service import ProxyService, constant_time_equal
+
+log = logging.getLogger("gemini_proxy")
+
+MAX_ADMIN_BODY = 1 << 20
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"code": status, "message": message}}, status=status)
+
+
+class AdminServer:
+    def __init__(self, service: ProxyService, token: str) -> None:
+        self.service = service
+        self.token = token
+        self._runner: web.AppRunner | None = None
+        self.address: tuple[str, int] | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_ADMIN_BODY, middlewares=[self._guard])
+        r = app.router
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/readyz", self.readyz)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/admin/keys", self.keys)
+        r.add_get("/admin/keys/{name}", self.key)
+        r.add_post("/admin/keys/{name}/{action:enable|disable|reset}", self.key_action)
+        r.add_patch("/admin/keys/{name}", self.key_patch)
+        r.add_post("/admin/reload", self.reload)
+        r.add_get("/admin/health", self.health)
+        r.add_get("/admin/rotation", self.rotation)
+        r.add_get("/admin/requests", self.requests)
+        r.add_get("/admin/state", self.state_export)
+        r.add_post("/admin/state", self.state_import)
+        return app
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.address = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/admin/") or request.path == "/admin":
+            if not self.token:
+                return _error(
+                    403,
+                    "the admin API is off: set a token with --set gemini_admin_token=... "
+                    "(or GEMINI_ADMIN_TOKEN for ./scripts/run)",
+                )
+            auth = request.headers.get("Authorization", "")
+            given = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not constant_time_equal(given, self.token):
+                return _error(401, "missing or wrong admin token (Authorization: Bearer <token>)")
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status >= 400:
+                return _error(e.status, e.reason)
+            raise
+
+    # --- open endpoints
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        usable = self.service.pool.usable_count(time.time())
+        return web.json_response(
+            {"ready": usable > 0, "usable_keys": usable}, status=200 if usable else 503
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        self.service.save_state_if_dirty()
+        return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
+
+    # --- keys
+    def _name(self, request: web.Request) -> str:
+        name = request.match_info["name"]
+        if not NAME_RE.match(name):
+            raise web.HTTPBadRequest(reason=f"invalid key name {name[:80]!r}")
+        if name not in self.service.pool.keys:
+            raise web.HTTPNotFound(reason=f"no key named {name!r}")
+        return name
+
+    async def keys(self, request: web.Request) -> web.Response:
+        usage = await asyncio.to_thread(self.service.usage_today)
+        return web.json_response({"keys": self.service.describe_keys(usage)})
+
+    async def key(self, request: web.Request) -> web.Response:
+        name = self._name(request)
+        usage = await asyncio.to_thread(self.service.usage_today)
+        return web.json_response(
+            next(k for k in self.service.describe_keys(usage) if k["name"] == name)
+        )
+
+    async def key_action(self, request: web.Request) -> web.Response:
+        name = self._name(request)
+        return web.json_response(self.service.operator(name, request.match_info["action"]))
+
+    async def key_patch(self, request: web.Request) -> web.Response:
+        name = self._name(request)
+        doc = await self._json(request)
+        if not isinstance(doc, dict) or set(doc) - {"weight"} or "weight" not in doc:
+            raise web.HTTPBadRequest(
+                reason='body must be {"weight": <int>} (null clears the override)'
+            )
+        weight = doc["weight"]
+        if weight is not None and (
+            isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT
+        ):
+            raise web.HTTPBadRequest(
+                reason=f"weight must be an integer from 1 to {MAX_WEIGHT} or null"
+            )
+        return web.json_response(self.service.operator(name, "weight", weight))
+
+    async def reload(self, request: web.Request) -> web.Response:
+        try:
+            config = self.service.reload()
+        except ConfigError as e:
+            log.error("gemini-proxy: reload failed, keeping the old config: %s", e)
+            return web.json_response(
+                {"reloaded": False, "error": str(e), "keys": len(self.service.config.keys)},
+                status=422,
+            )
+        return web.json_response({"reloaded": True, "keys": [k.name for k in config.keys]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response(self.service.health())
+
+    async def rotation(self, request: web.Request) -> web.Response:
+        return web.json_response(self.service.rotation())
+
+    async def requests(self, request: web.Request) -> web.Response:
+        store = self.service.store
+        if store is None:
+            raise web.HTTPNotFound(reason="persistence is off (gemini_db is empty)")
+        q = request.query
+        try:
+            limit = int(q.get("limit", "50"))
+            status = int(q["status"]) if q.get("status") else None
+        except ValueError:
+            raise web.HTTPBadRequest(reason="limit and status must be integers") from None
+        if not 1 <= limit <= 1000:
+            raise web.HTTPBadRequest(reason="limit must be from 1 to 1000")
+        key = q.get("key") or None
+        if key is not None and not NAME_RE.match(key):
+            raise web.HTTPBadRequest(reason="invalid key name")
+        store.flush(2.0)
+        rows = await asyncio.to_thread(store.recent, limit, key, status)
+        return web.json_response({"requests": rows})
+
+    async def state_export(self, request: web.Request) -> web.Response:
+        return web.json_response(self.service.export_state())
+
+    async def state_import(self, request: web.Request) -> web.Response:
+        doc = await self._json(request)
+        try:
+            matched = self.service.import_state(doc)
+        except (ValueError, TypeError, KeyError) as e:
+            raise web.HTTPBadRequest(reason=str(e)) from None
+        return web.json_response({"imported": matched})
+
+    @staticmethod
+    async def _json(request: web.Request) -> Any:
+        try:
+            return await request.json()
+        except web.HTTPRequestEntityTooLarge:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=MAX_ADMIN_BODY, actual_size=request.content_length or 0
+            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise web.HTTPBadRequest(reason="body is not valid JSON") from None

@@ -1,0 +1,193 @@
+"""Gemini upstream answer -> verdict for the key pool (DESIGN.md §2 table).
+
+Decided by Gemini's reason and quota id, not by the HTTP status alone. Pure logic.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from enum import StrEnum
+from typing import Any
+from zoneinfo import ZoneInfo
+
+PACIFIC = ZoneInfo("America/Los_Angeles")
+DEFAULT_MINUTE_COOLDOWN = 60.0
+UNKNOWN_QUOTA_COOLDOWN = 10.0
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    DEAD_KEY = "dead_key"  # disable the key, retry elsewhere
+    PROJECT_CAPPED = "project_capped"  # spending cap: project unusable until next month
+    QUOTA_MINUTE = "quota_minute"  # project x model cools for retryDelay
+    QUOTA_DAY = "quota_day"  # project x model cools until midnight Pacific
+    MODEL_UNAVAILABLE = "model_unavailable"  # "limit: 0": project x model unusable
+    QUOTA_UNKNOWN = "quota_unknown"  # 429 without details: short project backoff
+    TRANSIENT = "transient"  # 5xx: retry elsewhere, no blame
+    NETWORK = "network"  # connect error, timeout, dropped connection: breaker failure
+    WRONG_PROJECT = "wrong_project"  # resource of another project: routing, not the key
+    CALLER_ERROR = "caller_error"  # the caller's mistake: pass through, no retry, no blame
+
+
+RETRYABLE = {
+    Outcome.DEAD_KEY,
+    Outcome.PROJECT_CAPPED,
+    Outcome.QUOTA_MINUTE,
+    Outcome.QUOTA_DAY,
+    Outcome.MODEL_UNAVAILABLE,
+    Outcome.QUOTA_UNKNOWN,
+    Outcome.TRANSIENT,
+    Outcome.NETWORK,
+}
+
+# Outcomes that count against the key in its health window (quota, dead, network).
+KEY_FAULTS = RETRYABLE - {Outcome.TRANSIENT}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: Outcome
+    reason: str  # short, human: "429 per-minute quota gemini-2.5-flash"
+    cooldown_until: float | None = None  # for quota outcomes: when the bucket is usable again
+    message: str = ""  # upstream message (scrubbed by the caller)
+
+    @property
+    def retry(self) -> bool:
+        return self.outcome in RETRYABLE
+
+    @property
+    def key_fault(self) -> bool:
+        return self.outcome in KEY_FAULTS
+
+
+def next_pacific_midnight(now: float) -> float:
+    """Unix time of the next midnight in America/Los_Angeles (when Gemini daily quotas reset)."""
+    today = datetime.fromtimestamp(now, PACIFIC).date()
+    return datetime.combine(today + timedelta(days=1), time(0), PACIFIC).timestamp()
+
+
+def next_pacific_month(now: float) -> float:
+    d = datetime.fromtimestamp(now, PACIFIC).date().replace(day=1)
+    first = (d + timedelta(days=32)).replace(day=1)
+    return datetime.combine(first, time(0), PACIFIC).timestamp()
+
+
+def pacific_day(now: float) -> str:
+    return datetime.fromtimestamp(now, PACIFIC).date().isoformat()
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+_DEAD_MESSAGE_RE = re.compile(r"API key (not valid|expired)|API Key not found", re.I)
+_WRONG_PROJECT_RE = re.compile(
+    r"permission to access the File|CachedContent not found|permission to access cached", re.I
+)
+
+
+def parse_duration(value: Any) -> float | None:
+    """google.protobuf.Duration JSON form: "37s", "0.5s"."""
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1))
+    return None
+
+
+def decode_body(body: bytes, content_encoding: str = "") -> bytes:
+    enc = content_encoding.lower().strip()
+    try:
+        if enc == "gzip":
+            return gzip.decompress(body)
+        if enc == "deflate":
+            return zlib.decompress(body)
+    except (OSError, zlib.error, EOFError):
+        return body
+    return body
+
+
+def error_object(body: bytes) -> dict[str, Any] | None:
+    """The google.rpc.Status object of an error body; /openai/ paths wrap it in a list."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(doc, list) and doc:
+        doc = doc[0]
+    err = doc.get("error") if isinstance(doc, dict) else None
+    return err if isinstance(err, dict) else None
+
+
+def classify(status: int, body: bytes, model: str | None, now: float) -> Verdict:
+    if 200 <= status < 400:
+        return Verdict(Outcome.OK, str(status))
+    err = error_object(body) or {}
+    message = str(err.get("message", ""))
+    details = [d for d in err.get("details", []) or [] if isinstance(d, dict)]
+    reasons = {str(d.get("reason", "")) for d in details}
+    quota_ids = [
+        str(v.get("quotaId", ""))
+        for d in details
+        for v in (d.get("violations") or [])
+        if isinstance(v, dict)
+    ]
+    retry_delay = next(
+        (
+            parse_duration(d.get("retryDelay"))
+            for d in details
+            if str(d.get("@type", "")).endswith("RetryInfo")
+        ),
+        None,
+    )
+    m = model or "?"
+
+    if status == 400:
+        if "API_KEY_INVALID" in reasons or _DEAD_MESSAGE_RE.search(message):
+            return Verdict(Outcome.DEAD_KEY, "400 API key invalid", message=message)
+        return Verdict(
+            Outcome.CALLER_ERROR, f"{status} {err.get('status', 'bad request')}", None, message
+        )
+    if status == 401:
+        return Verdict(Outcome.DEAD_KEY, "401 unauthenticated", message=message)
+    if status == 403:
+        if _WRONG_PROJECT_RE.search(message):
+            return Verdict(
+                Outcome.WRONG_PROJECT, "403 resource of another project", message=message
+            )
+        why = next((r for r in reasons if r), "permission denied")
+        return Verdict(Outcome.DEAD_KEY, f"403 {why}", message=message)
+    if status == 429:
+        if "spending cap" in message.lower():
+            return Verdict(
+                Outcome.PROJECT_CAPPED, "429 monthly spending cap", next_pacific_month(now), message
+            )
+        if re.search(r"\blimit: 0\b", message):
+            return Verdict(
+                Outcome.MODEL_UNAVAILABLE,
+                f"429 {m} not available to this project (limit: 0)",
+                next_pacific_midnight(now),
+                message,
+            )
+        if any("PerDay" in q for q in quota_ids):
+            return Verdict(
+                Outcome.QUOTA_DAY, f"429 per-day quota {m}", next_pacific_midnight(now), message
+            )
+        if any("PerMinute" in q for q in quota_ids):
+            delay = retry_delay if retry_delay is not None else DEFAULT_MINUTE_COOLDOWN
+            return Verdict(Outcome.QUOTA_MINUTE, f"429 per-minute quota {m}", now + delay, message)
+        delay = retry_delay if retry_delay is not None else UNKNOWN_QUOTA_COOLDOWN
+        return Verdict(Outcome.QUOTA_UNKNOWN, "429 rate limited", now + delay, message)
+    if status >= 500:
+        return Verdict(
+            Outcome.TRANSIENT, f"{status} {err.get('status', 'server error')}", message=message
+        )
+    return Verdict(
+        Outcome.CALLER_ERROR, f"{status} {err.get('status', '')}".strip(), message=message
+    )
+
+
+def network_verdict(what: str) -> Verdict:
+    return Verdict(Outcome.NETWORK, what)

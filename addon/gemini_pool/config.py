@@ -1,0 +1,285 @@
+"""The key file (keys.yaml) and GEMINI_API_KEYS: parsed and validated into an immutable Config.
+
+Pure logic: no mitmproxy. Every validation error names the file, the line and the field, and a
+broken file raises ConfigError so the caller can keep the previous config running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MAX_FILE_BYTES = 1 << 20
+MAX_WEIGHT = 1000
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ENV_KEYS_VAR = "GEMINI_API_KEYS"
+
+KEY_FIELDS = {"name", "key", "key_env", "project", "weight", "enabled"}
+CLIENT_FIELDS = {"name", "token", "token_env"}
+TOP_FIELDS = {"keys", "clients"}
+
+
+class ConfigError(ValueError):
+    """A key file that cannot be used. str() reads `file:line: message`."""
+
+    def __init__(self, source: str, message: str, line: int | None = None) -> None:
+        self.source = source
+        self.line = line
+        self.detail = message
+        where = f"{source}:{line}" if line else source
+        super().__init__(f"{where}: {message}")
+
+
+def mask_secret(secret: str) -> str:
+    """The most of a secret we ever show: at most 8 leading characters, never more than a quarter."""
+    shown = min(8, len(secret) // 4)
+    return f"{secret[:shown]}…"
+
+
+def fingerprint(secret: str) -> str:
+    """A stable, non-reversible identifier of a secret (for the database and exports)."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    name: str
+    secret: str = field(repr=False)
+    project: str
+    weight: int = 1
+    enabled: bool = True
+
+    @property
+    def mask(self) -> str:
+        return mask_secret(self.secret)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.secret)
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    name: str
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Config:
+    keys: tuple[KeySpec, ...]
+    clients: tuple[ClientSpec, ...]
+    source: str
+
+    def key(self, name: str) -> KeySpec | None:
+        return next((k for k in self.keys if k.name == name), None)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(k.secret for k in self.keys)
+
+
+EMPTY = Config(keys=(), clients=(), source="(none)")
+
+
+# --- YAML loading: no aliases (no "billion laughs"), no duplicate mapping keys, line numbers kept.
+
+
+class _LinedDict(dict[Any, Any]):
+    line: int = 0
+
+
+class _StrictLoader(yaml.SafeLoader):
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in the key file", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> _LinedDict:
+    result = _LinedDict()
+    result.line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str | int | bool | float) and key is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, "mapping keys must be plain scalars", key_node.start_mark
+            )
+        if key in result:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        result[key] = loader.construct_object(value_node, deep=True)
+    return result
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _load_yaml(data: bytes, source: str) -> Any:
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(source, f"file is {len(data)} bytes; the limit is {MAX_FILE_BYTES}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(source, f"not valid UTF-8 (byte {e.start})", line) from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = mark.line + 1 if mark else None
+        raise ConfigError(source, f"YAML error: {e.problem or e.context}", where) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(source, f"YAML error: {e}") from None
+    except RecursionError:
+        raise ConfigError(source, "YAML nested too deeply") from None
+
+
+# --- validation
+
+
+class _Entry:
+    """One mapping in the file, with enough context to name it in an error."""
+
+    def __init__(self, source: str, what: str, raw: Any, allowed: set[str], parent_line: int):
+        self.source = source
+        self.what = what
+        self.line = raw.line if isinstance(raw, _LinedDict) else parent_line
+        if not isinstance(raw, dict):
+            self.fail(f"must be a mapping, got {type(raw).__name__}")
+        self.raw: dict[Any, Any] = raw
+        unknown = sorted(str(k) for k in raw if k not in allowed)
+        if unknown:
+            self.fail(
+                f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+            )
+
+    def fail(self, message: str, fld: str | None = None) -> None:
+        where = f"{self.what}, field '{fld}'" if fld else self.what
+        raise ConfigError(self.source, f"{where}: {message}", self.line)
+
+    def string(self, fld: str, *, required: bool = False) -> str | None:
+        value = self.raw.get(fld)
+        if value is None:
+            if required:
+                self.fail("is required", fld)
+            return None
+        if not isinstance(value, str) or not value.strip():
+            self.fail(f"must be a non-empty string, got {type(value).__name__}", fld)
+        return str(value).strip()
+
+    def secret(self, fld: str, env_fld: str, env: Mapping[str, str]) -> str:
+        direct, from_env = self.string(fld), self.string(env_fld)
+        if direct and from_env:
+            self.fail(f"give either '{fld}' or '{env_fld}', not both")
+        if from_env:
+            value = env.get(from_env, "").strip()
+            if not value:
+                self.fail(f"environment variable {from_env} is not set or empty", env_fld)
+            return value
+        if not direct:
+            self.fail(f"one of '{fld}' or '{env_fld}' is required")
+        return str(direct)
+
+    def name(self) -> str:
+        name = self.string("name", required=True)
+        assert name is not None
+        if not NAME_RE.match(name):
+            self.fail(
+                "must be 1-64 characters of letters, digits, '_', '.', '-', starting with a "
+                "letter or digit",
+                "name",
+            )
+        self.what = f"{self.what} ({name})"
+        return name
+
+
+def parse_config(data: bytes, source: str, env: Mapping[str, str] | None = None) -> Config:
+    """Parse key-file bytes. Raises ConfigError naming file, line and field."""
+    env = os.environ if env is None else env
+    doc = _load_yaml(data, source)
+    if doc is None:
+        doc = _LinedDict()
+    top = _Entry(source, "top level", doc, TOP_FIELDS, 1)
+    raw_keys = top.raw.get("keys") or []
+    raw_clients = top.raw.get("clients") or []
+    if not isinstance(raw_keys, list):
+        top.fail("must be a list of keys", "keys")
+    if not isinstance(raw_clients, list):
+        top.fail("must be a list of clients", "clients")
+
+    keys: list[KeySpec] = []
+    names: set[str] = set()
+    secrets: dict[str, str] = {}
+    for i, raw in enumerate(raw_keys):
+        entry = _Entry(source, f"keys[{i}]", raw, KEY_FIELDS, top.line)
+        name = entry.name()
+        if name in names:
+            entry.fail(f"duplicate key name '{name}'", "name")
+        secret = entry.secret("key", "key_env", env)
+        if secret in secrets:
+            entry.fail(f"same secret as key '{secrets[secret]}'", "key")
+        weight = entry.raw.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+            entry.fail(f"must be an integer from 1 to {MAX_WEIGHT}, got {weight!r}", "weight")
+        enabled = entry.raw.get("enabled", True)
+        if not isinstance(enabled, bool):
+            entry.fail(f"must be true or false, got {enabled!r}", "enabled")
+        project = entry.string("project") or name
+        names.add(name)
+        secrets[secret] = name
+        keys.append(KeySpec(name, secret, project, weight, enabled))
+
+    clients: list[ClientSpec] = []
+    client_names: set[str] = set()
+    tokens: set[str] = set()
+    for i, raw in enumerate(raw_clients):
+        entry = _Entry(source, f"clients[{i}]", raw, CLIENT_FIELDS, top.line)
+        name = entry.name()
+        if name in client_names:
+            entry.fail(f"duplicate client name '{name}'", "name")
+        token = entry.secret("token", "token_env", env)
+        if token in tokens:
+            entry.fail("same token as another client", "token")
+        if token in secrets:
+            entry.fail("a client token must not be one of the API keys", "token")
+        client_names.add(name)
+        tokens.add(token)
+        clients.append(ClientSpec(name, token))
+    return Config(tuple(keys), tuple(clients), source)
+
+
+def keys_from_env(value: str, source: str = ENV_KEYS_VAR) -> Config:
+    """GEMINI_API_KEYS=k1,k2,...: keys named env-1, env-2, ... each its own project."""
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if len(set(parts)) != len(parts):
+        raise ConfigError(source, "the same key appears twice")
+    keys = tuple(KeySpec(f"env-{i}", s, f"env-{i}") for i, s in enumerate(parts, 1))
+    return Config(keys, (), source)
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Load the key file; when it does not exist, fall back to GEMINI_API_KEYS."""
+    env = os.environ if env is None else env
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        if env.get(ENV_KEYS_VAR, "").strip():
+            return keys_from_env(env[ENV_KEYS_VAR])
+        raise ConfigError(
+            str(p), f"no such file (create it from keys.yaml.example, or set {ENV_KEYS_VAR})"
+        ) from None
+    except OSError as e:
+        raise ConfigError(str(p), f"cannot read: {e.strerror}") from None
+    return parse_config(data, str(p), env)

@@ -1,0 +1,218 @@
+"""One client request's way upstream: pick a key, send, classify, retry on another key.
+
+No mitmproxy here: the addon hands in a plain ProxyRequest and gets a Result back. Retries
+happen only before any byte reached the caller (every attempt here is pre-first-byte).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .classify import Outcome, Verdict, classify, decode_body, network_verdict
+from .config import KeySpec
+from .routing import Api, Route
+from .selector import KeyPool, NoKey
+from .upstream import UpstreamAnswer, UpstreamClient, UpstreamError
+
+
+@dataclass(frozen=True)
+class DispatchPolicy:
+    max_attempts: int = 3
+    deadline: float = 300.0  # seconds for all attempts and waits together
+    max_wait: float = 10.0  # longest wait for a cooling key before answering 429
+
+
+@dataclass
+class ProxyRequest:
+    method: str
+    base_url: str  # scheme://host[:port] of Google (or the fake)
+    route: Route
+    headers: list[tuple[str, str]]  # client credentials already removed
+    body: bytes
+    project: str | None = None  # pinned: the resource belongs to this project
+
+
+@dataclass
+class Attempt:
+    key: str
+    status: int | None  # None: no HTTP answer
+    verdict: Verdict
+    seconds: float
+
+    def describe(self) -> str:
+        answer = (
+            self.verdict.reason if self.status is None or self.status >= 400 else str(self.status)
+        )
+        return f"{self.key}: {answer}"
+
+
+@dataclass
+class Result:
+    """Either an upstream answer (possibly an open stream) or a proxy-made error."""
+
+    attempts: list[Attempt] = field(default_factory=list)
+    answer: UpstreamAnswer | None = None
+    key: KeySpec | None = None  # the key whose answer this is
+    # proxy-made answer
+    status: int = 0
+    message: str = ""
+    reason: str = ""
+    retry_after: float | None = None
+    waited: float = 0.0
+
+    @property
+    def proxy_made(self) -> bool:
+        return self.answer is None
+
+
+Clock = Callable[[], float]
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        pool: KeyPool,
+        upstream: UpstreamClient,
+        policy: DispatchPolicy,
+        clock: Clock = time.time,
+        on_wait: Callable[[int], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.upstream = upstream
+        self.policy = policy
+        self.clock = clock
+        self.on_wait = on_wait or (lambda delta: None)
+
+    async def dispatch(self, req: ProxyRequest) -> Result:
+        route = req.route
+        model = route.model_or_default
+        start = self.clock()
+        deadline = start + self.policy.deadline
+        result = Result()
+        tried: set[str] = set()
+        last: tuple[UpstreamAnswer | None, Verdict, KeySpec] | None = None
+        while len(result.attempts) < self.policy.max_attempts:
+            now = self.clock()
+            pick = self.pool.select(model, now, exclude=tried, project=req.project)
+            if isinstance(pick, NoKey):
+                wait = pick.retry_at - now
+                can_wait = (
+                    not pick.all_disabled
+                    and result.waited + wait <= self.policy.max_wait
+                    and now + wait < deadline
+                )
+                if not can_wait:
+                    return self._no_key(result, pick, last, now)
+                self.on_wait(+1)
+                try:
+                    await asyncio.sleep(max(wait, 0.01))
+                finally:
+                    self.on_wait(-1)
+                result.waited += max(wait, 0.01)
+                tried.clear()  # a key tried earlier may be back after its cooldown
+                continue
+            key = pick.key
+            tried.add(key.name)
+            answer, verdict, seconds = await self._attempt(req, key, deadline - now)
+            self.pool.record(key.name, model, verdict, self.clock())
+            result.attempts.append(
+                Attempt(key.name, answer.status if answer else None, verdict, seconds)
+            )
+            last = (answer, verdict, key)
+            if answer is not None and not verdict.retry:
+                result.answer, result.key = answer, key
+                return result
+            if self.clock() >= deadline:
+                break
+        return self._exhausted(result, last)
+
+    async def _attempt(
+        self, req: ProxyRequest, key: KeySpec, time_left: float
+    ) -> tuple[UpstreamAnswer | None, Verdict, float]:
+        headers = [*req.headers, credential_header(req.route, key.secret)]
+        url = req.base_url + req.route.path_and_query
+        t0 = time.perf_counter()
+        try:
+            answer = await self.upstream.send(
+                req.method,
+                url,
+                headers,
+                req.body,
+                stream=req.route.streaming,
+                timeout=max(time_left, 0.1),
+            )
+        except UpstreamError as e:
+            return None, network_verdict(str(e)), time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        if 200 <= answer.status < 300:
+            return answer, Verdict(Outcome.OK, str(answer.status)), seconds
+        encoding = answer.header("content-encoding")
+        if encoding:  # error bodies are small: decode so they can be classified and scrubbed
+            answer.body = decode_body(answer.body, encoding)
+            answer.headers = [(k, v) for k, v in answer.headers if k.lower() != "content-encoding"]
+        scrub_answer(answer, key.secret)
+        return answer, classify(answer.status, answer.body, req.route.model, self.clock()), seconds
+
+    def _no_key(
+        self,
+        result: Result,
+        nokey: NoKey,
+        last: tuple[UpstreamAnswer | None, Verdict, KeySpec] | None,
+        now: float,
+    ) -> Result:
+        if last is not None and last[0] is not None and last[1].outcome is Outcome.TRANSIENT:
+            result.answer, result.key = last[0], last[2]  # Google's own 5xx says it best
+            return result
+        if nokey.all_disabled:
+            result.status, result.reason = 503, "no_usable_key"
+            result.retry_after = None
+        else:
+            result.status, result.reason = 429, "all_keys_cooling"
+            result.retry_after = max(1.0, nokey.retry_at - now)
+        result.message = nokey.reason + _tried(result)
+        if result.retry_after is not None:
+            result.message += f"; retry in {result.retry_after:.0f}s"
+        return result
+
+    def _exhausted(
+        self, result: Result, last: tuple[UpstreamAnswer | None, Verdict, KeySpec] | None
+    ) -> Result:
+        assert last is not None
+        answer, verdict, key = last
+        if answer is not None and verdict.outcome is Outcome.TRANSIENT:
+            result.answer, result.key = answer, key
+            return result
+        if verdict.outcome is Outcome.NETWORK:
+            timed_out = "timed out" in verdict.reason
+            result.status = 504 if timed_out else 502
+            result.reason = "upstream_timeout" if timed_out else "upstream_unreachable"
+            result.message = f"{verdict.reason}{_tried(result)}"
+            return result
+        result.status, result.reason = 503, "attempts_exhausted"
+        result.message = f"no key answered after {len(result.attempts)} attempts{_tried(result)}"
+        return result
+
+
+def _tried(result: Result) -> str:
+    if not result.attempts:
+        return ""
+    return " (tried " + ", ".join(a.describe() for a in result.attempts) + ")"
+
+
+def credential_header(route: Route, secret: str) -> tuple[str, str]:
+    if route.api is Api.OPENAI:
+        return ("Authorization", f"Bearer {secret}")
+    return ("x-goog-api-key", secret)
+
+
+def scrub_answer(answer: UpstreamAnswer, secret: str) -> None:
+    """Google echoes the key in some messages (leaked key) and headers (302 on download)."""
+    raw = secret.encode()
+    if raw in answer.body:
+        answer.body = answer.body.replace(raw, b"[redacted key]")
+    answer.headers = [
+        (k, v) for k, v in answer.headers if secret not in v and k.lower() != "x-goog-api-key"
+    ]

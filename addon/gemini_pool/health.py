@@ -1,0 +1,31 @@
+"""Success ratio of a key over its last N attempts that said something about the key."""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class HealthWindow:
+    def __init__(self, size: int = 20, min_samples: int = 5) -> None:
+        self.results: deque[bool] = deque(maxlen=size)
+        self.min_samples = min_samples
+
+    def add(self, ok: bool) -> None:
+        self.results.append(ok)
+
+    @property
+    def ratio(self) -> float:
+        if not self.results:
+            return 1.0
+        return sum(self.results) / len(self.results)
+
+    def healthy(self, threshold: float) -> bool:
+        """Too few samples to judge counts as healthy."""
+        return len(self.results) < self.min_samples or self.ratio >= threshold
+
+    def snapshot(self) -> list[int]:
+        return [int(r) for r in self.results]
+
+    def restore(self, data: list[int]) -> None:
+        self.results.clear()
+        self.results.extend(bool(x) for x in data)

@@ -1,0 +1,133 @@
+"""Prometheus metrics. A package module, so the registry survives mitmproxy's script reloads.
+
+Labels carry key and client *names*, never secrets. Per-key gauges are read from the live pool at
+scrape time through `set_state_source`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+ATTEMPTS = Counter(
+    "gemini_proxy_upstream_requests",
+    "Upstream attempts by key, model, outcome class and HTTP status (0: no answer)",
+    ["key", "model", "outcome", "status"],
+    registry=REGISTRY,
+)
+REQUESTS = Counter(
+    "gemini_proxy_requests",
+    "Client requests answered, by client, API and final status",
+    ["client", "api", "status"],
+    registry=REGISTRY,
+)
+LATENCY = Histogram(
+    "gemini_proxy_upstream_latency_seconds",
+    "Upstream attempt latency (to response headers for streams)",
+    ["key", "model"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+TTFB = Histogram(
+    "gemini_proxy_time_to_first_byte_seconds",
+    "Time from the client's request to the first response byte sent back",
+    ["key", "model"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+TOKENS = Counter(
+    "gemini_proxy_tokens",
+    "Tokens reported by Gemini (usageMetadata / usage)",
+    ["key", "model", "direction"],
+    registry=REGISTRY,
+)
+INFLIGHT = Gauge("gemini_proxy_requests_in_flight", "Client requests in flight", registry=REGISTRY)
+WAITING = Gauge(
+    "gemini_proxy_requests_waiting_for_key",
+    "Client requests waiting for a cooling key to come back",
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    "gemini_proxy_retries", "Retries on another key, by reason", ["reason"], registry=REGISTRY
+)
+PROXY_ANSWERS = Counter(
+    "gemini_proxy_proxy_answers",
+    "Answers made by the proxy itself, by status and reason",
+    ["status", "reason"],
+    registry=REGISTRY,
+)
+RELOADS = Counter(
+    "gemini_proxy_config_reloads", "Key file reloads by result", ["result"], registry=REGISTRY
+)
+DB_WRITE_ERRORS = Counter("gemini_proxy_db_write_errors", "SQLite write errors", registry=REGISTRY)
+
+
+@dataclass(frozen=True)
+class KeyGaugeRow:
+    key: str
+    breaker: int  # 0 closed, 1 half-open, 2 open
+    cooldown_seconds: float
+    health: float
+    enabled: bool
+    usable: bool
+
+
+StateSource = Callable[[], tuple[list[KeyGaugeRow], int]]  # (keys, db queue depth)
+_state_source: list[StateSource] = []
+
+
+def set_state_source(source: StateSource | None) -> None:
+    _state_source.clear()
+    if source is not None:
+        _state_source.append(source)
+
+
+class _PoolCollector(Collector):
+    def collect(self) -> Iterable[Metric]:
+        rows, depth = _state_source[0]() if _state_source else ([], 0)
+        families = {
+            "breaker": GaugeMetricFamily(
+                "gemini_proxy_key_breaker_state",
+                "Breaker: 0 closed, 1 half-open, 2 open",
+                labels=["key"],
+            ),
+            "cool": GaugeMetricFamily(
+                "gemini_proxy_key_cooldown_seconds",
+                "Longest cooldown left on the key's project",
+                labels=["key"],
+            ),
+            "health": GaugeMetricFamily(
+                "gemini_proxy_key_health_ratio",
+                "Success ratio over the health window",
+                labels=["key"],
+            ),
+            "enabled": GaugeMetricFamily(
+                "gemini_proxy_key_enabled", "1 if enabled and not disabled as dead", labels=["key"]
+            ),
+        }
+        for r in rows:
+            families["breaker"].add_metric([r.key], r.breaker)
+            families["cool"].add_metric([r.key], r.cooldown_seconds)
+            families["health"].add_metric([r.key], r.health)
+            families["enabled"].add_metric([r.key], 1.0 if r.enabled else 0.0)
+        yield from families.values()
+        yield GaugeMetricFamily(
+            "gemini_proxy_keys_usable", "Keys usable right now", value=sum(r.usable for r in rows)
+        )
+        yield GaugeMetricFamily(
+            "gemini_proxy_db_queue_depth", "Rows waiting for the SQLite writer", value=depth
+        )
+
+
+REGISTRY.register(_PoolCollector())
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)

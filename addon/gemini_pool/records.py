@@ -1,0 +1,133 @@
+"""What the proxy remembers about one client request while it is in flight, and after."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .classify import Outcome, pacific_day
+from .dispatch import Attempt
+from .store import OutcomeRow, UsageDelta
+from .usage import UsageTap
+
+
+@dataclass
+class RequestRecord:
+    api: str = "native"
+    client: str | None = None
+    model: str | None = None
+    streaming: bool = False
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    started_wall: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)
+    attempts: list[Attempt] = field(default_factory=list)
+    key: str | None = None  # the key whose answer went back
+    project: str | None = None
+    status: int = 0
+    proxy_reason: str | None = None  # set when the proxy itself answered
+    proxy_message: str | None = None
+    first_byte: float | None = None  # perf_counter when the first byte went to the caller
+    tap: UsageTap = field(default_factory=UsageTap)
+    stream_error: str | None = None
+    relay_ticket: str | None = None
+    upstream_target: tuple[str, str, int] | None = None  # (scheme, host, port) before relaying
+    waited: float = 0.0
+    finished: bool = False
+
+    @property
+    def latency(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def ttfb(self) -> float | None:
+        return None if self.first_byte is None else self.first_byte - self.started
+
+    @property
+    def outcome(self) -> str:
+        if self.proxy_reason:
+            return f"proxy:{self.proxy_reason}"
+        if self.stream_error or self.tap.stream_error:
+            return "stream_error"
+        if self.attempts:
+            return str(self.attempts[-1].verdict.outcome)
+        return str(Outcome.OK) if 200 <= self.status < 400 else "unknown"
+
+    @property
+    def retried(self) -> bool:
+        return len(self.attempts) > 1
+
+    def comment(self) -> str:
+        """One line for mitmweb: every attempt and why it was retried."""
+        parts = [a.describe() for a in self.attempts]
+        line = " → ".join(parts)
+        if self.proxy_reason:
+            why = f"proxy answered {self.status} ({self.proxy_reason}): {self.proxy_message}"
+            line = f"{line} → {why}" if line else why
+        if self.stream_error:
+            line += f" → stream broke: {self.stream_error}"
+        if self.waited:
+            line += f" (waited {self.waited:.1f}s for a key)"
+        return line
+
+    def attempts_json(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "key": a.key,
+                "status": a.status,
+                "outcome": str(a.verdict.outcome),
+                "reason": a.verdict.reason,
+                "ms": round(a.seconds * 1000, 1),
+            }
+            for a in self.attempts
+        ]
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "client": self.client,
+            "api": self.api,
+            "model": self.model,
+            "key": self.key,
+            "outcome": self.outcome,
+            "retried": self.retried,
+            "attempts": self.attempts_json(),
+            "proxy_reason": self.proxy_reason,
+        }
+
+    def row(self) -> OutcomeRow:
+        ttfb = self.ttfb
+        return OutcomeRow(
+            t=self.started_wall,
+            request_id=self.request_id,
+            client=self.client,
+            key=self.key,
+            model=self.model,
+            api=self.api,
+            stream=self.streaming,
+            status=self.status,
+            outcome=self.outcome,
+            attempts=self.attempts_json(),
+            latency_ms=round(self.latency * 1000, 2),
+            ttfb_ms=None if ttfb is None else round(ttfb * 1000, 2),
+            bytes=self.tap.bytes,
+            tokens_in=self.tap.tokens_in,
+            tokens_out=self.tap.tokens_out,
+            proxy_reason=self.proxy_reason,
+        )
+
+    def usage(self, projects: dict[str, str]) -> list[UsageDelta]:
+        """Per-attempt usage (Google counts every request against the key's project)."""
+        day = pacific_day(self.started_wall)
+        model = self.model or "*"
+        out: dict[str, UsageDelta] = {}
+        for a in self.attempts:
+            d = out.setdefault(a.key, UsageDelta(day, a.key, projects.get(a.key, a.key), model))
+            d.requests += 1
+            if a.verdict.outcome is not Outcome.OK:
+                d.errors += 1
+        if self.key and self.key in out:
+            out[self.key].tokens_in += self.tap.tokens_in or 0
+            out[self.key].tokens_out += self.tap.tokens_out or 0
+        return list(out.values())

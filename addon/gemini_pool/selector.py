@@ -1,0 +1,378 @@
+"""The key pool: per-key state and the breaker-, cooldown- and health-aware weighted selector.
+
+Pure logic: no mitmproxy, no I/O. Time is passed in as unix seconds.
+
+Selection: smooth weighted round robin (nginx's algorithm) over the keys usable for the model
+right now, preferring healthy keys; unhealthy ones serve only when no healthy key is left.
+Quota cooldowns are per project x model (keys of one project share Google's quota bucket);
+breakers and dead-key disables are per key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .breaker import BreakerPolicy, BreakerState, CircuitBreaker
+from .classify import Outcome, Verdict
+from .config import Config, KeySpec
+from .health import HealthWindow
+
+HALF_OPEN_RETRY = 1.0  # seconds to wait when the only keys left are probing
+
+
+@dataclass(frozen=True)
+class PoolPolicy:
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    health_window: int = 20
+    health_threshold: float = 0.5
+
+
+@dataclass
+class Cooldown:
+    until: float
+    reason: str
+
+
+@dataclass
+class KeyState:
+    spec: KeySpec
+    breaker: CircuitBreaker
+    health: HealthWindow
+    disabled_reason: str | None = None  # set by a dead-key verdict
+    operator_enabled: bool | None = None  # operator override of the YAML `enabled`
+    operator_weight: int | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    current: float = 0.0  # smooth weighted round robin
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def weight(self) -> int:
+        return self.operator_weight or self.spec.weight
+
+    @property
+    def enabled(self) -> bool:
+        if self.operator_enabled is not None:
+            return self.operator_enabled
+        return self.spec.enabled
+
+    @property
+    def usable_ever(self) -> bool:
+        """Enabled and not disabled as dead: could serve once cooldowns pass."""
+        return self.enabled and self.disabled_reason is None
+
+
+@dataclass(frozen=True)
+class Pick:
+    key: KeySpec
+
+
+@dataclass(frozen=True)
+class NoKey:
+    all_disabled: bool  # True: 503 (nothing will come back by itself); False: 429 (cooling)
+    retry_at: float  # when the earliest key may be usable (unix time); meaningless if all_disabled
+    reason: str
+
+
+@dataclass
+class KeyPool:
+    policy: PoolPolicy = field(default_factory=PoolPolicy)
+    keys: dict[str, KeyState] = field(default_factory=dict)
+    # (project, model) -> cooldown; model "*" means every model of the project
+    cooldowns: dict[tuple[str, str], Cooldown] = field(default_factory=dict)
+
+    # --- configuration
+
+    def apply_config(self, config: Config) -> None:
+        """Swap in a new key set. Keys that stay (same name and secret) keep their state."""
+        new: dict[str, KeyState] = {}
+        for spec in config.keys:
+            old = self.keys.get(spec.name)
+            if old is not None and old.spec.secret == spec.secret:
+                old.spec = spec
+                new[spec.name] = old
+            else:
+                new[spec.name] = self._fresh(spec)
+        self.keys = new
+        projects = {k.project for k in config.keys}
+        self.cooldowns = {pm: c for pm, c in self.cooldowns.items() if pm[0] in projects}
+
+    def _fresh(self, spec: KeySpec) -> KeyState:
+        return KeyState(
+            spec,
+            CircuitBreaker(self.policy.breaker),
+            HealthWindow(self.policy.health_window),
+        )
+
+    # --- availability
+
+    def _blocked_until(self, state: KeyState, model: str, now: float) -> float:
+        """0 if usable now, else the earliest time it may be usable (inf if never by itself)."""
+        if not state.usable_ever:
+            return float("inf")
+        until = 0.0
+        for pm in ((state.spec.project, model), (state.spec.project, "*")):
+            c = self.cooldowns.get(pm)
+            if c is not None and c.until > now:
+                until = max(until, c.until)
+        if not state.breaker.available(now):
+            if state.breaker.state is BreakerState.OPEN:
+                until = max(until, state.breaker.open_until)
+            else:
+                until = max(until, now + HALF_OPEN_RETRY)
+        return until
+
+    def cooldowns_of(self, project: str, now: float) -> list[Cooldown]:
+        return [c for (p, _m), c in self.cooldowns.items() if p == project and c.until > now]
+
+    def cooldown_for(self, project: str, model: str, now: float) -> Cooldown | None:
+        best: Cooldown | None = None
+        for pm in ((project, model), (project, "*")):
+            c = self.cooldowns.get(pm)
+            if c is not None and c.until > now and (best is None or c.until > best.until):
+                best = c
+        return best
+
+    def _candidates(
+        self, model: str, now: float, exclude: Collection[str], project: str | None = None
+    ) -> list[KeyState]:
+        usable = [
+            s
+            for s in self.keys.values()
+            if s.name not in exclude
+            and (project is None or s.spec.project == project)
+            and self._blocked_until(s, model, now) == 0.0
+        ]
+        healthy = [s for s in usable if s.health.healthy(self.policy.health_threshold)]
+        return healthy or usable
+
+    @staticmethod
+    def _swrr(candidates: list[KeyState]) -> KeyState:
+        total = 0
+        best: KeyState | None = None
+        for s in candidates:
+            s.current += s.weight
+            total += s.weight
+            if best is None or s.current > best.current:
+                best = s
+        assert best is not None
+        best.current -= total
+        return best
+
+    def select(
+        self, model: str, now: float, exclude: Collection[str] = (), project: str | None = None
+    ) -> Pick | NoKey:
+        """Pick a key for `model`, skipping `exclude`; `project` pins the choice to one project."""
+        candidates = self._candidates(model, now, exclude, project)
+        while candidates:
+            chosen = self._swrr(candidates)
+            if chosen.breaker.acquire(now):
+                return Pick(chosen.spec)
+            candidates.remove(chosen)
+        return self._no_key(model, now, project)
+
+    def _no_key(self, model: str, now: float, project: str | None) -> NoKey:
+        states = [s for s in self.keys.values() if project is None or s.spec.project == project]
+        if not states:
+            if project is not None:
+                return NoKey(
+                    True,
+                    now,
+                    f"no API key of project {project!r} (which owns this resource) is configured",
+                )
+            return NoKey(True, now, "no API keys are configured")
+        if not any(s.usable_ever for s in states):
+            reasons = sorted({s.disabled_reason or "disabled by configuration" for s in states})
+            return NoKey(True, now, "every API key is disabled: " + "; ".join(reasons))
+        times = [self._blocked_until(s, model, now) for s in states if s.usable_ever]
+        retry_at = min(times)
+        if retry_at <= now:  # usable keys exist but were all tried by this request
+            retry_at = now + HALF_OPEN_RETRY
+        reasons = sorted(
+            {
+                c.reason
+                for (p, m), c in self.cooldowns.items()
+                if m in (model, "*") and c.until > now
+            }
+        )
+        why = "; ".join(reasons) if reasons else "keys are cooling down after failures"
+        return NoKey(False, retry_at, f"every API key for {model} is cooling down ({why})")
+
+    # --- outcomes
+
+    def record(self, name: str, model: str, verdict: Verdict, now: float) -> None:
+        state = self.keys.get(name)
+        if state is None:  # removed by a reload while the request was in flight
+            return
+        o = verdict.outcome
+        if o is Outcome.OK:
+            state.breaker.record_success()
+            state.health.add(True)
+            return
+        if verdict.key_fault:
+            state.health.add(False)
+        if o is not Outcome.CALLER_ERROR:
+            state.last_error = verdict.reason
+            state.last_error_at = now
+        project = state.spec.project
+        if o is Outcome.DEAD_KEY:
+            state.disabled_reason = verdict.reason
+            state.breaker.record_neutral()
+        elif o is Outcome.PROJECT_CAPPED or o is Outcome.QUOTA_UNKNOWN:
+            self._cool(project, "*", verdict, now)
+            state.breaker.record_neutral()
+        elif o in (Outcome.QUOTA_MINUTE, Outcome.QUOTA_DAY, Outcome.MODEL_UNAVAILABLE):
+            self._cool(project, model, verdict, now)
+            state.breaker.record_neutral()
+        elif o is Outcome.NETWORK:
+            state.breaker.record_failure(now)
+        else:  # transient, caller error, wrong project: nothing about the key
+            state.breaker.record_neutral()
+
+    def _cool(self, project: str, model: str, verdict: Verdict, now: float) -> None:
+        until = verdict.cooldown_until or now
+        old = self.cooldowns.get((project, model))
+        if old is None or old.until < until or old.until <= now:
+            self.cooldowns[(project, model)] = Cooldown(until, verdict.reason)
+
+    def release(self, name: str) -> None:
+        """A picked key that was never used (request abandoned): free a half-open probe."""
+        state = self.keys.get(name)
+        if state is not None:
+            state.breaker.record_neutral()
+
+    # --- operator actions
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        state = self.keys[name]
+        state.operator_enabled = enabled
+        if enabled:
+            state.disabled_reason = None
+
+    def reset(self, name: str) -> None:
+        state = self.keys[name]
+        state.disabled_reason = None
+        state.operator_enabled = None
+        state.operator_weight = None
+        state.breaker.record_success()
+        state.health.results.clear()
+        state.last_error = None
+        self.cooldowns = {
+            pm: c
+            for pm, c in self.cooldowns.items()
+            if pm[0] != state.spec.project
+            or any(s.spec.project == pm[0] for s in self.keys.values() if s is not state)
+        }
+
+    def set_weight(self, name: str, weight: int | None) -> None:
+        self.keys[name].operator_weight = weight
+
+    # --- views
+
+    def rotation(self, model: str, now: float, count: int | None = None) -> list[str]:
+        """The order the selector would pick keys for `model` next (no state changes)."""
+        saved = {n: s.current for n, s in self.keys.items()}
+        try:
+            candidates = self._candidates(model, now, ())
+            n = count or len(candidates)
+            return [self._swrr(candidates).name for _ in range(n)] if candidates else []
+        finally:
+            for name, cur in saved.items():
+                self.keys[name].current = cur
+
+    def status(self, state: KeyState, now: float) -> str:
+        if not state.enabled:
+            return "disabled"
+        if state.disabled_reason:
+            return "dead"
+        if state.breaker.state is BreakerState.OPEN and not state.breaker.available(now):
+            return "open"
+        if self.cooldowns_of(state.spec.project, now):
+            return "cooling"
+        return "active"
+
+    def describe(self, state: KeyState, now: float) -> dict[str, Any]:
+        project = state.spec.project
+        return {
+            "name": state.name,
+            "key": state.spec.mask,
+            "fingerprint": state.spec.fingerprint,
+            "project": project,
+            "weight": state.weight,
+            "weight_override": state.operator_weight,
+            "enabled": state.enabled,
+            "enabled_override": state.operator_enabled,
+            "status": self.status(state, now),
+            "disabled_reason": state.disabled_reason,
+            "breaker": {
+                "state": str(state.breaker.state),
+                "failures": state.breaker.failures,
+                "trips": state.breaker.trips,
+                "seconds_left": round(state.breaker.seconds_left(now), 1),
+            },
+            "cooldowns": {
+                m: {"reason": c.reason, "seconds_left": round(c.until - now, 1)}
+                for (p, m), c in self.cooldowns.items()
+                if p == project and c.until > now
+            },
+            "health": round(state.health.ratio, 3),
+            "last_error": state.last_error,
+        }
+
+    def usable_count(self, now: float) -> int:
+        return sum(
+            1
+            for s in self.keys.values()
+            if s.usable_ever
+            and s.breaker.available(now)
+            and self.cooldown_for(s.spec.project, "*", now) is None
+        )
+
+    # --- persistence (names and fingerprints only; never secrets)
+
+    def snapshot_key(self, state: KeyState) -> dict[str, Any]:
+        return {
+            "fingerprint": state.spec.fingerprint,
+            "project": state.spec.project,
+            "breaker": state.breaker.snapshot(),
+            "health": state.health.snapshot(),
+            "disabled_reason": state.disabled_reason,
+            "operator_enabled": state.operator_enabled,
+            "operator_weight": state.operator_weight,
+            "last_error": state.last_error,
+            "last_error_at": state.last_error_at,
+        }
+
+    def snapshot_cooldowns(self) -> list[dict[str, Any]]:
+        return [
+            {"project": p, "model": m, "until": c.until, "reason": c.reason}
+            for (p, m), c in self.cooldowns.items()
+        ]
+
+    def restore(
+        self, keys: dict[str, dict[str, Any]], cooldowns: Iterable[dict[str, Any]], now: float
+    ) -> None:
+        """Restore saved state for keys that still exist with the same secret (by fingerprint)."""
+        for name, data in keys.items():
+            state = self.keys.get(name)
+            if state is None or data.get("fingerprint") != state.spec.fingerprint:
+                continue
+            state.breaker.restore(data.get("breaker") or {})
+            state.health.restore(data.get("health") or [])
+            state.disabled_reason = data.get("disabled_reason")
+            state.operator_enabled = data.get("operator_enabled")
+            weight = data.get("operator_weight")
+            state.operator_weight = int(weight) if weight else None
+            state.last_error = data.get("last_error")
+            state.last_error_at = data.get("last_error_at")
+        projects = {s.spec.project for s in self.keys.values()}
+        for c in cooldowns:
+            if c["project"] in projects and float(c["until"]) > now:
+                self.cooldowns[(c["project"], c["model"])] = Cooldown(
+                    float(c["until"]), c["reason"]
+                )

@@ -1,0 +1,349 @@
+"""The proxy's state and the operations on it, shared by the mitmproxy hooks, commands and admin API.
+
+No mitmproxy import: the addon translates flows into calls here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from . import metrics
+from .breaker import BreakerPolicy, BreakerState
+from .classify import pacific_day
+from .config import EMPTY, Config, ConfigError, load_config
+from .dispatch import Dispatcher, DispatchPolicy
+from .pins import ResourcePins
+from .records import RequestRecord
+from .selector import KeyPool, PoolPolicy
+from .store import Store
+from .upstream import UpstreamClient
+
+log = logging.getLogger("gemini_proxy")
+
+LOOPBACK = ("127.", "::1", "::ffff:127.")
+BREAKER_CODE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+@dataclass(frozen=True)
+class Settings:
+    keys_path: str = "keys.yaml"
+    max_body: int = 10 * 1024 * 1024
+    dispatch: DispatchPolicy = field(default_factory=DispatchPolicy)
+    pool: PoolPolicy = field(default_factory=PoolPolicy)
+    log_json: bool = False
+
+
+class AuthError(Exception):
+    def __init__(self, status: int, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.reason = status, message, reason
+
+
+@dataclass
+class ProxyService:
+    settings: Settings = field(default_factory=Settings)
+    pool: KeyPool = field(default_factory=KeyPool)
+    config: Config = EMPTY
+    upstream: UpstreamClient = field(default_factory=UpstreamClient)
+    pins: ResourcePins = field(default_factory=ResourcePins)
+    store: Store | None = None
+    state_dirty: bool = False
+    inflight: int = 0
+    _clients: dict[bytes, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.dispatcher = Dispatcher(
+            self.pool, self.upstream, self.settings.dispatch, on_wait=self._on_wait
+        )
+        metrics.set_state_source(self.gauge_rows)
+
+    @staticmethod
+    def _on_wait(delta: int) -> None:
+        metrics.WAITING.inc(delta)
+
+    def apply_settings(self, settings: Settings) -> None:
+        self.settings = settings
+        self.dispatcher.policy = settings.dispatch
+        self.pool.policy = settings.pool
+        for state in self.pool.keys.values():
+            state.breaker.policy = settings.pool.breaker
+
+    # --- configuration
+
+    def reload(self, path: str | None = None) -> Config:
+        """Load the key file. Raises ConfigError and keeps the old config on any problem."""
+        try:
+            config = load_config(path or self.settings.keys_path)
+        except ConfigError:
+            metrics.RELOADS.labels("error").inc()
+            raise
+        self.apply_config(config)
+        metrics.RELOADS.labels("ok").inc()
+        return config
+
+    def apply_config(self, config: Config) -> None:
+        before = set(self.pool.keys)
+        self.pool.apply_config(config)
+        self.config = config
+        self._clients = {_digest(c.token): c.name for c in config.clients}
+        after = set(self.pool.keys)
+        log.info(
+            "gemini-proxy: %d keys from %s (added: %s; removed: %s); %d client tokens",
+            len(config.keys),
+            config.source,
+            ", ".join(sorted(after - before)) or "-",
+            ", ".join(sorted(before - after)) or "-",
+            len(config.clients),
+        )
+        self.state_dirty = True
+        if self.store is not None:
+            self.save_state()
+            self.store.flush()
+
+    # --- persistence
+
+    def attach_store(self, store: Store) -> None:
+        self.store = store
+        keys, cooldowns = store.load_state()
+        self.pool.restore(keys, cooldowns, time.time())
+        store.start()
+        restored = [n for n, s in keys.items() if n in self.pool.keys]
+        if restored:
+            log.info("gemini-proxy: restored state of %d keys from %s", len(restored), store.path)
+
+    def save_state(self) -> None:
+        if self.store is None:
+            return
+        self.state_dirty = False
+        keys = {name: self.pool.snapshot_key(s) for name, s in self.pool.keys.items()}
+        self.store.save_state(keys, self.pool.snapshot_cooldowns())
+
+    def save_state_if_dirty(self) -> None:
+        if self.state_dirty:
+            self.save_state()
+        if self.store is not None and self.store.write_errors:
+            metrics.DB_WRITE_ERRORS.inc(self.store.write_errors)
+            self.store.write_errors = 0
+
+    # --- callers
+
+    def authenticate(self, credential: str | None, peer: str) -> str:
+        """The caller's client name. Raises AuthError (401 / 403)."""
+        if not self._clients:
+            if peer.startswith(LOOPBACK) or peer == "localhost":
+                return "local"
+            raise AuthError(
+                403,
+                "this gemini-proxy serves loopback callers only: add a client token under "
+                "'clients:' in the key file to let other hosts in",
+                "no_clients_configured",
+            )
+        if not credential:
+            raise AuthError(
+                401,
+                "missing client token: send it where your SDK sends its API key "
+                "(x-goog-api-key, ?key= or Authorization: Bearer)",
+                "missing_token",
+            )
+        name = self._clients.get(_digest(credential))
+        if name is None:
+            raise AuthError(401, "client token not recognised", "invalid_token")
+        return name
+
+    # --- outcomes
+
+    def finish(self, rec: RequestRecord) -> None:
+        """Count, log and store one finished client request (once)."""
+        if rec.finished:
+            return
+        rec.finished = True
+        model = rec.model or "*"
+        for a in rec.attempts:
+            metrics.ATTEMPTS.labels(a.key, model, str(a.verdict.outcome), str(a.status or 0)).inc()
+            metrics.LATENCY.labels(a.key, model).observe(a.seconds)
+        for a in rec.attempts[:-1]:
+            metrics.RETRIES.labels(str(a.verdict.outcome)).inc()
+        metrics.REQUESTS.labels(rec.client or "-", rec.api, str(rec.status)).inc()
+        if rec.proxy_reason:
+            metrics.PROXY_ANSWERS.labels(str(rec.status), rec.proxy_reason).inc()
+        if rec.key:
+            if rec.ttfb is not None:
+                metrics.TTFB.labels(rec.key, model).observe(rec.ttfb)
+            if rec.tap.tokens_in:
+                metrics.TOKENS.labels(rec.key, model, "in").inc(rec.tap.tokens_in)
+            if rec.tap.tokens_out:
+                metrics.TOKENS.labels(rec.key, model, "out").inc(rec.tap.tokens_out)
+        if rec.attempts:
+            self.state_dirty = True
+        self._log(rec)
+        if self.store is not None:
+            projects = {k.name: k.project for k in self.config.keys}
+            self.store.record(rec.row(), rec.usage(projects))
+
+    def _log(self, rec: RequestRecord) -> None:
+        fields: dict[str, Any] = {
+            "request_id": rec.request_id,
+            "client": rec.client,
+            "key": rec.key,
+            "model": rec.model,
+            "api": rec.api,
+            "status": rec.status,
+            "attempts": len(rec.attempts),
+            "latency_ms": round(rec.latency * 1000, 1),
+            "outcome": rec.outcome,
+        }
+        if rec.retried or rec.proxy_reason or rec.stream_error:
+            fields["detail"] = rec.comment()
+        level = logging.WARNING if rec.status >= 500 or rec.stream_error else logging.INFO
+        if self.settings.log_json:
+            log.log(level, json.dumps({"event": "request", **fields}))
+        else:
+            log.log(
+                level,
+                "gemini "
+                + " ".join(f"{k}={v}" for k, v in fields.items() if k != "detail")
+                + (f" | {fields['detail']}" if "detail" in fields else ""),
+            )
+
+    # --- views
+
+    def gauge_rows(self) -> tuple[list[metrics.KeyGaugeRow], int]:
+        now = time.time()
+        rows = []
+        for s in self.pool.keys.values():
+            cool = self.pool.cooldowns_of(s.spec.project, now)
+            rows.append(
+                metrics.KeyGaugeRow(
+                    key=s.name,
+                    breaker=BREAKER_CODE[s.breaker.state],
+                    cooldown_seconds=max(
+                        [c.until - now for c in cool] + [s.breaker.seconds_left(now)]
+                    ),
+                    health=s.health.ratio,
+                    enabled=s.usable_ever,
+                    usable=self.pool.status(s, now) == "active",
+                )
+            )
+        return rows, self.store.queue_depth if self.store else 0
+
+    def usage_today(self) -> dict[str, dict[str, int]]:
+        if self.store is None:
+            return {}
+        try:
+            return self.store.usage(pacific_day(time.time()))
+        except Exception as e:  # the admin view must not fail because of the database
+            log.warning("gemini-proxy: cannot read usage: %s", e)
+            return {}
+
+    def describe_keys(self, usage: dict[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:
+        now = time.time()
+        usage = usage or {}
+        out = []
+        for s in self.pool.keys.values():
+            d = self.pool.describe(s, now)
+            d["usage_today"] = usage.get(s.name, {})
+            d["overrides_yaml"] = {
+                k: v
+                for k, v in (("enabled", s.operator_enabled), ("weight", s.operator_weight))
+                if v is not None
+            }
+            out.append(d)
+        return out
+
+    def health(self) -> dict[str, Any]:
+        now = time.time()
+        counts = {"active": 0, "cooling": 0, "open": 0, "dead": 0, "disabled": 0}
+        errors = {}
+        for s in self.pool.keys.values():
+            status = self.pool.status(s, now)
+            counts[status] += 1
+            if s.last_error:
+                errors[s.name] = s.last_error
+        return {
+            "keys": len(self.pool.keys),
+            **counts,
+            "last_errors": errors,
+            "inflight": self.inflight,
+        }
+
+    def rotation(self) -> dict[str, list[str]]:
+        now = time.time()
+        models = sorted({m for (_p, m) in self.pool.cooldowns if m != "*"} | {"*"})
+        return {m: self.pool.rotation(m, now, count=max(len(self.pool.keys), 1)) for m in models}
+
+    # --- operator actions (persisted, shown as overriding the YAML)
+
+    def operator(self, name: str, action: str, weight: int | None = None) -> dict[str, Any]:
+        if name not in self.pool.keys:
+            raise KeyError(name)
+        if action == "enable":
+            self.pool.set_enabled(name, True)
+        elif action == "disable":
+            self.pool.set_enabled(name, False)
+        elif action == "reset":
+            self.pool.reset(name)
+        elif action == "weight":
+            self.pool.set_weight(name, weight)
+        else:
+            raise ValueError(action)
+        log.info(
+            "gemini-proxy: operator %s key %s%s", action, name, f" = {weight}" if weight else ""
+        )
+        self.save_state()
+        return self.pool.describe(self.pool.keys[name], time.time())
+
+    def export_state(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "exported_at": time.time(),
+            "keys": {n: self.pool.snapshot_key(s) for n, s in self.pool.keys.items()},
+            "cooldowns": self.pool.snapshot_cooldowns(),
+        }
+
+    def import_state(self, doc: Any) -> int:
+        if (
+            not isinstance(doc, dict)
+            or doc.get("version") != 1
+            or not isinstance(doc.get("keys"), dict)
+        ):
+            raise ValueError("not a gemini-proxy state export (version 1 with a 'keys' object)")
+        cooldowns = doc.get("cooldowns") or []
+        if not isinstance(cooldowns, list) or not all(
+            isinstance(c, dict) and {"project", "model", "until", "reason"} <= c.keys()
+            for c in cooldowns
+        ):
+            raise ValueError("'cooldowns' must be a list of {project, model, until, reason}")
+        matched = [
+            n
+            for n, s in doc["keys"].items()
+            if n in self.pool.keys
+            and isinstance(s, dict)
+            and s.get("fingerprint") == self.pool.keys[n].spec.fingerprint
+        ]
+        self.pool.restore({n: doc["keys"][n] for n in matched}, cooldowns, time.time())
+        self.save_state()
+        return len(matched)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def constant_time_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def with_dispatch(settings: Settings, **changes: Any) -> Settings:
+    return replace(settings, dispatch=replace(settings.dispatch, **changes))
+
+
+def breaker_policy(failures: int, cooldown: float, max_cooldown: float) -> BreakerPolicy:
+    return BreakerPolicy(
+        failure_threshold=failures, base_cooldown=cooldown, max_cooldown=max_cooldown
+    )

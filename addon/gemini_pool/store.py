@@ -1,0 +1,336 @@
+"""SQLite persistence: key state, per-request outcomes, daily usage. Never holds a secret.
+
+All writes go through a queue to one writer thread that commits in batches (WAL,
+synchronous=NORMAL), so the request path never waits on the disk. The schema is versioned with
+PRAGMA user_version and upgraded forward; a database from a newer version is refused untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MIGRATIONS: dict[int, list[str]] = {
+    # version reached -> statements that bring version-1 to it
+    1: [
+        """CREATE TABLE key_state (
+            name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, state TEXT NOT NULL, updated REAL NOT NULL)""",
+        """CREATE TABLE cooldowns (
+            project TEXT NOT NULL, model TEXT NOT NULL, until REAL NOT NULL, reason TEXT NOT NULL,
+            PRIMARY KEY (project, model))""",
+        """CREATE TABLE outcomes (
+            id INTEGER PRIMARY KEY, t REAL NOT NULL, request_id TEXT NOT NULL, client TEXT,
+            key TEXT, model TEXT, api TEXT, stream INTEGER NOT NULL, status INTEGER NOT NULL,
+            outcome TEXT NOT NULL, attempts TEXT NOT NULL, latency_ms REAL, ttfb_ms REAL,
+            bytes INTEGER, tokens_in INTEGER, tokens_out INTEGER, proxy_reason TEXT)""",
+        "CREATE INDEX outcomes_t ON outcomes (t)",
+        "CREATE INDEX outcomes_key_t ON outcomes (key, t)",
+        """CREATE TABLE usage_daily (
+            day TEXT NOT NULL, key TEXT NOT NULL, project TEXT NOT NULL, model TEXT NOT NULL,
+            requests INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0,
+            tokens_in INTEGER NOT NULL DEFAULT 0, tokens_out INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, key, model))""",
+    ],
+}
+
+
+class StoreError(Exception):
+    pass
+
+
+@dataclass
+class OutcomeRow:
+    t: float
+    request_id: str
+    client: str | None
+    key: str | None
+    model: str | None
+    api: str
+    stream: bool
+    status: int
+    outcome: str
+    attempts: list[dict[str, Any]]
+    latency_ms: float
+    ttfb_ms: float | None
+    bytes: int
+    tokens_in: int | None
+    tokens_out: int | None
+    proxy_reason: str | None
+
+
+@dataclass
+class UsageDelta:
+    day: str
+    key: str
+    project: str
+    model: str
+    requests: int = 0
+    errors: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+def connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection, path: str) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: database schema version {version} is newer than this gemini-proxy "
+            f"understands ({SCHEMA_VERSION}); refusing to touch it. Upgrade gemini-proxy or "
+            "point gemini_db at another file."
+        )
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in MIGRATIONS[target]:
+                conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version={target}")
+            conn.execute("COMMIT")
+        except Exception:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("gemini-proxy database %s upgraded to schema %d", path, target)
+
+
+class Store:
+    def __init__(
+        self,
+        path: str,
+        *,
+        flush_interval: float = 0.25,
+        retention_days: int = 30,
+        retention_rows: int = 1_000_000,
+    ) -> None:
+        self.path = path
+        self.flush_interval = flush_interval
+        self.retention_days = retention_days
+        self.retention_rows = retention_rows
+        self.write_errors = 0
+        self._q: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        try:
+            self._conn = connect(path)
+            migrate(self._conn, path)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{path}: cannot open database: {e}") from None
+
+    # --- reads at start
+    def load_state(self) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        keys = {
+            name: {**json.loads(state), "fingerprint": fp}
+            for name, fp, state in self._conn.execute(
+                "SELECT name, fingerprint, state FROM key_state"
+            )
+        }
+        cooldowns = [
+            {"project": p, "model": m, "until": u, "reason": r}
+            for p, m, u, r in self._conn.execute(
+                "SELECT project, model, until, reason FROM cooldowns"
+            )
+        ]
+        return keys, cooldowns
+
+    # --- the writer
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gemini-store", daemon=True)
+            self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._q.qsize()
+
+    def record(self, row: OutcomeRow, usage: list[UsageDelta]) -> None:
+        self._q.put(("outcome", (row, usage)))
+
+    def save_state(self, keys: dict[str, dict[str, Any]], cooldowns: list[dict[str, Any]]) -> None:
+        self._q.put(("state", (keys, cooldowns)))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Block until everything queued so far is committed."""
+        if self._thread is None or not self._thread.is_alive():
+            self._drain_now()
+            return True
+        done = threading.Event()
+        self._q.put(("flush", done))
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._q.put(("stop", None))
+            self._thread.join(10)
+        else:
+            self._drain_now()
+        self._thread = None
+        self._conn.close()
+
+    def _drain_now(self) -> None:
+        items = []
+        while True:
+            try:
+                items.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        self._write(items)
+
+    def _run(self) -> None:
+        last_prune = 0.0
+        while True:
+            items: list[tuple[str, Any]] = [self._q.get()]
+            deadline = time.monotonic() + self.flush_interval
+            stop = False
+            while not stop:
+                kind = items[-1][0]
+                if kind in ("flush", "stop"):
+                    stop = True
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0 or len(items) >= 2000:
+                    break
+                try:
+                    items.append(self._q.get(timeout=left))
+                except queue.Empty:
+                    break
+            self._write(items)
+            for kind, arg in items:
+                if kind == "flush":
+                    arg.set()
+            if any(kind == "stop" for kind, _ in items):
+                return
+            if time.monotonic() - last_prune > 60:
+                last_prune = time.monotonic()
+                self.prune()
+
+    def _write(self, items: list[tuple[str, Any]]) -> None:
+        outcomes = [arg for kind, arg in items if kind == "outcome"]
+        states = [arg for kind, arg in items if kind == "state"]
+        if not outcomes and not states:
+            return
+        try:
+            self._conn.execute("BEGIN")
+            for row, usage in outcomes:
+                d = asdict(row)
+                d["attempts"] = json.dumps(d["attempts"])
+                d["stream"] = int(d["stream"])
+                self._conn.execute(
+                    "INSERT INTO outcomes (t, request_id, client, key, model, api, stream, status,"
+                    " outcome, attempts, latency_ms, ttfb_ms, bytes, tokens_in, tokens_out,"
+                    " proxy_reason) VALUES (:t, :request_id, :client, :key, :model, :api, :stream,"
+                    " :status, :outcome, :attempts, :latency_ms, :ttfb_ms, :bytes, :tokens_in,"
+                    " :tokens_out, :proxy_reason)",
+                    d,
+                )
+                for u in usage:
+                    self._conn.execute(
+                        "INSERT INTO usage_daily (day, key, project, model, requests, errors,"
+                        " tokens_in, tokens_out) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                        " ON CONFLICT (day, key, model) DO UPDATE SET"
+                        " requests = requests + excluded.requests, errors = errors + excluded.errors,"
+                        " tokens_in = tokens_in + excluded.tokens_in,"
+                        " tokens_out = tokens_out + excluded.tokens_out, project = excluded.project",
+                        (
+                            u.day,
+                            u.key,
+                            u.project,
+                            u.model,
+                            u.requests,
+                            u.errors,
+                            u.tokens_in,
+                            u.tokens_out,
+                        ),
+                    )
+            if states:
+                keys, cooldowns = states[-1]  # the newest snapshot wins
+                now = time.time()
+                self._conn.execute("DELETE FROM key_state")
+                self._conn.executemany(
+                    "INSERT INTO key_state (name, fingerprint, state, updated) VALUES (?, ?, ?, ?)",
+                    [
+                        (
+                            name,
+                            s["fingerprint"],
+                            json.dumps({k: v for k, v in s.items() if k != "fingerprint"}),
+                            now,
+                        )
+                        for name, s in keys.items()
+                    ],
+                )
+                self._conn.execute("DELETE FROM cooldowns")
+                self._conn.executemany(
+                    "INSERT INTO cooldowns (project, model, until, reason) VALUES (?, ?, ?, ?)",
+                    [(c["project"], c["model"], c["until"], c["reason"]) for c in cooldowns],
+                )
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            self.write_errors += 1
+            log.error("gemini-proxy database write failed (%d rows lost): %s", len(outcomes), e)
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+
+    def prune(self) -> None:
+        try:
+            cutoff = time.time() - self.retention_days * 86400
+            self._conn.execute("DELETE FROM outcomes WHERE t < ?", (cutoff,))
+            self._conn.execute(
+                "DELETE FROM outcomes WHERE id <= (SELECT MAX(id) FROM outcomes) - ?",
+                (self.retention_rows,),
+            )
+            self._conn.execute("DELETE FROM cooldowns WHERE until < ?", (time.time(),))
+        except sqlite3.Error as e:
+            self.write_errors += 1
+            log.error("gemini-proxy database prune failed: %s", e)
+
+    # --- reads for the admin API (own connection, call from a worker thread)
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
+        try:
+            conn.row_factory = sqlite3.Row
+            return [dict(r) for r in conn.execute(sql, params)]
+        finally:
+            conn.close()
+
+    def recent(self, limit: int, key: str | None, status: int | None) -> list[dict[str, Any]]:
+        where: list[str] = []
+        params: list[Any] = []
+        if key:
+            where.append("key = ?")
+            params.append(key)
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self.query(
+            f"SELECT * FROM outcomes {clause} ORDER BY id DESC LIMIT ?", (*params, limit)
+        )
+        for r in rows:
+            r["attempts"] = json.loads(r["attempts"])
+            r["stream"] = bool(r["stream"])
+        return rows
+
+    def usage(self, day: str) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for r in self.query(
+            "SELECT key, SUM(requests) AS requests, SUM(errors) AS errors,"
+            " SUM(tokens_in) AS tokens_in, SUM(tokens_out) AS tokens_out"
+            " FROM usage_daily WHERE day = ? GROUP BY key",
+            (day,),
+        ):
+            out[r.pop("key")] = r
+        return out

@@ -1,0 +1,125 @@
+"""The pooled aiohttp client that talks to Google (every attempt, first or retry, goes through it).
+
+Bodies pass through untouched (no decompression), hop-by-hop headers are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import aiohttp
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "expect",
+    }
+)
+
+
+class UpstreamError(Exception):
+    """No HTTP answer: connect failure, timeout, dropped connection."""
+
+
+@dataclass
+class UpstreamAnswer:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes  # empty while `stream` is held open
+    stream: aiohttp.ClientResponse | None = None  # a 2xx streaming answer, body not read yet
+
+    def header(self, name: str) -> str:
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), "")
+
+
+def forwardable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+
+
+class UpstreamClient:
+    def __init__(self, connect_timeout: float = 10.0, read_timeout: float = 300.0) -> None:
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                auto_decompress=False,
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        *,
+        stream: bool,
+        timeout: float,
+    ) -> UpstreamAnswer:
+        """Send one attempt. A 2xx streaming answer comes back with its body unread."""
+        lower = {k.lower() for k, _ in headers}
+        skip = [
+            h for h in ("User-Agent", "Accept-Encoding", "Content-Type") if h.lower() not in lower
+        ]
+        t = aiohttp.ClientTimeout(
+            total=None if stream else timeout,
+            connect=min(self.connect_timeout, timeout),
+            sock_read=min(self.read_timeout, timeout),
+        )
+        try:
+            resp = await self.session.request(
+                method,
+                url,
+                headers=forwardable(headers),
+                data=body or None,
+                skip_auto_headers=skip,
+                allow_redirects=False,
+                timeout=t,
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise UpstreamError(_describe(e)) from None
+        out_headers = forwardable(list(resp.headers.items()))
+        if stream and 200 <= resp.status < 300:
+            return UpstreamAnswer(resp.status, resp.reason or "", out_headers, b"", resp)
+        try:
+            body_out = await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise UpstreamError(_describe(e)) from None
+        finally:
+            resp.release()
+        return UpstreamAnswer(resp.status, resp.reason or "", out_headers, body_out)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, TimeoutError | asyncio.TimeoutError):
+        return "upstream timed out"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return f"cannot connect to upstream: {e.os_error.strerror or e.os_error}"
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return "upstream closed the connection"
+    return f"upstream failed: {type(e).__name__}: {e}"
