@@ -435,6 +435,7 @@ class FakeGemini:
             await resp.write(b"[")
         for i in range(events):
             if cut is not None and i == cut:
+                await asyncio.sleep(0.05)  # let the events before the cut reach the peer
                 assert request.transport is not None
                 request.transport.abort()
                 return resp
@@ -558,6 +559,7 @@ class FakeGemini:
         cut = int(behaviour.partition(":")[2] or 1) if behaviour.startswith("cut") else None
         for i in range(events):
             if cut is not None and i == cut:
+                await asyncio.sleep(0.05)  # let the events before the cut reach the peer
                 assert request.transport is not None
                 request.transport.abort()
                 return resp

@@ -138,7 +138,10 @@ def _load_yaml(data: bytes, source: str) -> Any:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = mark.line + 1 if mark else None
-        raise ConfigError(source, f"YAML error: {e.problem or e.context}", where) from None
+        message = f"YAML error: {e.problem or e.context}"
+        if e.context and e.context_mark and e.problem:
+            message += f" ({e.context} started at line {e.context_mark.line + 1})"
+        raise ConfigError(source, message, where) from None
     except yaml.YAMLError as e:
         raise ConfigError(source, f"YAML error: {e}") from None
     except RecursionError:

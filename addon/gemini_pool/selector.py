@@ -74,9 +74,10 @@ class Pick:
 
 @dataclass(frozen=True)
 class NoKey:
-    all_disabled: bool  # True: 503 (nothing will come back by itself); False: 429 (cooling)
+    all_disabled: bool  # True: nothing will come back by itself
     retry_at: float  # when the earliest key may be usable (unix time); meaningless if all_disabled
     reason: str
+    quota: bool = False  # True: quota cooldowns (429); False: breakers / failures (503)
 
 
 @dataclass
@@ -200,8 +201,12 @@ class KeyPool:
                 if m in (model, "*") and c.until > now
             }
         )
-        why = "; ".join(reasons) if reasons else "keys are cooling down after failures"
-        return NoKey(False, retry_at, f"every API key for {model} is cooling down ({why})")
+        if reasons:
+            why = "; ".join(reasons)
+            return NoKey(False, retry_at, f"every API key for {model} is cooling down ({why})", True)
+        errors = sorted({s.last_error for s in states if s.usable_ever and s.last_error})
+        why = f" (last errors: {'; '.join(errors)})" if errors else ""
+        return NoKey(False, retry_at, f"every API key for {model} is unavailable after upstream failures{why}")
 
     # --- outcomes
 

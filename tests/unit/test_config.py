@@ -1,0 +1,104 @@
+"""Key file validation: errors name the file, the line and the field; bad YAML never loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from gemini_pool.config import ConfigError, keys_from_env, load_config, mask_secret, parse_config
+
+
+def parse(text: str, env: dict[str, str] | None = None):
+    return parse_config(text.encode(), "keys.yaml", env or {})
+
+
+def test_full_file_parses_with_defaults() -> None:
+    cfg = parse(
+        """
+keys:
+  - name: alpha
+    key: AIzaAAAA
+    project: proj-a
+    weight: 2
+  - name: beta
+    key_env: BETA_KEY
+    enabled: false
+clients:
+  - name: web-app
+    token: sk-123
+"""
+        , {"BETA_KEY": "AQ.secret-beta"},
+    )
+    assert [(k.name, k.project, k.weight, k.enabled) for k in cfg.keys] == [
+        ("alpha", "proj-a", 2, True),
+        ("beta", "beta", 1, False),
+    ]
+    assert cfg.keys[1].secret == "AQ.secret-beta"  # keys are opaque: AQ. keys are fine
+    assert cfg.clients[0].name == "web-app"
+    assert "AIzaAAAA" not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "fragment"),
+    [
+        ("keys:\n  - name: a\n    key: k1\n  - name: a\n    key: k2\n", 4, "duplicate key name 'a'"),
+        ("keys:\n  - name: a\n    key: k1\n  - name: b\n    key: k1\n", 4, "same secret as key 'a'"),
+        ("keys:\n  - name: a\n    key: k1\n    weight: 0\n", 2, "field 'weight'"),
+        ("keys:\n  - name: a\n    key: k1\n    weight: '2'\n", 2, "integer from 1"),
+        ("keys:\n  - name: a\n    key: k1\n    enabled: yes please\n", 2, "field 'enabled'"),
+        ("keys:\n  - name: a\n    key: k1\n    colour: red\n", 2, "unknown field(s) colour"),
+        ("keys:\n  - name: a\n", 2, "one of 'key' or 'key_env' is required"),
+        ("keys:\n  - name: a\n    key: k\n    key_env: X\n", 2, "not both"),
+        ("keys:\n  - name: a\n    key_env: MISSING\n", 2, "MISSING is not set"),
+        ("keys:\n  - name: 'bad name!'\n    key: k\n", 2, "field 'name'"),
+        ("keys:\n  - key: k\n", 2, "field 'name': is required"),
+        ("keys: {a: 1}\n", 1, "must be a list"),
+        ("keys:\n  - name: a\n    key: k\n    key: k2\n", 4, "duplicate key 'key'"),
+        ("keys:\n  - name: a\n    key: [unclosed\n", 4, "YAML error"),
+        ("a: &x [1]\nb: *x\n", 2, "aliases"),
+        ("- just\n- a list\n", 1, "must be a mapping"),
+        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: k1\n", 5, "must not be one of the API keys"),
+    ],
+)
+def test_errors_name_file_line_and_field(text: str, line: int, fragment: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(text)
+    assert e.value.line == line, str(e.value)
+    assert fragment in str(e.value)
+    assert str(e.value).startswith(f"keys.yaml:{line}: ")
+
+
+def test_billion_laughs_is_refused_fast() -> None:
+    bomb = "a: &a ['x','x','x','x','x','x','x','x','x']\n" + "".join(
+        f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    with pytest.raises(ConfigError, match="aliases"):
+        parse(bomb)
+
+
+def test_non_utf8_and_huge_files_are_refused() -> None:
+    with pytest.raises(ConfigError, match="UTF-8") as e:
+        parse_config(b"keys:\n  - name: a\n    key: \xff\xfe\n", "k.yaml", {})
+    assert e.value.line == 3
+    with pytest.raises(ConfigError, match="limit"):
+        parse_config(b"#" * (2 << 20), "k.yaml", {})
+
+
+def test_empty_file_is_an_empty_pool() -> None:
+    assert parse("").keys == ()
+
+
+def test_env_keys_and_missing_file(tmp_path) -> None:
+    cfg = keys_from_env("k1, k2 ,")
+    assert [(k.name, k.secret) for k in cfg.keys] == [("env-1", "k1"), ("env-2", "k2")]
+    assert load_config(tmp_path / "nope.yaml", {"GEMINI_API_KEYS": "k1"}).keys[0].name == "env-1"
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml", {})
+    with pytest.raises(ConfigError, match="twice"):
+        keys_from_env("k1,k1")
+
+
+def test_mask_never_shows_more_than_a_quarter_or_8_chars() -> None:
+    assert mask_secret("AIzaSyABCDEFGHIJKLMNOPQRSTUVWXYZ012345") == "AIzaSyAB…"
+    assert mask_secret("short") == "s…"
+    assert mask_secret("abc") == "…"

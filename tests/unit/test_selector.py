@@ -1,0 +1,129 @@
+"""The pool: weighted, health-, breaker- and cooldown-aware selection; per project x model."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from gemini_pool.breaker import BreakerPolicy
+from gemini_pool.classify import Outcome, Verdict, network_verdict
+from gemini_pool.config import Config, KeySpec
+from gemini_pool.selector import KeyPool, NoKey, Pick, PoolPolicy
+
+
+def pool(*specs: KeySpec, **policy) -> KeyPool:
+    p = KeyPool(PoolPolicy(**policy))
+    p.apply_config(Config(tuple(specs), (), "test"))
+    return p
+
+
+def k(name: str, project: str | None = None, weight: int = 1, enabled: bool = True) -> KeySpec:
+    return KeySpec(name, f"secret-{name}", project or name, weight, enabled)
+
+
+def picks(p: KeyPool, n: int, model: str = "m", now: float = 0.0) -> list[str]:
+    out = []
+    for _ in range(n):
+        got = p.select(model, now)
+        assert isinstance(got, Pick)
+        out.append(got.key.name)
+    return out
+
+
+def test_weighted_and_smooth() -> None:
+    p = pool(k("a", weight=2), k("b"))
+    got = picks(p, 6)
+    assert Counter(got) == {"a": 4, "b": 2}
+    assert got[:3] == ["a", "b", "a"]  # smooth, not a,a,b
+
+
+def test_yaml_disabled_key_is_never_picked() -> None:
+    p = pool(k("a"), k("b", enabled=False))
+    assert set(picks(p, 5)) == {"a"}
+
+
+def test_quota_cooldown_is_per_project_and_model() -> None:
+    p = pool(k("a1", "proj-a"), k("a2", "proj-a"), k("b"))
+    p.record("a1", "pro", Verdict(Outcome.QUOTA_MINUTE, "429", cooldown_until=60), 0)
+    assert set(picks(p, 6, "pro")) == {"b"}  # a2 shares a1's project bucket
+    assert set(picks(p, 6, "flash")) == {"a1", "a2", "b"}  # other model unaffected
+    assert set(picks(p, 6, "pro", now=61)) == {"a1", "a2", "b"}
+
+
+def test_dead_key_stays_out_until_operator_or_reload() -> None:
+    p = pool(k("a"), k("b"))
+    p.record("a", "m", Verdict(Outcome.DEAD_KEY, "400 API key invalid"), 0)
+    assert set(picks(p, 4)) == {"b"}
+    p.apply_config(Config((k("a"), k("b")), (), "reload"))  # same secret: state kept
+    assert set(picks(p, 4)) == {"b"}
+    p.set_enabled("a", True)
+    assert set(picks(p, 4)) == {"a", "b"}
+
+
+def test_no_key_left_says_cooling_or_disabled_and_when() -> None:
+    p = pool(k("a"), k("b"))
+    p.record("a", "m", Verdict(Outcome.QUOTA_MINUTE, "429 per-minute", cooldown_until=30), 0)
+    p.record("b", "m", Verdict(Outcome.QUOTA_MINUTE, "429 per-minute", cooldown_until=20), 0)
+    got = p.select("m", 1)
+    assert isinstance(got, NoKey) and not got.all_disabled and got.retry_at == 20
+    p.record("a", "m", Verdict(Outcome.DEAD_KEY, "dead"), 1)
+    p.record("b", "m", Verdict(Outcome.DEAD_KEY, "dead"), 1)
+    got = p.select("m", 1)
+    assert isinstance(got, NoKey) and got.all_disabled and "dead" in got.reason
+
+
+def test_breaker_opens_after_network_failures_and_admits_one_probe() -> None:
+    p = pool(k("a"), k("b"), breaker=BreakerPolicy(failure_threshold=2, base_cooldown=10))
+    for _ in range(2):
+        p.record("a", "m", network_verdict("timeout"), 0)
+    assert set(picks(p, 4, now=1)) == {"b"}
+    assert picks(p, 1, now=10.5)  # some key
+    # at t=10 a is half-open: exactly one request goes to it until it reports back
+    names = picks(p, 6, now=11)
+    assert names.count("a") <= 1
+
+
+def test_unhealthy_keys_serve_only_when_nothing_better_is_left() -> None:
+    p = pool(k("a"), k("b"))
+    for _ in range(6):
+        p.record("a", "m", Verdict(Outcome.TRANSIENT, "x"), 0)  # transient: no blame
+        p.record("b", "m", Verdict(Outcome.QUOTA_UNKNOWN, "429", cooldown_until=0), 0)
+    assert set(picks(p, 4, now=1)) == {"a"}
+    assert p.keys["b"].health.ratio == 0.0
+    p.record("a", "m", Verdict(Outcome.DEAD_KEY, "dead"), 1)
+    assert set(picks(p, 2, now=2)) == {"b"}  # the unhealthy one is still better than none
+
+
+def test_removed_keys_stop_at_once_and_new_secret_means_new_state() -> None:
+    p = pool(k("a"), k("b"))
+    p.record("a", "m", Verdict(Outcome.DEAD_KEY, "dead"), 0)
+    p.apply_config(Config((KeySpec("a", "rotated", "a"),), (), "r"))
+    assert picks(p, 3) == ["a", "a", "a"]
+
+
+def test_exclude_and_project_pin() -> None:
+    p = pool(k("a", "pa"), k("b", "pb"))
+    assert {picks(p, 1)[0] for _ in range(1)}
+    got = p.select("m", 0, exclude={"a"})
+    assert isinstance(got, Pick) and got.key.name == "b"
+    got = p.select("m", 0, project="pa")
+    assert isinstance(got, Pick) and got.key.name == "a"
+
+
+def test_rotation_preview_does_not_disturb_selection() -> None:
+    p = pool(k("a", weight=2), k("b"))
+    preview = p.rotation("m", 0, 3)
+    assert preview == picks(p, 3)
+
+
+def test_state_snapshot_restores_by_fingerprint() -> None:
+    p = pool(k("a"), k("b"))
+    p.record("a", "m", Verdict(Outcome.DEAD_KEY, "400 API key invalid"), 0)
+    p.record("b", "m", Verdict(Outcome.QUOTA_DAY, "day", cooldown_until=500), 0)
+    keys = {n: p.snapshot_key(s) for n, s in p.keys.items()}
+    q = pool(k("a"), k("b"))
+    q.restore(keys, p.snapshot_cooldowns(), now=100)
+    assert q.keys["a"].disabled_reason == "400 API key invalid"
+    assert isinstance(q.select("m", 100), NoKey)
+    r = pool(k("a"), k("b"))
+    r.restore(keys, p.snapshot_cooldowns(), now=600)  # cooldown expired meanwhile
+    assert picks(r, 2, now=600) == ["b", "b"]
