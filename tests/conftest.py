@@ -47,7 +47,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
             result = predicate()
             if result:
                 return result
-        except Exception as e:  # noqa: BLE001 - retried until the deadline
+        except Exception as e:
             last_exc = e
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s (last error: {last_exc})")
@@ -91,9 +91,15 @@ def fake() -> Iterator[Fake]:
 class Proxy:
     """A real mitmdump running the addon in reverse mode in front of the fake."""
 
-    def __init__(self, workdir: Path, upstream: str, keys: list[dict[str, Any]],
-                 clients: list[dict[str, Any]] | None = None, options: dict[str, Any] | None = None,
-                 tool: str = "mitmdump") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        upstream: str,
+        keys: list[dict[str, Any]],
+        clients: list[dict[str, Any]] | None = None,
+        options: dict[str, Any] | None = None,
+        tool: str = "mitmdump",
+    ) -> None:
         self.dir = workdir
         self.upstream = upstream
         self.port = free_port()
@@ -109,12 +115,17 @@ class Proxy:
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
-        self.admin = httpx.Client(base_url=self.admin_url, timeout=10,
-                                  headers={"Authorization": f"Bearer {self.admin_token}"})
+        self.admin = httpx.Client(
+            base_url=self.admin_url,
+            timeout=10,
+            headers={"Authorization": f"Bearer {self.admin_token}"},
+        )
         self.http = httpx.Client(base_url=self.url, timeout=30)
         self.bodies: list[bytes] = []
 
-    def write_keys(self, keys: list[dict[str, Any]], clients: list[dict[str, Any]] | None = None) -> None:
+    def write_keys(
+        self, keys: list[dict[str, Any]], clients: list[dict[str, Any]] | None = None
+    ) -> None:
         doc: dict[str, Any] = {"keys": keys}
         if clients:
             doc["clients"] = clients
@@ -131,8 +142,17 @@ class Proxy:
             "gemini_watch_ms": 200,
             **self.options,
         }
-        cmd = [str(VENV_BIN / self.tool), "-s", str(ROOT / "addon" / "gemini_proxy.py"),
-               "--mode", f"reverse:{self.upstream}", "--listen-host", "127.0.0.1", "-p", str(self.port)]
+        cmd = [
+            str(VENV_BIN / self.tool),
+            "-s",
+            str(ROOT / "addon" / "gemini_proxy.py"),
+            "--mode",
+            f"reverse:{self.upstream}",
+            "--listen-host",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+        ]
         if self.tool == "mitmdump":
             cmd += ["-w", f"+{self.dump}"]
         for k, v in opts.items():
@@ -141,8 +161,13 @@ class Proxy:
 
     def start(self, wait: bool = True) -> Proxy:
         self.log_handle = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.command(), stdout=self.log_handle, stderr=subprocess.STDOUT,
-                                     cwd=self.dir, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=self.log_handle,
+            stderr=subprocess.STDOUT,
+            cwd=self.dir,
+            start_new_session=True,
+        )
         if wait:
             self.wait_ready()
         return self
@@ -192,7 +217,9 @@ class Proxy:
 
     def assert_no_secrets(self) -> None:
         """No key string in the log, the flow dump, the database or any body a test saw."""
-        places: dict[str, bytes] = {"log": self.log_file.read_bytes() if self.log_file.exists() else b""}
+        places: dict[str, bytes] = {
+            "log": self.log_file.read_bytes() if self.log_file.exists() else b""
+        }
         if self.dump.exists():
             places["flow dump"] = self.dump.read_bytes()
         for suffix in ("", "-wal"):

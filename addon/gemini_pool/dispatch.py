@@ -170,7 +170,9 @@ class Dispatcher:
             result.status, result.reason = 503, "no_usable_key"
             result.retry_after = None
         else:
-            result.status, result.reason = (429, "all_keys_cooling") if nokey.quota else (503, "keys_unavailable")
+            result.status, result.reason = (
+                (429, "all_keys_cooling") if nokey.quota else (503, "keys_unavailable")
+            )
             result.retry_after = max(1.0, nokey.retry_at - now)
         result.message = nokey.reason + _tried(result)
         if result.retry_after is not None:

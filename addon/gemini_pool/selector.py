@@ -203,10 +203,16 @@ class KeyPool:
         )
         if reasons:
             why = "; ".join(reasons)
-            return NoKey(False, retry_at, f"every API key for {model} is cooling down ({why})", True)
+            return NoKey(
+                False, retry_at, f"every API key for {model} is cooling down ({why})", True
+            )
         errors = sorted({s.last_error for s in states if s.usable_ever and s.last_error})
         why = f" (last errors: {'; '.join(errors)})" if errors else ""
-        return NoKey(False, retry_at, f"every API key for {model} is unavailable after upstream failures{why}")
+        return NoKey(
+            False,
+            retry_at,
+            f"every API key for {model} is unavailable after upstream failures{why}",
+        )
 
     # --- outcomes
 

@@ -275,7 +275,10 @@ class ProxyService:
     def rotation(self) -> dict[str, list[str]]:
         now = time.time()
         models = sorted({m for (_p, m) in self.pool.cooldowns if m != "*"} | {"*"})
-        return {m: self.pool.rotation(m, now, count=max(len(self.pool.keys), 1)) for m in models}
+        cycle = min(
+            100, max(1, sum(s.weight for s in self.pool.keys.values()))
+        )  # one weighted round
+        return {m: self.pool.rotation(m, now, count=cycle) for m in models}
 
     # --- operator actions (persisted, shown as overriding the YAML)
 

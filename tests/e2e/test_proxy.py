@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Any
 
+import httpx2 as httpx
 import openai
 import pytest
 from google import genai
@@ -31,7 +32,9 @@ def openai_client(proxy: Proxy, token: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=token, max_retries=0, timeout=30)
 
 
-def post(proxy: Proxy, path: str, body: Any = None, headers: dict[str, str] | None = None, **kw: Any) -> Any:
+def post(
+    proxy: Proxy, path: str, body: Any = None, headers: dict[str, str] | None = None, **kw: Any
+) -> Any:
     h = {"x-goog-api-key": "unused", **(headers or {})}
     r = proxy.http.post(path, json=body if body is not None else gen_body(), headers=h, **kw)
     proxy.remember(r.content)
@@ -61,13 +64,21 @@ def test_both_sdks_unary_and_streaming_succeed_past_a_dead_and_an_exhausted_key(
     oa = openai_client(proxy)
     chat = oa.chat.completions.create(model=FLASH, messages=[{"role": "user", "content": "hi"}])
     assert chat.choices[0].message.content == "Hello from fake Gemini."
-    chunks = list(oa.chat.completions.create(model=FLASH, messages=[{"role": "user", "content": "hi"}], stream=True))
+    chunks = list(
+        oa.chat.completions.create(
+            model=FLASH, messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "chunk 0 chunk 1 chunk 2 "
 
     for version in ("v1beta", "v1"):
         g = genai_client(proxy, version=version)
-        assert g.models.generate_content(model=FLASH, contents="hi").text == "Hello from fake Gemini."
-        text = "".join(c.text or "" for c in g.models.generate_content_stream(model=FLASH, contents="hi"))
+        assert (
+            g.models.generate_content(model=FLASH, contents="hi").text == "Hello from fake Gemini."
+        )
+        text = "".join(
+            c.text or "" for c in g.models.generate_content_stream(model=FLASH, contents="hi")
+        )
         assert text == "chunk 0 chunk 1 chunk 2 "
 
     seen = fake.keys_seen()
@@ -75,7 +86,10 @@ def test_both_sdks_unary_and_streaming_succeed_past_a_dead_and_an_exhausted_key(
     assert seen.count(trio["quota"]) <= 1, "the exhausted project was retried before its cooldown"
     assert seen.count(trio["good"]) == 6
     state = proxy.keys_state()
-    assert state["dead"]["status"] == "dead" and state["dead"]["disabled_reason"] == "400 API key invalid"
+    assert (
+        state["dead"]["status"] == "dead"
+        and state["dead"]["disabled_reason"] == "400 API key invalid"
+    )
     assert state["quota"]["status"] == "cooling"
     assert 55 < state["quota"]["cooldowns"][FLASH]["seconds_left"] <= 60
     assert state["good"]["status"] == "active"
@@ -86,8 +100,14 @@ def test_retry_is_visible_in_headers_and_the_upstream_saw_exactly_one_credential
 ) -> None:
     a, b = new_secret(), new_secret()
     fake.configure({a: "503", b: "ok"})
-    proxy = make_proxy([key_entry("a", a), key_entry("b", b)], clients=[{"name": "app", "token": "tok-app"}])
-    r = post(proxy, f"/v1beta/models/{FLASH}:generateContent?key=tok-app", headers={"x-goog-api-key": "tok-app"})
+    proxy = make_proxy(
+        [key_entry("a", a), key_entry("b", b)], clients=[{"name": "app", "token": "tok-app"}]
+    )
+    r = post(
+        proxy,
+        f"/v1beta/models/{FLASH}:generateContent?key=tok-app",
+        headers={"x-goog-api-key": "tok-app"},
+    )
     assert r.status_code == 200
     assert r.headers["x-gemini-proxy-key"] == "b"
     assert r.headers["x-gemini-proxy-attempts"] == "2"
@@ -97,12 +117,17 @@ def test_retry_is_visible_in_headers_and_the_upstream_saw_exactly_one_credential
     assert proxy.keys_state()["a"]["health"] == 1.0  # 503 is the model's fault, not the key's
 
 
-def test_callers_own_400_and_404_pass_through_unchanged_and_blame_no_key(fake: Fake, make_proxy: Any) -> None:
+def test_callers_own_400_and_404_pass_through_unchanged_and_blame_no_key(
+    fake: Fake, make_proxy: Any
+) -> None:
     a, b = new_secret(), new_secret()
     fake.configure({a: "ok", b: "ok"})
     proxy = make_proxy([key_entry("a", a), key_entry("b", b)])
-    r = proxy.http.post(f"/v1beta/models/{FLASH}:generateContent", content=b"{not json",
-                        headers={"x-goog-api-key": "x", "content-type": "application/json"})
+    r = proxy.http.post(
+        f"/v1beta/models/{FLASH}:generateContent",
+        content=b"{not json",
+        headers={"x-goog-api-key": "x", "content-type": "application/json"},
+    )
     assert r.status_code == 400
     assert r.json()["error"]["message"] == "Invalid JSON payload received. Unexpected token."
     r = gen(proxy, model="no-such-model")
@@ -116,7 +141,9 @@ def test_callers_own_400_and_404_pass_through_unchanged_and_blame_no_key(fake: F
         assert k["status"] == "active" and k["health"] == 1.0 and k["last_error"] is None
 
 
-def test_body_over_the_limit_gets_413_json_and_never_goes_upstream(fake: Fake, make_proxy: Any) -> None:
+def test_body_over_the_limit_gets_413_json_and_never_goes_upstream(
+    fake: Fake, make_proxy: Any
+) -> None:
     a = new_secret()
     fake.configure({a: "ok"})
     proxy = make_proxy([key_entry("a", a)], options={"gemini_max_body": 1000})
@@ -130,10 +157,14 @@ def test_body_over_the_limit_gets_413_json_and_never_goes_upstream(fake: Fake, m
         yield b"y" * 1500
         yield b'"}]}]}'
 
-    r = proxy.http.post(f"/v1beta/models/{FLASH}:generateContent", content=chunks(), headers={"x-goog-api-key": "u"})
+    r = proxy.http.post(
+        f"/v1beta/models/{FLASH}:generateContent", content=chunks(), headers={"x-goog-api-key": "u"}
+    )
     assert r.status_code == 413  # chunked, no Content-Length
     with pytest.raises(openai.APIStatusError) as e:
-        openai_client(proxy).chat.completions.create(model=FLASH, messages=[{"role": "user", "content": "z" * 2000}])
+        openai_client(proxy).chat.completions.create(
+            model=FLASH, messages=[{"role": "user", "content": "z" * 2000}]
+        )
     assert e.value.status_code == 413 and "at most 1000" in e.value.message
     exact = gen_body("q" * 900)
     assert len(json.dumps(exact)) < 1000
@@ -141,7 +172,9 @@ def test_body_over_the_limit_gets_413_json_and_never_goes_upstream(fake: Fake, m
     assert len(fake.log()) == 1
 
 
-def test_client_tokens_401_in_each_sdks_shape_and_nothing_goes_upstream(fake: Fake, make_proxy: Any) -> None:
+def test_client_tokens_401_in_each_sdks_shape_and_nothing_goes_upstream(
+    fake: Fake, make_proxy: Any
+) -> None:
     a = new_secret()
     fake.configure({a: "ok"})
     proxy = make_proxy([key_entry("a", a)], clients=[{"name": "web", "token": "sk-web-123"}])
@@ -152,18 +185,25 @@ def test_client_tokens_401_in_each_sdks_shape_and_nothing_goes_upstream(fake: Fa
         wrong.models.generate_content(model=FLASH, contents="hi")
     assert ge.value.code == 401 and "not recognised" in (ge.value.message or "")
     with pytest.raises(openai.AuthenticationError) as oe:
-        openai_client(proxy, token="wrong").chat.completions.create(model=FLASH, messages=[{"role": "user", "content": "hi"}])
+        openai_client(proxy, token="wrong").chat.completions.create(
+            model=FLASH, messages=[{"role": "user", "content": "hi"}]
+        )
     assert "not recognised" in oe.value.message
     assert fake.log() == []
     right = genai_client(proxy, token="sk-web-123")
     assert right.models.generate_content(model=FLASH, contents="hi").text
-    assert openai_client(proxy, token="sk-web-123").chat.completions.create(
-        model=FLASH, messages=[{"role": "user", "content": "hi"}]).choices
+    assert (
+        openai_client(proxy, token="sk-web-123")
+        .chat.completions.create(model=FLASH, messages=[{"role": "user", "content": "hi"}])
+        .choices
+    )
     assert [e["key"] for e in fake.log()] == [a, a]  # the client token never reached upstream
     assert "sk-web-123" not in proxy.logs() and b"sk-web-123" not in proxy.dump.read_bytes()
 
 
-def test_all_cooling_gives_429_with_retry_after_and_all_dead_gives_503(fake: Fake, make_proxy: Any) -> None:
+def test_all_cooling_gives_429_with_retry_after_and_all_dead_gives_503(
+    fake: Fake, make_proxy: Any
+) -> None:
     a, b = new_secret(), new_secret()
     fake.configure({a: "minute:120", b: "day"})
     proxy = make_proxy([key_entry("a", a), key_entry("b", b)], options={"gemini_max_wait_ms": 500})
@@ -176,7 +216,9 @@ def test_all_cooling_gives_429_with_retry_after_and_all_dead_gives_503(fake: Fak
     assert err["status"] == "RESOURCE_EXHAUSTED" and "cooling down" in err["message"]
     assert "per-minute quota" in err["message"] and "per-day quota" in err["message"]
     with pytest.raises(openai.RateLimitError) as e:
-        openai_client(proxy).chat.completions.create(model=FLASH, messages=[{"role": "user", "content": "hi"}])
+        openai_client(proxy).chat.completions.create(
+            model=FLASH, messages=[{"role": "user", "content": "hi"}]
+        )
     assert "cooling down" in e.value.message
     assert len(fake.log()) == 2  # the second request never went upstream
 
@@ -184,7 +226,10 @@ def test_all_cooling_gives_429_with_retry_after_and_all_dead_gives_503(fake: Fak
     fake.configure({c: "dead", d: "unauth"})
     proxy2 = make_proxy([key_entry("c", c), key_entry("d", d)])
     first = gen(proxy2)  # discovers both keys dead, one attempt each
-    assert first.status_code == 503 and first.json()["error"]["details"][0]["reason"] == "no_usable_key"
+    assert (
+        first.status_code == 503
+        and first.json()["error"]["details"][0]["reason"] == "no_usable_key"
+    )
     r = gen(proxy2)
     assert r.status_code == 503 and "disabled" in r.json()["error"]["message"]
     assert "400 API key invalid" in r.json()["error"]["message"]
@@ -210,8 +255,12 @@ def test_streams_are_not_buffered(fake: Fake, make_proxy: Any) -> None:
     proxy = make_proxy([key_entry("a", a)])
     arrivals: list[float] = []
     t0 = time.monotonic()
-    with proxy.http.stream("POST", f"/v1beta/models/{FLASH}:streamGenerateContent?alt=sse", json=gen_body(),
-                           headers={"x-goog-api-key": "u", "x-fake-events": "4", "x-fake-delay-ms": "400"}) as r:
+    with proxy.http.stream(
+        "POST",
+        f"/v1beta/models/{FLASH}:streamGenerateContent?alt=sse",
+        json=gen_body(),
+        headers={"x-goog-api-key": "u", "x-fake-events": "4", "x-fake-delay-ms": "400"},
+    ) as r:
         assert r.status_code == 200 and r.headers["x-gemini-proxy-key"] == "a"
         raw = b""
         for chunk in r.iter_bytes():
@@ -222,27 +271,39 @@ def test_streams_are_not_buffered(fake: Fake, make_proxy: Any) -> None:
     assert arrivals[-1] > 1.1
 
 
-def test_json_array_stream_and_a_retried_stream_arrive_whole_and_once(fake: Fake, make_proxy: Any) -> None:
+def test_json_array_stream_and_a_retried_stream_arrive_whole_and_once(
+    fake: Fake, make_proxy: Any
+) -> None:
     a, b = new_secret(), new_secret()
     fake.configure({a: "dead", b: "ok"})
     proxy = make_proxy([key_entry("a", a, weight=5), key_entry("b", b)])
     r = post(proxy, f"/v1beta/models/{FLASH}:streamGenerateContent", headers={"x-fake-events": "5"})
     assert r.status_code == 200
     docs = json.loads(r.content)
-    assert [d["candidates"][0]["content"]["parts"][0]["text"] for d in docs] == [f"chunk {i} " for i in range(5)]
+    assert [d["candidates"][0]["content"]["parts"][0]["text"] for d in docs] == [
+        f"chunk {i} " for i in range(5)
+    ]
     assert [e["key"] for e in fake.log()] == [a, b]
 
 
-def test_a_stream_that_breaks_after_the_first_byte_is_never_retried(fake: Fake, make_proxy: Any) -> None:
+def test_a_stream_that_breaks_after_the_first_byte_is_never_retried(
+    fake: Fake, make_proxy: Any
+) -> None:
     a, b = new_secret(), new_secret()
     fake.configure({a: "cut:2", b: "cut:2"})
     proxy = make_proxy([key_entry("a", a), key_entry("b", b)])
     got = b""
-    with pytest.raises(Exception):  # noqa: B017,PT011 - the connection is cut: any transport error
-        with proxy.http.stream("POST", f"/v1beta/models/{FLASH}:streamGenerateContent?alt=sse",
-                               json=gen_body(), headers={"x-goog-api-key": "u", "x-fake-events": "5"}) as r:
-            for chunk in r.iter_bytes():
-                got += chunk
+    with (
+        pytest.raises(httpx.TransportError),  # the connection is cut mid-body
+        proxy.http.stream(
+            "POST",
+            f"/v1beta/models/{FLASH}:streamGenerateContent?alt=sse",
+            json=gen_body(),
+            headers={"x-goog-api-key": "u", "x-fake-events": "5"},
+        ) as r,
+    ):
+        for chunk in r.iter_bytes():
+            got += chunk
     assert len(sse_events(got)) == 2  # the two events before the cut, no duplicates
     assert len(fake.log()) == 1
     row = wait_for(lambda: proxy.admin.get("/admin/requests?limit=1").json()["requests"])[0]
@@ -259,9 +320,16 @@ def test_unreachable_upstream_is_a_502_json(make_proxy: Any, tmp_path: Any) -> N
         proxy.start()
         r = gen(proxy)
         assert r.status_code == 502
-        assert r.json()["error"]["status"] == "UNAVAILABLE" and "cannot connect" in r.json()["error"]["message"]
-        with pytest.raises(openai.InternalServerError) as e:  # breaker open now: 503, not a quota 429
-            openai_client(proxy).chat.completions.create(model=FLASH, messages=[{"role": "user", "content": "hi"}])
+        assert (
+            r.json()["error"]["status"] == "UNAVAILABLE"
+            and "cannot connect" in r.json()["error"]["message"]
+        )
+        with pytest.raises(
+            openai.InternalServerError
+        ) as e:  # breaker open now: 503, not a quota 429
+            openai_client(proxy).chat.completions.create(
+                model=FLASH, messages=[{"role": "user", "content": "hi"}]
+            )
         assert e.value.status_code == 503 and "cannot connect" in e.value.message
         r = post(proxy, f"/v1beta/models/{FLASH}:streamGenerateContent?alt=sse")
         assert r.status_code in (502, 503)
@@ -298,7 +366,7 @@ def test_hot_reload_adds_and_removes_keys_while_requests_flow(fake: Fake, make_p
     assert set(statuses) == {200}
     assert a not in fake.keys_seen()[mark:]
 
-    proxy.write_keys([key_entry("b", b)] + [{"name": "broken", "weight": "heavy"}])
+    proxy.write_keys([key_entry("b", b), {"name": "broken", "weight": "heavy"}])
     wait_for(lambda: "reload failed, keeping the old config" in proxy.logs(), timeout=5)
     assert f"{proxy.keys_file}:" in proxy.logs() and "keys[1]" in proxy.logs()
     assert gen(proxy).status_code == 200
@@ -333,4 +401,6 @@ def test_a_broken_key_file_at_start_is_a_clear_error(make_proxy: Any) -> None:
     assert proxy.proc is not None
     code = proxy.proc.wait(30)
     assert code != 0
-    assert "keys[0] (a), field 'weight'" in proxy.logs() or "one of 'key' or 'key_env'" in proxy.logs()
+    assert (
+        "keys[0] (a), field 'weight'" in proxy.logs() or "one of 'key' or 'key_env'" in proxy.logs()
+    )

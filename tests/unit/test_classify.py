@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from fake_gemini import _status, error_for  # noqa: E402
-
-from gemini_pool.classify import (  # noqa: E402
+from fake_gemini import _status, error_for
+from gemini_pool.classify import (
     PACIFIC,
     Outcome,
     classify,
@@ -49,7 +48,9 @@ def verdict(behaviour: str, openai: bool = False):
         ("504", Outcome.TRANSIENT, True, False),
     ],
 )
-def test_table(behaviour: str, outcome: Outcome, retry: bool, key_fault: bool, openai: bool) -> None:
+def test_table(
+    behaviour: str, outcome: Outcome, retry: bool, key_fault: bool, openai: bool
+) -> None:
     v = verdict(behaviour, openai)
     assert v.outcome is outcome
     assert v.retry is retry
@@ -76,9 +77,15 @@ def test_midnight_pacific_across_dst() -> None:
 @pytest.mark.parametrize(
     ("status", "body"),
     [
-        (400, _status(400, "INVALID_ARGUMENT", "Invalid JSON payload received. Unknown name \"foo\".")),
+        (
+            400,
+            _status(400, "INVALID_ARGUMENT", 'Invalid JSON payload received. Unknown name "foo".'),
+        ),
         (404, _status(404, "NOT_FOUND", "models/nope is not found for API version v1beta")),
-        (400, _status(400, "FAILED_PRECONDITION", "User location is not supported for the API use.")),
+        (
+            400,
+            _status(400, "FAILED_PRECONDITION", "User location is not supported for the API use."),
+        ),
     ],
 )
 def test_callers_own_mistakes_are_not_retried(status: int, body: dict) -> None:
@@ -87,7 +94,11 @@ def test_callers_own_mistakes_are_not_retried(status: int, body: dict) -> None:
 
 
 def test_resource_of_another_project_is_a_routing_error() -> None:
-    body = _status(403, "PERMISSION_DENIED", "You do not have permission to access the File abc or it may not exist.")
+    body = _status(
+        403,
+        "PERMISSION_DENIED",
+        "You do not have permission to access the File abc or it may not exist.",
+    )
     v = classify(403, json.dumps(body).encode(), MODEL, NOW)
     assert v.outcome is Outcome.WRONG_PROJECT and not v.retry and not v.key_fault
 

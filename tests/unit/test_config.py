@@ -25,8 +25,8 @@ keys:
 clients:
   - name: web-app
     token: sk-123
-"""
-        , {"BETA_KEY": "AQ.secret-beta"},
+""",
+        {"BETA_KEY": "AQ.secret-beta"},
     )
     assert [(k.name, k.project, k.weight, k.enabled) for k in cfg.keys] == [
         ("alpha", "proj-a", 2, True),
@@ -40,8 +40,16 @@ clients:
 @pytest.mark.parametrize(
     ("text", "line", "fragment"),
     [
-        ("keys:\n  - name: a\n    key: k1\n  - name: a\n    key: k2\n", 4, "duplicate key name 'a'"),
-        ("keys:\n  - name: a\n    key: k1\n  - name: b\n    key: k1\n", 4, "same secret as key 'a'"),
+        (
+            "keys:\n  - name: a\n    key: k1\n  - name: a\n    key: k2\n",
+            4,
+            "duplicate key name 'a'",
+        ),
+        (
+            "keys:\n  - name: a\n    key: k1\n  - name: b\n    key: k1\n",
+            4,
+            "same secret as key 'a'",
+        ),
         ("keys:\n  - name: a\n    key: k1\n    weight: 0\n", 2, "field 'weight'"),
         ("keys:\n  - name: a\n    key: k1\n    weight: '2'\n", 2, "integer from 1"),
         ("keys:\n  - name: a\n    key: k1\n    enabled: yes please\n", 2, "field 'enabled'"),
@@ -56,7 +64,11 @@ clients:
         ("keys:\n  - name: a\n    key: [unclosed\n", 4, "YAML error"),
         ("a: &x [1]\nb: *x\n", 2, "aliases"),
         ("- just\n- a list\n", 1, "must be a mapping"),
-        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: k1\n", 5, "must not be one of the API keys"),
+        (
+            "keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: k1\n",
+            5,
+            "must not be one of the API keys",
+        ),
     ],
 )
 def test_errors_name_file_line_and_field(text: str, line: int, fragment: str) -> None:

@@ -6,22 +6,38 @@ from gemini_pool.errors import error_body
 from gemini_pool.routing import Api, RouteError, client_credential, route, split_query
 
 
-def r(path: str, query: str = "", headers: dict[str, str] | None = None, body: bytes = b"", method: str = "POST"):
+def r(
+    path: str,
+    query: str = "",
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    method: str = "POST",
+):
     return route(method, path, query, headers or {}, body)
 
 
 def test_native_paths_pass_through_with_model_and_method() -> None:
     x = r("/v1beta/models/gemini-2.5-flash:streamGenerateContent", "alt=sse&key=tok")
     assert (x.api, x.path, x.query, x.model, x.method, x.streaming) == (
-        Api.NATIVE, "/v1beta/models/gemini-2.5-flash:streamGenerateContent", "alt=sse", "gemini-2.5-flash",
-        "streamGenerateContent", True)
+        Api.NATIVE,
+        "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+        "alt=sse",
+        "gemini-2.5-flash",
+        "streamGenerateContent",
+        True,
+    )
     assert r("/v1/models/gemini-2.5-pro:generateContent").model == "gemini-2.5-pro"
     assert r("/upload/v1beta/files").api is Api.NATIVE
 
 
 def test_openai_sdk_paths_map_to_the_compat_api() -> None:
     x = r("/v1/chat/completions", body=b'{"model": "models/gemini-2.5-flash", "stream": true}')
-    assert (x.api, x.path, x.model, x.streaming) == (Api.OPENAI, "/v1beta/openai/chat/completions", "gemini-2.5-flash", True)
+    assert (x.api, x.path, x.model, x.streaming) == (
+        Api.OPENAI,
+        "/v1beta/openai/chat/completions",
+        "gemini-2.5-flash",
+        True,
+    )
     assert r("/v1beta/openai/embeddings", body=b'{"model":"e"}').path == "/v1beta/openai/embeddings"
     assert r("/v1/images/generations", body=b"{}").api is Api.OPENAI
 
@@ -30,10 +46,15 @@ def test_v1_models_belongs_to_whoever_authenticates_that_way() -> None:
     bearer = {"authorization": "Bearer t"}
     assert r("/v1/models", headers=bearer, method="GET").path == "/v1beta/openai/models"
     assert r("/v1/models", headers={"x-goog-api-key": "t"}, method="GET").path == "/v1/models"
-    assert r("/v1/models/gemini-2.5-flash", headers={"x-goog-api-key": "t"}, method="GET").api is Api.NATIVE
+    assert (
+        r("/v1/models/gemini-2.5-flash", headers={"x-goog-api-key": "t"}, method="GET").api
+        is Api.NATIVE
+    )
 
 
-@pytest.mark.parametrize(("path", "status"), [("/admin", 404), ("/v2/x", 404), ("/v1beta/../etc/passwd", 400)])
+@pytest.mark.parametrize(
+    ("path", "status"), [("/admin", 404), ("/v2/x", 404), ("/v1beta/../etc/passwd", 400)]
+)
 def test_unknown_and_hostile_paths(path: str, status: int) -> None:
     with pytest.raises(RouteError) as e:
         r(path)
@@ -59,4 +80,9 @@ def test_error_shapes() -> None:
     g = json.loads(error_body(Api.NATIVE, 429, "all cooling", "all_keys_cooling"))
     assert g["error"]["code"] == 429 and g["error"]["status"] == "RESOURCE_EXHAUSTED"
     o = json.loads(error_body(Api.OPENAI, 401, "bad token", "invalid_token"))
-    assert o["error"] == {"message": "bad token", "type": "authentication_error", "code": "invalid_token", "param": None}
+    assert o["error"] == {
+        "message": "bad token",
+        "type": "authentication_error",
+        "code": "invalid_token",
+        "param": None,
+    }
