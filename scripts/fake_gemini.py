@@ -8,7 +8,7 @@ scripted faults with Gemini's real error bodies. It logs which key served each r
 Control API (JSON, under /_fake/):
   POST /_fake/config  {"keys": {"<secret>": "<behaviour>"}, "models": {"<secret>": {"<model>": "<behaviour>"}},
                        "projects": {"<secret>": "<project>"}, "script": ["<behaviour>", ...],
-                       "random": {"<behaviour>": weight, ...}, "seed": 1}
+                       "random": {"<behaviour>": weight, ...}, "seed": 1}   (for keys whose behaviour is "random")
   GET  /_fake/log     [{"key", "path", "model", "status", "stream", "t"}]
   POST /_fake/reset   clear the log (keeps the config)
 Behaviours: ok, dead, unauth, leaked, suspended, blocked, minute[:secs], day, limit0, cap, 429bare,
@@ -265,7 +265,7 @@ class FakeGemini:
             return str(per_model)
         if self.script:
             return self.script.pop(0)
-        if self.random:
+        if self.keys[key] == "random" and self.random:
             names, weights = zip(*self.random, strict=True)
             return str(self.rng.choices(names, weights)[0])
         return self.keys[key]

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -236,6 +237,7 @@ class GeminiProxy:
     # ------------------------------------------------------------------ lifecycle
 
     def running(self) -> None:
+        _raise_fd_limit()
         if ctx.options.connection_strategy != "lazy":
             # eager would open a pointless connection to Google per client connection
             ctx.options.update(connection_strategy="lazy")
@@ -632,6 +634,14 @@ class GeminiProxy:
 
 def _qs(query: str) -> list[tuple[str, str]]:
     return parse_qsl(query, keep_blank_values=True)
+
+
+def _raise_fd_limit() -> None:
+    """Each stream holds a few sockets (caller, relay, upstream): lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _file_sig(path: str) -> tuple[float, int, int] | None:

@@ -17,7 +17,6 @@ from zoneinfo import ZoneInfo
 
 PACIFIC = ZoneInfo("America/Los_Angeles")
 DEFAULT_MINUTE_COOLDOWN = 60.0
-UNKNOWN_QUOTA_COOLDOWN = 10.0
 
 
 class Outcome(StrEnum):
@@ -178,8 +177,10 @@ def classify(status: int, body: bytes, model: str | None, now: float) -> Verdict
         if any("PerMinute" in q for q in quota_ids):
             delay = retry_delay if retry_delay is not None else DEFAULT_MINUTE_COOLDOWN
             return Verdict(Outcome.QUOTA_MINUTE, f"429 per-minute quota {m}", now + delay, message)
-        delay = retry_delay if retry_delay is not None else UNKNOWN_QUOTA_COOLDOWN
-        return Verdict(Outcome.QUOTA_UNKNOWN, "429 rate limited", now + delay, message)
+        # No quota id: often Google throttling the egress IP. The pool backs off exponentially
+        # unless Google said how long to wait.
+        until = now + retry_delay if retry_delay is not None else None
+        return Verdict(Outcome.QUOTA_UNKNOWN, "429 rate limited", until, message)
     if status >= 500:
         return Verdict(
             Outcome.TRANSIENT, f"{status} {err.get('status', 'server error')}", message=message

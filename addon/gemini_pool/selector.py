@@ -11,7 +11,7 @@ breakers and dead-key disables are per key.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .breaker import BreakerPolicy, BreakerState, CircuitBreaker
@@ -20,6 +20,8 @@ from .config import Config, KeySpec
 from .health import HealthWindow
 
 HALF_OPEN_RETRY = 1.0  # seconds to wait when the only keys left are probing
+BACKOFF_BASE = 2.0  # first backoff after a 429 without quota details; doubles, reset by a success
+BACKOFF_MAX = 60.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class KeyPool:
     keys: dict[str, KeyState] = field(default_factory=dict)
     # (project, model) -> cooldown; model "*" means every model of the project
     cooldowns: dict[tuple[str, str], Cooldown] = field(default_factory=dict)
+    backoff_level: dict[str, int] = field(default_factory=dict)  # project -> consecutive bare 429s
 
     # --- configuration
 
@@ -221,16 +224,22 @@ class KeyPool:
         if state is None:  # removed by a reload while the request was in flight
             return
         o = verdict.outcome
+        project = state.spec.project
         if o is Outcome.OK:
             state.breaker.record_success()
             state.health.add(True)
+            self.backoff_level.pop(project, None)
             return
         if verdict.key_fault:
             state.health.add(False)
         if o is not Outcome.CALLER_ERROR:
             state.last_error = verdict.reason
             state.last_error_at = now
-        project = state.spec.project
+        if o is Outcome.QUOTA_UNKNOWN and verdict.cooldown_until is None:
+            level = self.backoff_level.get(project, 0)
+            self.backoff_level[project] = level + 1
+            delay = min(BACKOFF_MAX, BACKOFF_BASE * 2**level)
+            verdict = replace(verdict, cooldown_until=now + delay, reason=f"{verdict.reason} (backoff {delay:.0f}s)")
         if o is Outcome.DEAD_KEY:
             state.disabled_reason = verdict.reason
             state.breaker.record_neutral()

@@ -114,3 +114,17 @@ def test_mask_never_shows_more_than_a_quarter_or_8_chars() -> None:
     assert mask_secret("AIzaSyABCDEFGHIJKLMNOPQRSTUVWXYZ012345") == "AIzaSyAB…"
     assert mask_secret("short") == "s…"
     assert mask_secret("abc") == "…"
+
+
+def test_the_documented_example_file_is_valid() -> None:
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "keys.yaml.example"
+    env = {"GEMINI_KEY_BETA": "b-secret", "GEMINI_KEY_GAMMA": "g-secret", "BATCH_JOBS_TOKEN": "t"}
+    cfg = parse_config(example.read_bytes(), str(example), env)
+    assert [(k.name, k.project, k.weight) for k in cfg.keys] == [
+        ("alpha", "proj-a", 2),
+        ("beta", "proj-a", 1),
+        ("gamma", "proj-b", 1),
+    ]
+    assert [c.name for c in cfg.clients] == ["web-app", "batch-jobs"]

@@ -127,3 +127,21 @@ def test_state_snapshot_restores_by_fingerprint() -> None:
     r = pool(k("a"), k("b"))
     r.restore(keys, p.snapshot_cooldowns(), now=600)  # cooldown expired meanwhile
     assert picks(r, 2, now=600) == ["b", "b"]
+
+
+def test_bare_429s_back_off_exponentially_per_project_and_a_success_resets() -> None:
+    p = pool(k("a", "p"), k("b", "q"))
+    bare = Verdict(Outcome.QUOTA_UNKNOWN, "429 rate limited")
+    p.record("a", "m", bare, 0)
+    assert p.cooldowns[("p", "*")].until == 2
+    p.record("a", "m", bare, 3)
+    assert p.cooldowns[("p", "*")].until == 7  # 3 + 4
+    p.record("a", "m", Verdict(Outcome.OK, "200"), 8)
+    p.record("a", "m", bare, 9)
+    assert p.cooldowns[("p", "*")].until == 11  # back to 2 s
+    assert "(backoff 2s)" in p.cooldowns[("p", "*")].reason
+    # all keys throttled at once (egress IP): nothing is disabled, all come back by themselves
+    p.record("b", "x", bare, 9)
+    assert isinstance(p.select("x", 10), NoKey)
+    assert {picks(p, 1, "x", now=12)[0]} <= {"a", "b"}
+    assert all(s.usable_ever for s in p.keys.values())

@@ -1,0 +1,84 @@
+"""SQLite store: schema versions, batching writer, retention, never a secret."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from gemini_pool.store import SCHEMA_VERSION, OutcomeRow, Store, StoreError, UsageDelta
+
+
+def row(t: float, rid: str = "r", key: str = "a", status: int = 200) -> OutcomeRow:
+    return OutcomeRow(
+        t,
+        rid,
+        "c",
+        key,
+        "m",
+        "native",
+        False,
+        status,
+        "ok",
+        [{"key": key}],
+        1.0,
+        1.0,
+        10,
+        5,
+        4,
+        None,
+    )
+
+
+def test_fresh_and_old_databases_upgrade_newer_are_refused(tmp_path: Path) -> None:
+    old = tmp_path / "old.db"
+    sqlite3.connect(old).close()  # version 0: an empty file from before the schema
+    s = Store(str(old))
+    s.close()
+    with sqlite3.connect(old) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as db:
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="newer than this gemini-proxy understands"):
+        Store(str(newer))
+    with pytest.raises(StoreError, match="cannot open"):
+        (tmp_path / "junk.db").write_bytes(b"this is not a database" * 100)
+        Store(str(tmp_path / "junk.db"))
+
+
+def test_writer_batches_and_flushes_rows_usage_and_state(tmp_path: Path) -> None:
+    s = Store(str(tmp_path / "s.db"))
+    s.start()
+    for i in range(50):
+        s.record(row(time.time(), f"r{i}"), [UsageDelta("2026-11-29", "a", "p", "m", 1, 0, 5, 4)])
+    s.save_state(
+        {"a": {"fingerprint": "f1", "x": 1}},
+        [{"project": "p", "model": "m", "until": 9e9, "reason": "r"}],
+    )
+    s.save_state({"a": {"fingerprint": "f1", "x": 2}}, [])
+    assert s.flush(5)
+    assert len(s.recent(100, None, None)) == 50
+    assert s.usage("2026-11-29") == {
+        "a": {"requests": 50, "errors": 0, "tokens_in": 250, "tokens_out": 200}
+    }
+    keys, cooldowns = s.load_state()
+    assert keys == {"a": {"fingerprint": "f1", "x": 2}} and cooldowns == []  # newest snapshot wins
+    s.close()
+
+
+def test_retention_by_age_and_by_count(tmp_path: Path) -> None:
+    s = Store(str(tmp_path / "r.db"), retention_days=1, retention_rows=3)
+    now = time.time()
+    for i in range(3):
+        s.record(row(now - 3 * 86400, f"old{i}"), [])
+    for i in range(5):
+        s.record(row(now, f"new{i}"), [])
+    s.flush()
+    s.prune()
+    assert [r["request_id"] for r in s.recent(10, None, None)] == ["new4", "new3", "new2"]
+    assert s.recent(10, "a", 500) == []
+    s.close()
