@@ -239,7 +239,11 @@ class KeyPool:
             level = self.backoff_level.get(project, 0)
             self.backoff_level[project] = level + 1
             delay = min(BACKOFF_MAX, BACKOFF_BASE * 2**level)
-            verdict = replace(verdict, cooldown_until=now + delay, reason=f"{verdict.reason} (backoff {delay:.0f}s)")
+            verdict = replace(
+                verdict,
+                cooldown_until=now + delay,
+                reason=f"{verdict.reason} (backoff {delay:.0f}s)",
+            )
         if o is Outcome.DEAD_KEY:
             state.disabled_reason = verdict.reason
             state.breaker.record_neutral()
