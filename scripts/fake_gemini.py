@@ -327,16 +327,15 @@ class FakeGemini:
             )
         if body and request.method == "POST" and not path.startswith("/upload/"):
             try:
-                json.loads(body)
+                doc = json.loads(body)
             except ValueError:
+                doc = None
+                problem = "Invalid JSON payload received. Unexpected token."
+            else:
+                problem = "Invalid JSON payload received. Expected an object."
+            if not isinstance(doc, dict):
                 entry["status"] = 400
-                return self.error(
-                    400,
-                    _status(
-                        400, "INVALID_ARGUMENT", "Invalid JSON payload received. Unexpected token."
-                    ),
-                    openai,
-                )
+                return self.error(400, _status(400, "INVALID_ARGUMENT", problem), openai)
         entry["status"] = 200
         if path.startswith("/upload/"):
             return await self.upload_start(request, key, body)

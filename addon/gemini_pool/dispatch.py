@@ -127,7 +127,7 @@ class Dispatcher:
                 return result
             if self.clock() >= deadline:
                 break
-        return self._exhausted(result, last)
+        return self._exhausted(req, result, last)
 
     async def _attempt(
         self, req: ProxyRequest, key: KeySpec, time_left: float
@@ -180,13 +180,19 @@ class Dispatcher:
         return result
 
     def _exhausted(
-        self, result: Result, last: tuple[UpstreamAnswer | None, Verdict, KeySpec] | None
+        self,
+        req: ProxyRequest,
+        result: Result,
+        last: tuple[UpstreamAnswer | None, Verdict, KeySpec] | None,
     ) -> Result:
         assert last is not None
         answer, verdict, key = last
         if answer is not None and verdict.outcome is Outcome.TRANSIENT:
             result.answer, result.key = answer, key
             return result
+        nokey = self.pool.peek(req.route.model_or_default, self.clock(), req.project)
+        if nokey is not None and verdict.outcome is not Outcome.NETWORK:
+            return self._no_key(result, nokey, last, self.clock())  # e.g. every key now cooling
         if verdict.outcome is Outcome.NETWORK:
             timed_out = "timed out" in verdict.reason
             result.status = 504 if timed_out else 502

@@ -9,7 +9,7 @@ import json
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote, urlencode
 
 
 class Api(StrEnum):
@@ -129,7 +129,7 @@ def route(method: str, path: str, query: str, headers: dict[str, str], body: byt
             "unknown_path",
         )
     api, upstream = found
-    if ".." in upstream.split("/"):
+    if {".", ".."} & set(unquote(upstream).split("/")) or "\\" in unquote(upstream):
         raise RouteError(400, "path traversal is not allowed", "bad_path")
     if api is Api.OPENAI:
         model, streaming = openai_body_fields(body) if method == "POST" else (None, False)

@@ -180,6 +180,12 @@ class KeyPool:
             candidates.remove(chosen)
         return self._no_key(model, now, project)
 
+    def peek(self, model: str, now: float, project: str | None = None) -> NoKey | None:
+        """Without picking anything: None if some key could serve `model` now, else why not."""
+        if self._candidates(model, now, (), project):
+            return None
+        return self._no_key(model, now, project)
+
     def _no_key(self, model: str, now: float, project: str | None) -> NoKey:
         states = [s for s in self.keys.values() if project is None or s.spec.project == project]
         if not states:

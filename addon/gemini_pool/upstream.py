@@ -9,6 +9,7 @@ import asyncio
 from dataclasses import dataclass
 
 import aiohttp
+import yarl
 
 HOP_BY_HOP = frozenset(
     {
@@ -94,7 +95,7 @@ class UpstreamClient:
         try:
             resp = await self.session.request(
                 method,
-                url,
+                yarl.URL(url, encoded=True),  # forward the path exactly as routed
                 headers=forwardable(headers),
                 data=body or None,
                 skip_auto_headers=skip,
