@@ -15,7 +15,7 @@ Behaviours: ok, dead, unauth, leaked, suspended, blocked, minute[:secs], day, li
 500, 503, 504, drop (close without answer), slow:<ms>, cut:<events> (stream cut mid-way),
 error_event (in-band error event in a 200 stream). Unknown keys answer API_KEY_INVALID.
 Per-request knobs (headers): x-fake-events (stream events, default 3), x-fake-delay-ms (between
-events), x-fake-latency-ms (before answering).
+events), x-fake-latency-ms (before answering), x-fake-event-bytes (padding per stream event).
 """
 
 from __future__ import annotations
@@ -424,6 +424,7 @@ class FakeGemini:
             return web.json_response(self.candidate(model, "Hello from fake Gemini.", True, 5, 4))
         events = int(request.headers.get("x-fake-events", "3"))
         delay = float(request.headers.get("x-fake-delay-ms", "0")) / 1000
+        pad = "x" * int(request.headers.get("x-fake-event-bytes", "0"))
         sse = request.query.get("alt") == "sse"
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream" if sse else "application/json"}
@@ -445,7 +446,7 @@ class FakeGemini:
                     + b"\r\n\r\n"
                 )
                 break
-            doc = self.candidate(model, f"chunk {i} ", i == events - 1, 5, i + 1)
+            doc = self.candidate(model, f"chunk {i} " + pad, i == events - 1, 5, i + 1)
             data = json.dumps(doc).encode()
             if sse:
                 await resp.write(b"data: " + data + b"\r\n\r\n")

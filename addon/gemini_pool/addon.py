@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import resource
 import signal
 import time
@@ -43,6 +44,8 @@ from .upstream import UpstreamAnswer
 log = logging.getLogger("gemini_proxy")
 
 UPLOAD_URL_HEADERS = ("x-goog-upload-url", "x-goog-upload-control-url", "location")
+# answers that can name a project-bound resource (files, cached contents, batches, operations)
+RESOURCE_PATHS = re.compile(r"/(upload/|files|cachedContents|batches|operations)|:batch|:async")
 
 
 @dataclass
@@ -444,11 +447,11 @@ class GeminiProxy:
             if answer.stream is not None:  # relay not up (cannot happen after `running`): buffer
                 answer.body = await answer.stream.read()
                 answer.stream.release()
-            self._rewrite_upload_urls(flow, answer, key.name, upload_id is None)
-            if 200 <= answer.status < 300:
+            if any(k.lower() in UPLOAD_URL_HEADERS for k, _ in answer.headers):
+                self._rewrite_upload_urls(flow, answer, key.name, upload_id is None)
+            if 200 <= answer.status < 300 and RESOURCE_PATHS.search(r.path):
                 self.service.pins.remember_resources(answer.body, key.project)
             flow.response = _make_response(answer, extra)
-        self._annotate(flow, rec)
 
     def _relay(
         self,
@@ -480,6 +483,7 @@ class GeminiProxy:
         rec.upstream_target = (req.scheme, req.host, req.port)
         req.scheme, req.host, req.port = "http", "127.0.0.1", self.rt.relay.port
         req.headers[TICKET_HEADER] = rec.relay_ticket
+        self._annotate(flow, rec)  # a stream may run for minutes: show it in mitmweb now
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         rec = self.rt.records.get(flow.id)
@@ -558,7 +562,6 @@ class GeminiProxy:
             status, error_body(api, status, message, reason), headers
         )
         rec.status, rec.proxy_reason, rec.proxy_message = status, reason, message
-        self._annotate(flow, rec)
 
     def _rewrite_upload_urls(
         self, flow: http.HTTPFlow, answer: UpstreamAnswer, key: str, remember: bool

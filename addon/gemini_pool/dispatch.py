@@ -7,6 +7,7 @@ happen only before any byte reached the caller (every attempt here is pre-first-
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,7 +143,7 @@ class Dispatcher:
                 headers,
                 req.body,
                 stream=req.route.streaming,
-                timeout=max(time_left, 0.1),
+                timeout=max(math.ceil(time_left), 1),  # whole seconds: timeouts get reused
             )
         except UpstreamError as e:
             return None, network_verdict(str(e)), time.perf_counter() - t0

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,10 @@ from .dispatch import Attempt
 from .store import OutcomeRow, UsageDelta
 from .usage import UsageTap
 
+# request ids: unique per process start (random prefix) and cheap (a counter)
+_ID_PREFIX = os.urandom(4).hex()
+_ID_COUNTER = itertools.count(1)
+
 
 @dataclass
 class RequestRecord:
@@ -19,7 +24,7 @@ class RequestRecord:
     client: str | None = None
     model: str | None = None
     streaming: bool = False
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    request_id: str = field(default_factory=lambda: f"{_ID_PREFIX}{next(_ID_COUNTER):08x}")
     started_wall: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)
     attempts: list[Attempt] = field(default_factory=list)

@@ -187,29 +187,9 @@ class ProxyService:
             self.store.record(rec.row(), rec.usage(projects))
 
     def _log(self, rec: RequestRecord) -> None:
-        fields: dict[str, Any] = {
-            "request_id": rec.request_id,
-            "client": rec.client,
-            "key": rec.key,
-            "model": rec.model,
-            "api": rec.api,
-            "status": rec.status,
-            "attempts": len(rec.attempts),
-            "latency_ms": round(rec.latency * 1000, 1),
-            "outcome": rec.outcome,
-        }
-        if rec.retried or rec.proxy_reason or rec.stream_error:
-            fields["detail"] = rec.comment()
         level = logging.WARNING if rec.status >= 500 or rec.stream_error else logging.INFO
-        if self.settings.log_json:
-            log.log(level, json.dumps({"event": "request", **fields}))
-        else:
-            log.log(
-                level,
-                "gemini "
-                + " ".join(f"{k}={v}" for k, v in fields.items() if k != "detail")
-                + (f" | {fields['detail']}" if "detail" in fields else ""),
-            )
+        # formatted lazily: costs nothing when the terminal log level hides it
+        log.log(level, "%s", _RequestLine(rec, self.settings.log_json))
 
     # --- views
 
@@ -332,6 +312,37 @@ class ProxyService:
         self.pool.restore({n: doc["keys"][n] for n in matched}, cooldowns, time.time())
         self.save_state()
         return len(matched)
+
+
+class _RequestLine:
+    """One request's log line (key=value text, or one JSON object), built only when emitted."""
+
+    __slots__ = ("as_json", "latency_ms", "rec")
+
+    def __init__(self, rec: RequestRecord, as_json: bool) -> None:
+        self.rec, self.as_json = rec, as_json
+        self.latency_ms = round(rec.latency * 1000, 1)
+
+    def __str__(self) -> str:
+        rec = self.rec
+        fields: dict[str, Any] = {
+            "request_id": rec.request_id,
+            "client": rec.client,
+            "key": rec.key,
+            "model": rec.model,
+            "api": rec.api,
+            "status": rec.status,
+            "attempts": len(rec.attempts),
+            "latency_ms": self.latency_ms,
+            "outcome": rec.outcome,
+        }
+        detail = rec.comment() if rec.retried or rec.proxy_reason or rec.stream_error else None
+        if self.as_json:
+            return json.dumps(
+                {"event": "request", **fields, **({"detail": detail} if detail else {})}
+            )
+        text = "gemini " + " ".join(f"{k}={'-' if v is None else v}" for k, v in fields.items())
+        return f"{text} | {detail}" if detail else text
 
 
 def _digest(token: str) -> bytes:

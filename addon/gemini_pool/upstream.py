@@ -6,6 +6,7 @@ Bodies pass through untouched (no decompression), hop-by-hop headers are dropped
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 
 import aiohttp
@@ -67,6 +68,14 @@ class UpstreamClient:
             )
         return self._session
 
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - a few distinct values, client lives forever
+    def _timeout(self, stream: bool, timeout: float) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=None if stream else timeout,
+            connect=min(self.connect_timeout, timeout),
+            sock_read=min(self.read_timeout, timeout),
+        )
+
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
             await self._session.close()
@@ -87,11 +96,7 @@ class UpstreamClient:
         skip = [
             h for h in ("User-Agent", "Accept-Encoding", "Content-Type") if h.lower() not in lower
         ]
-        t = aiohttp.ClientTimeout(
-            total=None if stream else timeout,
-            connect=min(self.connect_timeout, timeout),
-            sock_read=min(self.read_timeout, timeout),
-        )
+        t = self._timeout(stream, timeout)
         try:
             resp = await self.session.request(
                 method,
