@@ -270,28 +270,29 @@ def main() -> None:
     def s(n: int) -> int:
         return max(10, int(n * args.scale))
 
+    gen_path = f"/v1beta/models/{MODEL}:generateContent"
+    big_body = b'{"contents": [{"parts": [{"text": "' + b"x" * (5 << 20) + b'"}]}]}'
+
+    def gen_req(h: dict[str, str]) -> Request:
+        return unary(gen_path, GEN_BODY, h)
+
+    def chat_req(h: dict[str, str]) -> Request:
+        return unary(
+            "/v1beta/openai/chat/completions", CHAT_BODY, {**h, "content-type": "application/json"}
+        )
+
     workloads: list[tuple[str, str, int, int, Callable[[dict[str, str]], Request]]] = [
         # name, description, concurrency, requests, request factory
+        ("unary-c1", "generateContent, concurrency 1", 1, s(600), gen_req),
+        ("unary-c16", "generateContent, concurrency 16", 16, s(3000), gen_req),
+        ("unary-c64", "generateContent, concurrency 64", 64, s(3000), gen_req),
+        ("openai-chat", "OpenAI-compat chat, concurrency 16", 16, s(2000), chat_req),
         (
-            "unary-c1",
-            "generateContent, concurrency 1",
+            "sse-c1",
+            "SSE stream of 20 events, concurrency 1 (time to first byte)",
             1,
-            s(600),
-            lambda h: unary(f"/v1beta/models/{MODEL}:generateContent", GEN_BODY, h),
-        ),
-        (
-            "unary-c16",
-            "generateContent, concurrency 16",
-            16,
-            s(3000),
-            lambda h: unary(f"/v1beta/models/{MODEL}:generateContent", GEN_BODY, h),
-        ),
-        (
-            "unary-c64",
-            "generateContent, concurrency 64",
-            64,
-            s(3000),
-            lambda h: unary(f"/v1beta/models/{MODEL}:generateContent", GEN_BODY, h),
+            s(300),
+            lambda h: stream(20, 200, h),
         ),
         (
             "sse-20",
@@ -300,34 +301,20 @@ def main() -> None:
             s(600),
             lambda h: stream(20, 200, h),
         ),
-        (
-            "openai-chat",
-            "OpenAI-compat chat, concurrency 16",
-            16,
-            s(2000),
-            lambda h: unary(
-                "/v1beta/openai/chat/completions",
-                CHAT_BODY,
-                {**h, "content-type": "application/json"},
-            ),
-        ),
-        (
-            "body-5mb",
-            "5 MB request bodies, concurrency 4",
-            4,
-            s(60),
-            lambda h: unary(
-                f"/v1beta/models/{MODEL}:generateContent",
-                b'{"contents": [{"parts": [{"text": "' + b"x" * (5 << 20) + b'"}]}]}',
-                h,
-            ),
-        ),
+        # RSS is read before and after: it must stay flat while 1 GB streams through
         (
             "sse-1gb",
             "1 GB of SSE (800 streams x 20 x 64 KiB), concurrency 8",
             8,
             s(800),
             lambda h: stream(20, 64 * 1024, h),
+        ),
+        (
+            "body-5mb",
+            "5 MB request bodies, concurrency 4",
+            4,
+            s(60),
+            lambda h: unary(gen_path, big_body, h),
         ),
     ]
     if args.only:

@@ -163,6 +163,7 @@ class ProxyService:
         if rec.finished:
             return
         rec.finished = True
+        rec.tap.finish()
         model = rec.model or "*"
         for a in rec.attempts:
             metrics.ATTEMPTS.labels(a.key, model, str(a.verdict.outcome), str(a.status or 0)).inc()
