@@ -99,7 +99,6 @@ class AdminServer:
         )
 
     async def metrics(self, request: web.Request) -> web.Response:
-        self.service.save_state_if_dirty()
         return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
     # --- keys
@@ -174,7 +173,7 @@ class AdminServer:
         key = q.get("key") or None
         if key is not None and not NAME_RE.match(key):
             raise web.HTTPBadRequest(reason="invalid key name")
-        store.flush(2.0)
+        await asyncio.to_thread(store.flush, 2.0)  # include what finished a moment ago
         rows = await asyncio.to_thread(store.recent, limit, key, status)
         return web.json_response({"requests": rows})
 

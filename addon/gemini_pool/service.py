@@ -15,7 +15,7 @@ from typing import Any
 
 from . import metrics
 from .breaker import BreakerPolicy, BreakerState
-from .classify import pacific_day
+from .classify import Outcome, pacific_day
 from .config import EMPTY, Config, ConfigError, load_config
 from .dispatch import Dispatcher, DispatchPolicy
 from .pins import ResourcePins
@@ -56,6 +56,7 @@ class ProxyService:
     state_dirty: bool = False
     inflight: int = 0
     _clients: dict[bytes, str] = field(default_factory=dict)
+    _db_errors_seen: int = 0
 
     def __post_init__(self) -> None:
         self.dispatcher = Dispatcher(
@@ -104,12 +105,13 @@ class ProxyService:
         self.state_dirty = True
         if self.store is not None:
             self.save_state()
-            self.store.flush()
+            self.store.kick()  # commit now, without making the caller wait for the disk
 
     # --- persistence
 
     def attach_store(self, store: Store) -> None:
         self.store = store
+        self._db_errors_seen = 0
         keys, cooldowns = store.load_state()
         self.pool.restore(keys, cooldowns, time.time())
         store.start()
@@ -127,9 +129,10 @@ class ProxyService:
     def save_state_if_dirty(self) -> None:
         if self.state_dirty:
             self.save_state()
-        if self.store is not None and self.store.write_errors:
-            metrics.DB_WRITE_ERRORS.inc(self.store.write_errors)
-            self.store.write_errors = 0
+        if self.store is not None and self.store.write_errors > self._db_errors_seen:
+            # the writer thread only ever increments its count; we report the difference
+            metrics.DB_WRITE_ERRORS.inc(self.store.write_errors - self._db_errors_seen)
+            self._db_errors_seen = self.store.write_errors
 
     # --- callers
 
@@ -182,6 +185,9 @@ class ProxyService:
                 metrics.TOKENS.labels(rec.key, model, "out").inc(rec.tap.tokens_out)
         if rec.attempts:
             self.state_dirty = True
+        for a in rec.attempts:
+            if a.verdict.outcome is Outcome.DEAD_KEY:
+                log.warning("gemini-proxy: key %s disabled: %s", a.key, a.verdict.reason)
         self._log(rec)
         if self.store is not None:
             projects = {k.name: k.project for k in self.config.keys}

@@ -164,6 +164,10 @@ class Store:
     def save_state(self, keys: dict[str, dict[str, Any]], cooldowns: list[dict[str, Any]]) -> None:
         self._q.put(("state", (keys, cooldowns)))
 
+    def kick(self) -> None:
+        """Have the writer commit what is queued now rather than at the end of its interval."""
+        self._wake.set()
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until everything queued so far is committed."""
         if self._thread is None or not self._thread.is_alive():
