@@ -35,7 +35,15 @@ from .errors import error_body
 from .metrics import INFLIGHT
 from .records import RequestRecord
 from .relay import TICKET_HEADER, Held, StreamRelay
-from .routing import Api, RouteError, api_for_path, client_credential, route, split_query
+from .routing import (
+    Api,
+    RouteError,
+    api_for_path,
+    client_credential,
+    is_bearer_only,
+    route,
+    split_query,
+)
 from .selector import PoolPolicy
 from .service import AuthError, ProxyService, Settings
 from .store import Store, StoreError
@@ -371,12 +379,8 @@ class GeminiProxy:
         clean_query, query_key = split_query(query)
         headers = {k.lower(): v for k, v in req.headers.items()}
         credential = client_credential(headers, query_key)
-        bearer_only = (
-            bool(headers.get("authorization"))
-            and not headers.get("x-goog-api-key")
-            and not query_key
-        )
-        found = api_for_path(path, bearer_only)
+        rec.bearer_only = is_bearer_only(headers, query_key)  # decided before credentials go
+        found = api_for_path(path, rec.bearer_only)
         rec.api = str(found[0] if found else (Api.OPENAI if "/openai/" in path else Api.NATIVE))
         # the caller's credentials never go further, nor show in mitmweb or dumps
         for h in ("x-goog-api-key", "authorization"):
@@ -407,9 +411,8 @@ class GeminiProxy:
             self._too_large(flow, rec, len(body))
             return
         path, _, query = req.path.partition("?")
-        lower = {k.lower(): v for k, v in req.headers.items()}
         try:
-            r = route(req.method, path, query, lower, body)
+            r = route(req.method, path, query, rec.bearer_only, body)
         except RouteError as e:
             self._reply(flow, rec, e.status, e.message, e.reason)
             return

@@ -112,14 +112,18 @@ def openai_body_fields(body: bytes) -> tuple[str | None, bool]:
     return model, doc.get("stream") is True
 
 
-def route(method: str, path: str, query: str, headers: dict[str, str], body: bytes) -> Route:
-    """Route one request. `headers` keys are lower-case. Raises RouteError for unknown paths."""
-    query, query_key = split_query(query)
-    bearer_only = (
+def is_bearer_only(headers: dict[str, str], query_key: str | None) -> bool:
+    """Did the caller authenticate the OpenAI way? `headers` keys are lower-case."""
+    return (
         headers.get("authorization", "").lower().startswith("bearer ")
         and not headers.get("x-goog-api-key")
         and not query_key
     )
+
+
+def route(method: str, path: str, query: str, bearer_only: bool, body: bytes) -> Route:
+    """Route one request (see api_for_path for `bearer_only`). Raises RouteError."""
+    query, _ = split_query(query)
     found = api_for_path(path, bearer_only)
     if found is None:
         raise RouteError(

@@ -404,3 +404,17 @@ def test_a_broken_key_file_at_start_is_a_clear_error(make_proxy: Any) -> None:
     assert (
         "keys[0] (a), field 'weight'" in proxy.logs() or "one of 'key' or 'key_env'" in proxy.logs()
     )
+
+
+def test_v1_models_answers_each_sdk_in_its_own_format(fake: Fake, make_proxy: Any) -> None:
+    a = new_secret()
+    fake.configure({a: "ok"})
+    proxy = make_proxy([key_entry("a", a)])
+    listed = [m.id for m in openai_client(proxy).models.list()]
+    assert listed == ["models/gemini-2.5-flash"]  # OpenAI's list format, via /v1beta/openai/models
+    g = genai_client(proxy, version="v1")
+    assert [m.name for m in g.models.list()] == [
+        "models/gemini-2.5-flash"
+    ]  # Gemini's, via /v1/models
+    paths = [e["path"] for e in fake.log()]
+    assert paths[0] == "/v1beta/openai/models" and paths[1] == "/v1/models"

@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 
 from gemini_pool.errors import error_body
-from gemini_pool.routing import Api, RouteError, client_credential, route, split_query
+from gemini_pool.routing import (
+    Api,
+    RouteError,
+    client_credential,
+    is_bearer_only,
+    route,
+    split_query,
+)
 
 
 def r(
@@ -13,7 +20,7 @@ def r(
     body: bytes = b"",
     method: str = "POST",
 ):
-    return route(method, path, query, headers or {}, body)
+    return route(method, path, query, is_bearer_only(headers or {}, split_query(query)[1]), body)
 
 
 def test_native_paths_pass_through_with_model_and_method() -> None:
