@@ -80,10 +80,6 @@ class Config:
     def key(self, name: str) -> KeySpec | None:
         return next((k for k in self.keys if k.name == name), None)
 
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        return tuple(k.secret for k in self.keys)
-
 
 EMPTY = Config(keys=(), clients=(), source="(none)")
 

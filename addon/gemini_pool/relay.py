@@ -39,7 +39,6 @@ class StreamRelay:
         self._held: dict[str, Held] = {}
         self._runner: web.AppRunner | None = None
         self.port = 0
-        self.active = 0
 
     async def start(self, host: str = "127.0.0.1") -> None:
         app = web.Application()
@@ -89,7 +88,6 @@ class StreamRelay:
         for k, v in held.headers:
             out.headers.add(k, v)
         error: str | None = None
-        self.active += 1
         try:
             await out.prepare(request)
             async for chunk in upstream.content.iter_any():
@@ -106,7 +104,9 @@ class StreamRelay:
             if isinstance(e, asyncio.CancelledError):
                 raise
         finally:
-            self.active -= 1
-            upstream.close() if error else upstream.release()
+            if error:
+                upstream.close()
+            else:
+                upstream.release()  # back to the pool
             held.on_end(error)
         return out

@@ -270,12 +270,6 @@ class KeyPool:
         if old is None or old.until < until or old.until <= now:
             self.cooldowns[(project, model)] = Cooldown(until, verdict.reason)
 
-    def release(self, name: str) -> None:
-        """A picked key that was never used (request abandoned): free a half-open probe."""
-        state = self.keys.get(name)
-        if state is not None:
-            state.breaker.record_neutral()
-
     # --- operator actions
 
     def set_enabled(self, name: str, enabled: bool) -> None:

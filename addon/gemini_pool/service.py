@@ -10,11 +10,11 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import metrics
-from .breaker import BreakerPolicy, BreakerState
+from .breaker import BreakerState
 from .classify import Outcome, pacific_day
 from .config import EMPTY, Config, ConfigError, load_config
 from .dispatch import Dispatcher, DispatchPolicy
@@ -374,13 +374,3 @@ def _digest(token: str) -> bytes:
 
 def constant_time_equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
-
-
-def with_dispatch(settings: Settings, **changes: Any) -> Settings:
-    return replace(settings, dispatch=replace(settings.dispatch, **changes))
-
-
-def breaker_policy(failures: int, cooldown: float, max_cooldown: float) -> BreakerPolicy:
-    return BreakerPolicy(
-        failure_threshold=failures, base_cooldown=cooldown, max_cooldown=max_cooldown
-    )
