@@ -43,7 +43,10 @@ class StreamRelay:
     async def start(self, host: str = "127.0.0.1") -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # shutdown_timeout: at exit the drain is over; streams still open are cut, not awaited
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=0.5
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, 0)
         await site.start()

@@ -6,6 +6,8 @@ import contextlib
 import json
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -14,7 +16,7 @@ import httpx2 as httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..conftest import Fake, Proxy, free_port, gen_body, key_entry, new_secret, wait_for
+from ..conftest import ROOT, Fake, Proxy, free_port, gen_body, key_entry, new_secret, wait_for
 from .test_proxy import FLASH, gen, post
 
 
@@ -398,3 +400,68 @@ def test_graceful_shutdown_finishes_a_slow_stream_and_refuses_new_connections(
     assert got.count(b"data: ") == 8, "the stream was cut by the shutdown"
     assert proxy.stop() == 0
     assert "draining 1 requests in flight" in proxy.logs()
+
+
+def test_state_script_moves_a_deployment(fake: Fake, make_proxy: Any, tmp_path: Any) -> None:
+    a, b = new_secret(), new_secret()
+    fake.configure({a: "dead", b: "minute:300"})
+    old = make_proxy([key_entry("a", a), key_entry("b", b)])
+    gen(old)
+    old.stop()
+    script = str(ROOT / "scripts" / "state.py")
+    exported = subprocess.run(
+        [sys.executable, script, "export", str(old.db)], capture_output=True, text=True, check=True
+    )
+    doc = json.loads(exported.stdout)
+    assert doc["keys"]["a"]["disabled_reason"] == "400 API key invalid" and a not in exported.stdout
+    new = make_proxy([key_entry("a", a), key_entry("b", b)], start=False)
+    subprocess.run(
+        [sys.executable, script, "import", str(new.db), "-"],
+        input=exported.stdout,
+        text=True,
+        check=True,
+    )
+    new.start()
+    state = new.keys_state()
+    assert state["a"]["status"] == "dead" and state["b"]["status"] == "cooling"
+    bad = subprocess.run(
+        [sys.executable, script, "import", str(new.db), "-"],
+        input="[]",
+        text=True,
+        capture_output=True,
+    )
+    assert bad.returncode == 1 and "not a gemini-proxy state export" in bad.stderr
+
+
+def test_a_second_signal_ends_the_drain(fake: Fake, make_proxy: Any) -> None:
+    a = new_secret()
+    fake.configure({a: "ok"})
+    proxy = make_proxy([key_entry("a", a)])
+    first = threading.Event()
+
+    def stream() -> None:
+        with (
+            contextlib.suppress(httpx.HTTPError),
+            httpx.stream(
+                "POST",
+                f"{proxy.url}/v1beta/models/{FLASH}:streamGenerateContent?alt=sse",
+                json=gen_body(),
+                timeout=30,
+                headers={"x-goog-api-key": "u", "x-fake-events": "20", "x-fake-delay-ms": "1000"},
+            ) as r,
+        ):
+            for _ in r.iter_bytes():
+                first.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert first.wait(10)
+    proxy.send_signal(signal.SIGTERM)
+    wait_for(lambda: "draining 1 requests" in proxy.logs(), timeout=5)
+    t0 = time.monotonic()
+    proxy.send_signal(signal.SIGTERM)
+    assert proxy.proc is not None
+    proxy.proc.wait(10)
+    assert time.monotonic() - t0 < 5  # not the 20 s the stream still had to go
+    t.join(10)
+    assert "still in flight at exit" in proxy.logs()
