@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
@@ -34,6 +34,7 @@ from .config import ConfigError
 from .dispatch import DispatchPolicy, ProxyRequest
 from .errors import error_body
 from .metrics import INFLIGHT
+from .pins import UPLOAD_URL_HEADERS, rewrite_upload_urls
 from .records import RequestRecord
 from .relay import TICKET_HEADER, Held, StreamRelay
 from .routing import (
@@ -52,7 +53,6 @@ from .upstream import UpstreamAnswer
 
 log = logging.getLogger("gemini_proxy")
 
-UPLOAD_URL_HEADERS = ("x-goog-upload-url", "x-goog-upload-control-url", "location")
 # answers that can name a project-bound resource (files, cached contents, batches, operations)
 RESOURCE_PATHS = re.compile(r"/(upload/|files|cachedContents|batches|operations)|:batch|:async")
 
@@ -95,6 +95,47 @@ def parse_hostport(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+OPTIONS: list[tuple[str, type, Any, str]] = [
+    ("gemini_keys", str, "keys.yaml", "Path of the YAML key file (keys and client tokens)."),
+    (
+        "gemini_db",
+        str,
+        "gemini-proxy.db",
+        'SQLite file for key state and outcomes; "" turns persistence off.',
+    ),
+    (
+        "gemini_admin",
+        str,
+        "127.0.0.1:8090",
+        'Admin/metrics listen address host:port; "" turns it off.',
+    ),
+    (
+        "gemini_admin_token",
+        str,
+        os.environ.get("GEMINI_ADMIN_TOKEN", ""),
+        "Bearer token for /admin/ (default: $GEMINI_ADMIN_TOKEN). Empty: /admin/ is off.",
+    ),
+    ("gemini_max_body", int, 10 * 1024 * 1024, "Largest request body in bytes (413 above)."),
+    ("gemini_max_attempts", int, 3, "Upstream attempts per request, first one included."),
+    ("gemini_deadline_ms", int, 300_000, "Time for all attempts and waits of one request."),
+    ("gemini_max_wait_ms", int, 10_000, "Longest wait for a cooling key before answering 429."),
+    ("gemini_breaker_failures", int, 3, "Consecutive failures that open a key's breaker."),
+    ("gemini_breaker_cooldown_ms", int, 5_000, "First breaker cooldown; doubles per trip."),
+    ("gemini_breaker_max_cooldown_ms", int, 300_000, "Longest breaker cooldown."),
+    (
+        "gemini_health_threshold",
+        int,
+        50,
+        "Keys under this success percentage serve only when nothing better is left.",
+    ),
+    ("gemini_log_json", bool, False, "One JSON object per request log line."),
+    ("gemini_retention_days", int, 30, "Keep request outcome rows this many days."),
+    ("gemini_retention_rows", int, 1_000_000, "Keep at most this many outcome rows."),
+    ("gemini_watch_ms", int, 1_000, "How often to check the key file for changes; 0: never."),
+    ("gemini_drain_timeout_ms", int, 30_000, "On shutdown, wait this long for requests in flight."),
+]
+
+
 class GeminiProxy:
     def __init__(self) -> None:
         self.rt = runtime()
@@ -106,73 +147,8 @@ class GeminiProxy:
     # ------------------------------------------------------------------ options
 
     def load(self, loader: Loader) -> None:
-        loader.add_option(
-            "gemini_keys", str, "keys.yaml", "Path of the YAML key file (keys and client tokens)."
-        )
-        loader.add_option(
-            "gemini_db",
-            str,
-            "gemini-proxy.db",
-            'SQLite file for key state and outcomes; "" turns persistence off.',
-        )
-        loader.add_option(
-            "gemini_admin",
-            str,
-            "127.0.0.1:8090",
-            'Admin/metrics listen address host:port; "" turns it off.',
-        )
-        loader.add_option(
-            "gemini_admin_token",
-            str,
-            os.environ.get("GEMINI_ADMIN_TOKEN", ""),
-            "Bearer token for /admin/ (default: $GEMINI_ADMIN_TOKEN). Empty: /admin/ is off.",
-        )
-        loader.add_option(
-            "gemini_max_body", int, 10 * 1024 * 1024, "Largest request body in bytes (413 above)."
-        )
-        loader.add_option(
-            "gemini_max_attempts", int, 3, "Upstream attempts per request, first one included."
-        )
-        loader.add_option(
-            "gemini_deadline_ms", int, 300_000, "Time for all attempts and waits of one request."
-        )
-        loader.add_option(
-            "gemini_max_wait_ms",
-            int,
-            10_000,
-            "Longest wait for a cooling key before answering 429.",
-        )
-        loader.add_option(
-            "gemini_breaker_failures", int, 3, "Consecutive failures that open a key's breaker."
-        )
-        loader.add_option(
-            "gemini_breaker_cooldown_ms", int, 5_000, "First breaker cooldown; doubles per trip."
-        )
-        loader.add_option(
-            "gemini_breaker_max_cooldown_ms", int, 300_000, "Longest breaker cooldown."
-        )
-        loader.add_option(
-            "gemini_health_threshold",
-            int,
-            50,
-            "Keys under this success %% serve only when nothing better is left.",
-        )
-        loader.add_option("gemini_log_json", bool, False, "One JSON object per request log line.")
-        loader.add_option(
-            "gemini_retention_days", int, 30, "Keep request outcome rows this many days."
-        )
-        loader.add_option(
-            "gemini_retention_rows", int, 1_000_000, "Keep at most this many outcome rows."
-        )
-        loader.add_option(
-            "gemini_watch_ms", int, 1_000, "How often to check the key file for changes; 0: never."
-        )
-        loader.add_option(
-            "gemini_drain_timeout_ms",
-            int,
-            30_000,
-            "On shutdown, wait this long for requests in flight.",
-        )
+        for name, typ, default, help_text in OPTIONS:
+            loader.add_option(name, typ, default, help_text)
 
     def configure(self, updated: set[str]) -> None:
         o = ctx.options
@@ -455,7 +431,11 @@ class GeminiProxy:
                 answer.body = await answer.stream.read()
                 answer.stream.release()
             if any(k.lower() in UPLOAD_URL_HEADERS for k, _ in answer.headers):
-                self._rewrite_upload_urls(flow, answer, key.name, upload_id is None)
+                answer.headers, started = rewrite_upload_urls(
+                    answer.headers, req.host, _proxy_origin(flow)
+                )
+                for new_upload in started if upload_id is None else ():
+                    self.service.pins.remember_upload(new_upload, key.name)
             if 200 <= answer.status < 300 and RESOURCE_PATHS.search(r.path):
                 self.service.pins.remember_resources(answer.body, key.project)
             flow.response = _make_response(answer, extra)
@@ -571,24 +551,6 @@ class GeminiProxy:
             status, error_body(api, status, message, reason), headers
         )
         rec.status, rec.proxy_reason, rec.proxy_message = status, reason, message
-
-    def _rewrite_upload_urls(
-        self, flow: http.HTTPFlow, answer: UpstreamAnswer, key: str, remember: bool
-    ) -> None:
-        """Point resumable-upload URLs at this proxy and remember which key started the upload."""
-        ours = _proxy_origin(flow)
-        target = urlsplit(f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}")
-        out = []
-        for k, v in answer.headers:
-            if k.lower() in UPLOAD_URL_HEADERS and v.startswith(("http://", "https://")):
-                u = urlsplit(v)
-                if u.hostname == target.hostname:
-                    upload_id = dict(_qs(u.query)).get("upload_id")
-                    if upload_id and remember:
-                        self.service.pins.remember_upload(upload_id, key)
-                    v = ours + u.path + (f"?{u.query}" if u.query else "")
-            out.append((k, v))
-        answer.headers = out
 
     def _annotate(self, flow: http.HTTPFlow, rec: RequestRecord) -> None:
         flow.comment = rec.comment() or (f"{rec.key}: {rec.status}" if rec.key else "")

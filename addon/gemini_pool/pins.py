@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from urllib.parse import parse_qsl, urlsplit
 
 MAX_ENTRIES = 100_000
+UPLOAD_URL_HEADERS = frozenset({"x-goog-upload-url", "x-goog-upload-control-url", "location"})
 _RESOURCE_RE = re.compile(rb"\b(files|cachedContents)/([A-Za-z0-9_-]{1,128})")
 
 
@@ -44,3 +46,25 @@ class ResourcePins:
             if project is not None:
                 return project
         return None
+
+
+def rewrite_upload_urls(
+    headers: list[tuple[str, str]], upstream_host: str, proxy_origin: str
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Point upload / redirect URLs at Google back at this proxy.
+
+    Returns the new headers and the upload_ids they carried (the caller remembers which key
+    started each upload: the follow-up requests carry only the upload_id).
+    """
+    out: list[tuple[str, str]] = []
+    upload_ids: list[str] = []
+    for k, v in headers:
+        if k.lower() in UPLOAD_URL_HEADERS and v.startswith(("http://", "https://")):
+            u = urlsplit(v)
+            if u.hostname == upstream_host:
+                upload_id = dict(parse_qsl(u.query)).get("upload_id")
+                if upload_id:
+                    upload_ids.append(upload_id)
+                v = proxy_origin + u.path + (f"?{u.query}" if u.query else "")
+        out.append((k, v))
+    return out, upload_ids
