@@ -385,6 +385,19 @@ class GeminiProxy:
         rec = self.rt.records.get(flow.id)
         if rec is None or flow.response is not None:
             return
+        try:
+            await self._forward(flow, rec)
+        except Exception:  # a bug here must not let the flow go upstream unhandled
+            log.exception("gemini-proxy: internal error on request %s", rec.request_id)
+            self._reply(
+                flow,
+                rec,
+                500,
+                f"internal proxy error (request id {rec.request_id}); see the proxy's log",
+                "internal_error",
+            )
+
+    async def _forward(self, flow: http.HTTPFlow, rec: RequestRecord) -> None:
         req = flow.request
         body = req.raw_content or b""
         if len(body) > self.service.settings.max_body:
