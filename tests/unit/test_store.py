@@ -82,3 +82,23 @@ def test_retention_by_age_and_by_count(tmp_path: Path) -> None:
     assert [r["request_id"] for r in s.recent(10, None, None)] == ["new4", "new3", "new2"]
     assert s.recent(10, "a", 500) == []
     s.close()
+
+
+def test_a_slow_disk_never_blocks_the_request_path(tmp_path: Path) -> None:
+    class SlowDisk(Store):
+        def _write(self, items):  # type: ignore[no-untyped-def]
+            time.sleep(0.5)  # every commit takes half a second
+            super()._write(items)
+
+    s = SlowDisk(str(tmp_path / "slow.db"), flush_interval=0.01)
+    s.start()
+    t0 = time.perf_counter()
+    for i in range(2000):
+        s.record(row(time.time(), f"r{i}"), [UsageDelta("2026-11-29", "a", "p", "m", 1, 0, 1, 1)])
+        s.save_state({"a": {"fingerprint": "f"}}, [])
+    per_call_us = (time.perf_counter() - t0) / 4000 * 1e6
+    assert per_call_us < 200, f"{per_call_us:.0f} µs per call: the caller waited for the disk"
+    assert s.queue_depth > 0  # the writer is still busy: nothing was written on the caller's time
+    assert s.flush(10)
+    assert len(s.recent(3000, None, None)) == 2000
+    s.close()
