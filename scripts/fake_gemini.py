@@ -187,6 +187,18 @@ def error_for(behaviour: str, key: str, model: str) -> tuple[int, dict[str, Any]
     return None
 
 
+def cut_after(behaviour: str) -> int | None:
+    """`cut:N`: the stream breaks after N events."""
+    return int(behaviour.partition(":")[2] or 1) if behaviour.startswith("cut") else None
+
+
+async def cut_connection(request: web.Request) -> None:
+    """Break the connection mid-stream (a reset, not a clean end of the body)."""
+    await asyncio.sleep(0.05)  # let the events before the cut reach the peer
+    assert request.transport is not None
+    request.transport.abort()
+
+
 class FakeGemini:
     def __init__(self) -> None:
         self.keys: dict[str, str] = {}
@@ -430,14 +442,12 @@ class FakeGemini:
             headers={"Content-Type": "text/event-stream" if sse else "application/json"}
         )
         await resp.prepare(request)
-        cut = int(behaviour.partition(":")[2] or 1) if behaviour.startswith("cut") else None
+        cut = cut_after(behaviour)
         if not sse:
             await resp.write(b"[")
         for i in range(events):
-            if cut is not None and i == cut:
-                await asyncio.sleep(0.05)  # let the events before the cut reach the peer
-                assert request.transport is not None
-                request.transport.abort()
+            if i == cut:
+                await cut_connection(request)
                 return resp
             if behaviour == "error_event" and i == events - 1:
                 await resp.write(
@@ -556,12 +566,10 @@ class FakeGemini:
         delay = float(request.headers.get("x-fake-delay-ms", "0")) / 1000
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        cut = int(behaviour.partition(":")[2] or 1) if behaviour.startswith("cut") else None
+        cut = cut_after(behaviour)
         for i in range(events):
-            if cut is not None and i == cut:
-                await asyncio.sleep(0.05)  # let the events before the cut reach the peer
-                assert request.transport is not None
-                request.transport.abort()
+            if i == cut:
+                await cut_connection(request)
                 return resp
             last = i == events - 1
             chunk: dict[str, Any] = {
