@@ -368,7 +368,9 @@ class GeminiProxy:
         if query_key is not None:
             req.path = f"{path}?{clean_query}" if clean_query else path
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
-        upload_id = dict(_qs(clean_query)).get("upload_id")
+        if "upload_id=" in clean_query:  # a resumable-upload follow-up
+            rec.upload_id = dict(parse_qsl(clean_query)).get("upload_id")
+        upload_id = rec.upload_id
         try:
             if upload_id and not credential and self.service.pins.upload_key(upload_id):
                 rec.client = "upload"  # the upload_id we handed out is the credential
@@ -412,7 +414,7 @@ class GeminiProxy:
         rec.api, rec.model, rec.streaming = str(r.api), r.model, r.streaming
         if req.path != r.path_and_query:
             req.path = r.path_and_query  # mitmweb shows what went upstream (OpenAI SDK paths)
-        upload_id = dict(_qs(r.query)).get("upload_id")
+        upload_id = rec.upload_id
         pinned_key = self.service.pins.upload_key(upload_id) if upload_id else None
         project = self.service.pins.project_for(r.path, body)
         if pinned_key is not None:
@@ -617,10 +619,6 @@ class GeminiProxy:
         """Re-read the key file now."""
         if not self.reload_keys("gemini.reload command"):
             raise exceptions.CommandError("reload failed; the old config stays (see the log)")
-
-
-def _qs(query: str) -> list[tuple[str, str]]:
-    return parse_qsl(query, keep_blank_values=True)
 
 
 def _raise_fd_limit() -> None:

@@ -25,6 +25,7 @@ class RequestRecord:
     model: str | None = None
     streaming: bool = False
     bearer_only: bool = False  # authenticated the OpenAI way (decides what /v1/models means)
+    upload_id: str | None = None  # set on resumable-upload follow-ups
     request_id: str = field(default_factory=lambda: f"{_ID_PREFIX}{next(_ID_COUNTER):08x}")
     started_wall: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)
