@@ -433,7 +433,7 @@ class GeminiProxy:
             return
         answer, key = result.answer, result.key
         assert answer is not None and key is not None
-        rec.key, rec.project, rec.status = key.name, key.project, answer.status
+        rec.key, rec.status = key.name, answer.status
         extra = [
             ("x-gemini-proxy-key", key.name),
             ("x-gemini-proxy-attempts", str(len(rec.attempts))),

@@ -31,7 +31,6 @@ class RequestRecord:
     started: float = field(default_factory=time.perf_counter)
     attempts: list[Attempt] = field(default_factory=list)
     key: str | None = None  # the key whose answer went back
-    project: str | None = None
     status: int = 0
     proxy_reason: str | None = None  # set when the proxy itself answered
     proxy_message: str | None = None

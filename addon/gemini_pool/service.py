@@ -72,6 +72,7 @@ class ProxyService:
     inflight: int = 0
     _clients: dict[bytes, str] = field(default_factory=dict)
     _db_errors_seen: int = 0
+    _projects: dict[str, str] = field(default_factory=dict)  # key name -> project
 
     def __post_init__(self) -> None:
         self.dispatcher = Dispatcher(
@@ -108,6 +109,7 @@ class ProxyService:
         self.pool.apply_config(config)
         self.config = config
         self._clients = {_digest(c.token): c.name for c in config.clients}
+        self._projects = {k.name: k.project for k in config.keys}
         after = set(self.pool.keys)
         log.info(
             "gemini-proxy: %d keys from %s (added: %s; removed: %s); %d client tokens",
@@ -205,8 +207,7 @@ class ProxyService:
                 log.warning("gemini-proxy: key %s disabled: %s", a.key, a.verdict.reason)
         self._log(rec)
         if self.store is not None:
-            projects = {k.name: k.project for k in self.config.keys}
-            self.store.record(rec.row(), rec.usage(projects))
+            self.store.record(rec.row(), rec.usage(self._projects))
 
     def _log(self, rec: RequestRecord) -> None:
         level = logging.WARNING if rec.status >= 500 or rec.stream_error else logging.INFO
