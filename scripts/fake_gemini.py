@@ -299,6 +299,7 @@ class FakeGemini:
             "query": request.query_string,
             "model": model,
             "stream": stream,
+            "body": body[:4096].decode("utf-8", "replace"),  # what arrived (tests compare it)
             "t": time.time(),
             "status": None,
         }

@@ -35,7 +35,7 @@ from .dispatch import DispatchPolicy, ProxyRequest
 from .errors import error_body
 from .metrics import INFLIGHT
 from .pins import UPLOAD_URL_HEADERS, rewrite_upload_urls
-from .records import RequestRecord
+from .records import Detour, RequestRecord
 from .relay import TICKET_HEADER, Held, StreamRelay
 from .routing import (
     Api,
@@ -53,6 +53,8 @@ from .upstream import UpstreamAnswer
 
 log = logging.getLogger("gemini_proxy")
 
+# request headers that frame a body (the relay hop carries none)
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
 # answers that can name a project-bound resource (files, cached contents, batches, operations)
 RESOURCE_PATHS = re.compile(r"/(upload/|files|cachedContents|batches|operations)|:batch|:async")
 
@@ -441,19 +443,19 @@ class GeminiProxy:
         ]
         if answer.stream is not None and self.rt.relay.port:
             self._relay(flow, rec, answer, extra)
-        else:
-            if answer.stream is not None:  # relay not up (cannot happen after `running`): buffer
-                answer.body = await answer.stream.read()
-                answer.stream.release()
-            if any(k.lower() in UPLOAD_URL_HEADERS for k, _ in answer.headers):
-                answer.headers, started = rewrite_upload_urls(
-                    answer.headers, req.host, _proxy_origin(flow)
-                )
-                for new_upload in started if upload_id is None else ():
-                    self.service.pins.remember_upload(new_upload, key.name)
-            if 200 <= answer.status < 300 and RESOURCE_PATHS.search(r.path):
-                self.service.pins.remember_resources(answer.body, key.project)
-            flow.response = _make_response(answer, extra)
+            return
+        if answer.stream is not None:  # relay not up (cannot happen after `running`): buffer
+            answer.body = await answer.stream.read()
+            answer.stream.release()
+        if any(k.lower() in UPLOAD_URL_HEADERS for k, _ in answer.headers):
+            answer.headers, started = rewrite_upload_urls(
+                answer.headers, req.host, _proxy_origin(flow)
+            )
+            for new_upload in started if upload_id is None else ():
+                self.service.pins.remember_upload(new_upload, key.name)
+        if 200 <= answer.status < 300 and RESOURCE_PATHS.search(r.path):
+            self.service.pins.remember_resources(answer.body, key.project)
+        flow.response = _make_response(answer, extra)
 
     def _relay(
         self,
@@ -462,6 +464,7 @@ class GeminiProxy:
         answer: UpstreamAnswer,
         extra: list[tuple[str, str]],
     ) -> None:
+        """Point the flow at the relay, which hands mitmproxy the open stream we hold."""
         assert answer.stream is not None
         key, model = rec.key, rec.model or "*"
 
@@ -478,22 +481,41 @@ class GeminiProxy:
                         key, model, network_verdict("stream broke"), time.time()
                     )
 
-        rec.relay_ticket = self.rt.relay.hold(
-            Held(answer.stream, answer.headers + extra, on_chunk, on_end)
+        held = Held(
+            answer.status, answer.reason, answer.headers + extra, answer.stream, on_chunk, on_end
         )
+        rec.relay_ticket = self.rt.relay.hold(held)
         req = flow.request
-        rec.upstream_target = (req.scheme, req.host, req.port)
+        framing = [(k, v) for k, v in req.headers.items() if k.lower() in _FRAMING]
+        rec.detour = Detour(req.scheme, req.host, req.port, req.raw_content, framing)
+        if req.raw_content or framing:  # the relay needs no body: do not copy it again
+            for k, _ in framing:
+                req.headers.pop(k, None)
+            req.raw_content = b""
+            req.headers["content-length"] = "0"
         req.scheme, req.host, req.port = "http", "127.0.0.1", self.rt.relay.port
         req.headers[TICKET_HEADER] = rec.relay_ticket
         self._annotate(flow, rec)  # a stream may run for minutes: show it in mitmweb now
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        rec = self.rt.records.get(flow.id)
-        if rec is None or rec.upstream_target is None:
+    def _restore_request(self, flow: http.HTTPFlow, rec: RequestRecord) -> None:
+        """Show in mitmweb and dumps the request as it went to Google, not to the relay."""
+        detour, rec.detour = rec.detour, None
+        if detour is None:
             return
         req = flow.request
-        req.scheme, req.host, req.port = rec.upstream_target  # show the real target in mitmweb
+        req.scheme, req.host, req.port = detour.scheme, detour.host, detour.port
         req.headers.pop(TICKET_HEADER, None)
+        if detour.body or detour.framing:
+            req.headers.pop("content-length", None)
+            for k, v in detour.framing:
+                req.headers.add(k, v)
+            req.raw_content = detour.body
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        rec = self.rt.records.get(flow.id)
+        if rec is None or rec.detour is None:
+            return
+        self._restore_request(flow, rec)
         assert flow.response is not None
         flow.response.stream = True
 
@@ -503,7 +525,7 @@ class GeminiProxy:
             return
         assert flow.response is not None
         rec.status = flow.response.status_code
-        if rec.upstream_target is None:  # not streamed: the whole body is here
+        if rec.relay_ticket is None:  # not streamed: the whole body is here
             rec.first_byte = time.perf_counter()
             rec.tap.feed(flow.response.raw_content or b"")
         self._finish(flow, rec)
@@ -512,6 +534,7 @@ class GeminiProxy:
         rec = self.rt.records.pop(flow.id, None)
         if rec is None:
             return
+        self._restore_request(flow, rec)
         if rec.relay_ticket and rec.first_byte is None:
             self.rt.relay.cancel(rec.relay_ticket, "flow failed before the stream started")
         msg = flow.error.msg if flow.error else "unknown error"

@@ -19,6 +19,17 @@ _ID_COUNTER = itertools.count(1)
 
 
 @dataclass
+class Detour:
+    """What pointing a flow at the relay changed on its request, put back once the answer is in."""
+
+    scheme: str
+    host: str
+    port: int
+    body: bytes | None  # the relay hop carries no body
+    framing: list[tuple[str, str]]  # content-length / transfer-encoding as the caller sent them
+
+
+@dataclass
 class RequestRecord:
     api: str = "native"
     client: str | None = None
@@ -38,7 +49,7 @@ class RequestRecord:
     tap: UsageTap = field(default_factory=UsageTap)
     stream_error: str | None = None
     relay_ticket: str | None = None
-    upstream_target: tuple[str, str, int] | None = None  # (scheme, host, port) before relaying
+    detour: Detour | None = None  # set while the flow points at the relay
     waited: float = 0.0
     finished: bool = False
 

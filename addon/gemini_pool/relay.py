@@ -5,6 +5,10 @@ streaming request the addon makes the attempts with its own client until one ans
 that open answer here under an unguessable ticket, and points the flow at this relay; mitmproxy
 then streams the relay's answer to the caller unbuffered. A failure after the first byte cuts
 the connection (the caller sees a truncated stream, never a duplicated one).
+
+The relay speaks just enough HTTP/1.1 for mitmproxy's requests (request line, headers, a
+Content-Length body it skips; the addon sends none) on a bare asyncio protocol: it sits on the
+path of every stream's first byte, and aiohttp's web server cost more CPU per request.
 """
 
 from __future__ import annotations
@@ -17,55 +21,73 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
-from aiohttp import web
 
 log = logging.getLogger(__name__)
 
 TICKET_HEADER = "x-gemini-proxy-relay"
 UNCLAIMED_TTL = 30.0
+MAX_HEAD = 256 * 1024  # mitmproxy forwards the caller's headers; refuse anything absurd
+
+_TICKET = TICKET_HEADER.encode()
+_NOT_FOUND_BODY = b'{"error": "unknown relay ticket"}'
+_NOT_FOUND = (
+    b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_NOT_FOUND_BODY), _NOT_FOUND_BODY)
+)
+_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
 @dataclass
 class Held:
-    response: aiohttp.ClientResponse
-    headers: list[tuple[str, str]]
+    """An open 2xx upstream answer waiting for mitmproxy to fetch it."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]  # hop-by-hop headers (length, encoding) already removed
+    stream: aiohttp.ClientResponse  # body not read yet
     on_chunk: Callable[[bytes], None]
     on_end: Callable[[str | None], None]  # called once with None (complete) or an error text
     created: float = field(default_factory=time.monotonic)
+
+    def head(self) -> bytes:
+        lines = [f"HTTP/1.1 {self.status} {self.reason or 'OK'}\r\n"]
+        lines.extend(f"{k}: {v}\r\n" for k, v in self.headers)
+        lines.append("transfer-encoding: chunked\r\n\r\n")
+        return "".join(lines).encode("utf-8", "surrogateescape")
 
 
 class StreamRelay:
     def __init__(self) -> None:
         self._held: dict[str, Held] = {}
-        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._conns: set[_RelayConnection] = set()
         self.port = 0
 
     async def start(self, host: str = "127.0.0.1") -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        # shutdown_timeout: at exit the drain is over; streams still open are cut, not awaited
-        self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=0.5
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _RelayConnection(self), host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        """At exit the drain is over: streams still open are cut, not awaited."""
         for ticket in list(self._held):
             self._drop(ticket, "proxy shutting down")
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            self._server.close()
+            for conn in list(self._conns):
+                conn.abort()
+            await self._server.wait_closed()
+            self._server = None
+        self.port = 0
 
     def hold(self, held: Held) -> str:
         self._expire()
         ticket = secrets.token_urlsafe(24)
         self._held[ticket] = held
         return ticket
+
+    def claim(self, ticket: str) -> Held | None:
+        return self._held.pop(ticket, None)
 
     def cancel(self, ticket: str, why: str) -> None:
         """The flow died before mitmproxy fetched the stream."""
@@ -74,7 +96,7 @@ class StreamRelay:
     def _drop(self, ticket: str, why: str) -> None:
         held = self._held.pop(ticket, None)
         if held is not None:
-            held.response.close()
+            held.stream.close()
             held.on_end(why)
 
     def _expire(self) -> None:
@@ -82,34 +104,121 @@ class StreamRelay:
         for ticket in [t for t, h in self._held.items() if now - h.created > UNCLAIMED_TTL]:
             self._drop(ticket, "stream never claimed")
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        held = self._held.pop(request.headers.get(TICKET_HEADER, ""), None)
+
+class _RelayConnection(asyncio.Protocol):
+    """One keep-alive connection from mitmproxy; it sends one request at a time."""
+
+    def __init__(self, relay: StreamRelay) -> None:
+        self.relay = relay
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.discard = 0  # request body bytes still to skip
+        self.busy = False  # a stream is being pumped
+        self.pump: asyncio.Task[None] | None = None
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    # ---------------------------------------------------------------- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.relay._conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay._conns.discard(self)
+        self.writable.set()
+        if self.pump is not None:
+            self.pump.cancel()  # mitmproxy dropped the stream: the caller went away
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.busy:
+            self._next_request()
+
+    # ---------------------------------------------------------------- requests
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _next_request(self) -> None:
+        assert self.transport is not None
+        if self.discard:
+            n = min(self.discard, len(self.buf))
+            del self.buf[:n]
+            self.discard -= n
+            if self.discard:
+                return
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > MAX_HEAD:
+                self._fail(_BAD_REQUEST)
+            return
+        head = bytes(self.buf[:end])
+        del self.buf[: end + 4]
+        ticket = b""
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == _TICKET:
+                ticket = value.strip()
+            elif name == b"content-length" and value.strip().isdigit():
+                length = int(value)
+            elif name == b"transfer-encoding":
+                self._fail(_BAD_REQUEST)  # the addon never relays a chunked body
+                return
+        self.discard = length
+        held = self.relay.claim(ticket.decode("ascii", "replace"))
         if held is None:
-            return web.json_response({"error": "unknown relay ticket"}, status=404)
-        upstream = held.response
-        out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for k, v in held.headers:
-            out.headers.add(k, v)
+            self._fail(_NOT_FOUND)
+            return
+        self.busy = True
+        # mitmproxy runs the loop with eager tasks: the pump may be done when this returns
+        pump = asyncio.get_running_loop().create_task(self._stream(held))
+        self.pump = None if pump.done() else pump
+
+    def _fail(self, answer: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(answer)
+        self.transport.close()
+        self.buf.clear()
+
+    async def _stream(self, held: Held) -> None:
+        assert self.transport is not None
+        transport, upstream = self.transport, held.stream
         error: str | None = None
         try:
-            await out.prepare(request)
+            transport.write(held.head())
             async for chunk in upstream.content.iter_any():
                 held.on_chunk(chunk)
-                await out.write(chunk)
-            await out.write_eof()
+                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                if not self.writable.is_set():
+                    await self.writable.wait()  # the caller reads slower than Google writes
+                if transport.is_closing():
+                    raise ConnectionResetError("relay connection closed")
+            transport.write(b"0\r\n\r\n")
         except (aiohttp.ClientError, TimeoutError) as e:
             error = f"upstream stream broke: {type(e).__name__}"
-            # cut the connection so mitmproxy (and the caller) see a truncated stream
-            if request.transport is not None:
-                request.transport.abort()
-        except (ConnectionError, asyncio.CancelledError) as e:
+            transport.abort()  # mitmproxy (and the caller) see a truncated stream
+        except ConnectionError as e:
             error = f"caller went away: {type(e).__name__}"
-            if isinstance(e, asyncio.CancelledError):
-                raise
+        except asyncio.CancelledError:
+            error = "caller went away"
+            raise
         finally:
             if error:
                 upstream.close()
             else:
                 upstream.release()  # back to the pool
             held.on_end(error)
-        return out
+            self.busy, self.pump = False, None
+        if self.buf and not transport.is_closing():
+            self._next_request()

@@ -15,6 +15,7 @@ import pytest
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
+from mitmproxy import io
 
 from ..conftest import Fake, Proxy, gen_body, key_entry, new_secret, sse_events, wait_for
 
@@ -269,6 +270,33 @@ def test_streams_are_not_buffered(fake: Fake, make_proxy: Any) -> None:
     assert len(sse_events(raw)) == 4
     assert arrivals[0] < 0.35, f"first byte after {arrivals[0]:.2f}s: the stream was buffered"
     assert arrivals[-1] > 1.1
+
+
+def test_streams_and_unary_calls_share_one_connection_and_dumps_show_what_went_to_google(
+    fake: Fake, make_proxy: Any
+) -> None:
+    a = new_secret()
+    fake.configure({a: "ok"})
+    proxy = make_proxy([key_entry("a", a)])
+    sse = f"/v1beta/models/{FLASH}:streamGenerateContent?alt=sse"
+    bodies = [gen_body(f"question {i}") for i in range(5)]
+    for i, body in enumerate(bodies):  # one keep-alive connection: stream, unary, stream, ...
+        path = sse if i % 2 == 0 else f"/v1beta/models/{FLASH}:generateContent"
+        r = post(proxy, path, body, headers={"x-fake-events": "3"})
+        assert r.status_code == 200
+        if i % 2 == 0:
+            assert len(sse_events(r.content)) == 3
+    assert [json.loads(e["body"]) for e in fake.log()] == bodies
+    assert proxy.stop() == 0
+    with proxy.dump.open("rb") as f:
+        flows = list(io.FlowReader(f).stream())
+    assert len(flows) == 5
+    for flow, body in zip(flows, bodies, strict=True):
+        req = flow.request  # type: ignore[attr-defined]
+        assert (req.host, req.port) == ("127.0.0.1", fake.port)  # Google, not the relay
+        assert json.loads(req.content) == body
+        assert req.headers["content-length"] == str(len(req.content))
+        assert not any(k.startswith("x-gemini-proxy") for k in req.headers)
 
 
 def test_json_array_stream_and_a_retried_stream_arrive_whole_and_once(
