@@ -53,8 +53,13 @@ from .upstream import UpstreamAnswer
 
 log = logging.getLogger("gemini_proxy")
 
+# request headers the addon reads before the body arrives (raw, lower-case)
+_CREDENTIALS = frozenset({b"x-goog-api-key", b"authorization"})
+_PEEKED = _CREDENTIALS | {b"content-length"}
 # request headers that frame a body (the relay hop carries none)
-_FRAMING = frozenset({"content-length", "transfer-encoding"})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_TICKET = frozenset({TICKET_HEADER.encode()})
+_RELAY_ONLY = _FRAMING | _TICKET
 # answers that can name a project-bound resource (files, cached contents, batches, operations)
 RESOURCE_PATHS = re.compile(r"/(upload/|files|cachedContents|batches|operations)|:batch|:async")
 
@@ -359,14 +364,21 @@ class GeminiProxy:
         req = flow.request
         path, _, query = req.path.partition("?")
         clean_query, query_key = split_query(query)
-        headers = {k.lower(): v for k, v in req.headers.items()}
+        # one pass over the raw header fields: mitmproxy's Headers mapping API costs ~10x more
+        headers: dict[str, str] = {}
+        for k, v in req.headers.fields:
+            name = k.lower()
+            if name in _PEEKED:
+                headers[_s(name)] = _s(v)
         credential = client_credential(headers, query_key)
         rec.bearer_only = is_bearer_only(headers, query_key)  # decided before credentials go
         found = api_for_path(path, rec.bearer_only)
         rec.api = str(found[0] if found else (Api.OPENAI if "/openai/" in path else Api.NATIVE))
         # the caller's credentials never go further, nor show in mitmweb or dumps
-        for h in ("x-goog-api-key", "authorization"):
-            req.headers.pop(h, None)
+        if "x-goog-api-key" in headers or "authorization" in headers:
+            req.headers.fields = tuple(
+                kv for kv in req.headers.fields if kv[0].lower() not in _CREDENTIALS
+            )
         if query_key is not None:
             req.path = f"{path}?{clean_query}" if clean_query else path
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
@@ -381,7 +393,7 @@ class GeminiProxy:
         except AuthError as e:
             self._reply(flow, rec, e.status, e.message, e.reason)
             return
-        length = req.headers.get("content-length", "")
+        length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.service.settings.max_body:
             self._too_large(flow, rec, int(length))
 
@@ -425,9 +437,8 @@ class GeminiProxy:
         if r.streaming and self.rt.started is not None:
             await self.rt.started.wait()
         base = f"{req.scheme}://{req.host}:{req.port}"
-        proxy_req = ProxyRequest(
-            req.method, base, r, list(req.headers.items(multi=True)), body, project
-        )
+        headers = [(_s(k), _s(v)) for k, v in req.headers.fields]
+        proxy_req = ProxyRequest(req.method, base, r, headers, body, project)
         result = await self.service.dispatcher.dispatch(proxy_req)
         rec.attempts, rec.waited = result.attempts, result.waited
         if result.proxy_made:
@@ -445,7 +456,7 @@ class GeminiProxy:
             self._relay(flow, rec, answer, extra)
             return
         if answer.stream is not None:  # relay not up (cannot happen after `running`): buffer
-            answer.body = await answer.stream.read()
+            answer.body += await answer.stream.read()
             answer.stream.release()
         if any(k.lower() in UPLOAD_URL_HEADERS for k, _ in answer.headers):
             answer.headers, started = rewrite_upload_urls(
@@ -482,19 +493,26 @@ class GeminiProxy:
                     )
 
         held = Held(
-            answer.status, answer.reason, answer.headers + extra, answer.stream, on_chunk, on_end
+            answer.status,
+            answer.reason,
+            answer.headers + extra,
+            answer.body,
+            answer.stream,
+            on_chunk,
+            on_end,
         )
         rec.relay_ticket = self.rt.relay.hold(held)
         req = flow.request
-        framing = [(k, v) for k, v in req.headers.items() if k.lower() in _FRAMING]
-        rec.detour = Detour(req.scheme, req.host, req.port, req.raw_content, framing)
-        if req.raw_content or framing:  # the relay needs no body: do not copy it again
-            for k, _ in framing:
-                req.headers.pop(k, None)
-            req.raw_content = b""
-            req.headers["content-length"] = "0"
-        req.scheme, req.host, req.port = "http", "127.0.0.1", self.rt.relay.port
-        req.headers[TICKET_HEADER] = rec.relay_ticket
+        data = req.data  # the target, set directly: the Host header stays the one Google gets
+        fields = req.headers.fields
+        framing = tuple(kv for kv in fields if kv[0].lower() in _FRAMING)
+        rec.detour = Detour(data.scheme, data.host, data.port, data.content, framing)
+        if data.content or framing:  # the relay needs no body: do not copy it again
+            fields = tuple(kv for kv in fields if kv[0].lower() not in _FRAMING)
+            fields += ((b"content-length", b"0"),)
+            data.content = b""
+        req.headers.fields = (*fields, (TICKET_HEADER.encode(), rec.relay_ticket.encode()))
+        data.scheme, data.host, data.port = b"http", "127.0.0.1", self.rt.relay.port
         self._annotate(flow, rec)  # a stream may run for minutes: show it in mitmweb now
 
     def _restore_request(self, flow: http.HTTPFlow, rec: RequestRecord) -> None:
@@ -502,14 +520,12 @@ class GeminiProxy:
         detour, rec.detour = rec.detour, None
         if detour is None:
             return
-        req = flow.request
-        req.scheme, req.host, req.port = detour.scheme, detour.host, detour.port
-        req.headers.pop(TICKET_HEADER, None)
-        if detour.body or detour.framing:
-            req.headers.pop("content-length", None)
-            for k, v in detour.framing:
-                req.headers.add(k, v)
-            req.raw_content = detour.body
+        data = flow.request.data
+        data.scheme, data.host, data.port = detour.scheme, detour.host, detour.port
+        drop = _RELAY_ONLY if (detour.body or detour.framing) else _TICKET
+        fields = tuple(kv for kv in data.headers.fields if kv[0].lower() not in drop)
+        data.headers.fields = fields + detour.framing
+        data.content = detour.body
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         rec = self.rt.records.get(flow.id)
@@ -672,15 +688,23 @@ def _proxy_origin(flow: http.HTTPFlow) -> str:
     return f"{scheme}://{host}:{port}"
 
 
+def _s(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")  # as mitmproxy and aiohttp decode headers
+
+
+def _b(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _make_response(answer: UpstreamAnswer, extra: list[tuple[str, str]]) -> http.Response:
-    headers = http.Headers([(k.encode(), v.encode()) for k, v in answer.headers + extra])
-    headers["content-length"] = str(len(answer.body))
+    fields = [(_b(k), _b(v)) for k, v in answer.headers + extra]
+    fields.append((b"content-length", str(len(answer.body)).encode()))
     now = time.time()
     return http.Response(
         b"HTTP/1.1",
         answer.status,
         (answer.reason or "").encode(),
-        headers,
+        http.Headers(fields),
         answer.body,
         None,
         now,

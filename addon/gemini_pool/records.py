@@ -22,11 +22,11 @@ _ID_COUNTER = itertools.count(1)
 class Detour:
     """What pointing a flow at the relay changed on its request, put back once the answer is in."""
 
-    scheme: str
+    scheme: bytes
     host: str
     port: int
     body: bytes | None  # the relay hop carries no body
-    framing: list[tuple[str, str]]  # content-length / transfer-encoding as the caller sent them
+    framing: tuple[tuple[bytes, bytes], ...]  # content-length / transfer-encoding header fields
 
 
 @dataclass

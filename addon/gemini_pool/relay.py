@@ -44,7 +44,8 @@ class Held:
     status: int
     reason: str
     headers: list[tuple[str, str]]  # hop-by-hop headers (length, encoding) already removed
-    stream: aiohttp.ClientResponse  # body not read yet
+    first: bytes  # the first chunk, already read (empty: the stream ended without a body)
+    stream: aiohttp.ClientResponse  # the rest, not read yet
     on_chunk: Callable[[bytes], None]
     on_end: Callable[[str | None], None]  # called once with None (complete) or an error text
     created: float = field(default_factory=time.monotonic)
@@ -196,7 +197,13 @@ class _RelayConnection(asyncio.Protocol):
         transport, upstream = self.transport, held.stream
         error: str | None = None
         try:
-            transport.write(held.head())
+            if held.first:  # one write: mitmproxy reads the head and the first bytes at once
+                held.on_chunk(held.first)
+                transport.writelines(
+                    (held.head(), b"%x\r\n" % len(held.first), held.first, b"\r\n")
+                )
+            else:
+                transport.write(held.head())
             async for chunk in upstream.content.iter_any():
                 held.on_chunk(chunk)
                 transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))

@@ -40,8 +40,8 @@ class UpstreamAnswer:
     status: int
     reason: str
     headers: list[tuple[str, str]]
-    body: bytes  # empty while `stream` is held open
-    stream: aiohttp.ClientResponse | None = None  # a 2xx streaming answer, body not read yet
+    body: bytes  # while `stream` is held open: its first chunk only
+    stream: aiohttp.ClientResponse | None = None  # a 2xx streaming answer, rest not read yet
 
     def header(self, name: str) -> str:
         name = name.lower()
@@ -70,10 +70,12 @@ class UpstreamClient:
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - a few distinct values, client lives forever
     def _timeout(self, stream: bool, timeout: float) -> aiohttp.ClientTimeout:
+        # a unary answer is bounded by `total`; a per-read timeout (re-armed on every read) is
+        # only needed to notice a stream that stalls
         return aiohttp.ClientTimeout(
             total=None if stream else timeout,
             connect=min(self.connect_timeout, timeout),
-            sock_read=min(self.read_timeout, timeout),
+            sock_read=min(self.read_timeout, timeout) if stream else None,
         )
 
     async def close(self) -> None:
@@ -91,7 +93,11 @@ class UpstreamClient:
         stream: bool,
         timeout: float,
     ) -> UpstreamAnswer:
-        """Send one attempt. A 2xx streaming answer comes back with its body unread."""
+        """Send one attempt. A 2xx streaming answer comes back open, with its first chunk read.
+
+        Reading the first chunk here makes a stream that breaks before it a failed attempt, retried
+        on another key like any other, since nothing has reached the caller yet.
+        """
         lower = {k.lower() for k, _ in headers}
         skip = [
             h for h in ("User-Agent", "Accept-Encoding", "Content-Type") if h.lower() not in lower
@@ -111,7 +117,12 @@ class UpstreamClient:
             raise UpstreamError(_describe(e)) from None
         out_headers = forwardable(list(resp.headers.items()))
         if stream and 200 <= resp.status < 300:
-            return UpstreamAnswer(resp.status, resp.reason or "", out_headers, b"", resp)
+            try:
+                first = await resp.content.readany()
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                resp.close()
+                raise UpstreamError(f"{_describe(e)} before the first byte") from None
+            return UpstreamAnswer(resp.status, resp.reason or "", out_headers, first, resp)
         try:
             body_out = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as e:

@@ -314,6 +314,23 @@ def test_json_array_stream_and_a_retried_stream_arrive_whole_and_once(
     assert [e["key"] for e in fake.log()] == [a, b]
 
 
+def test_a_stream_that_breaks_before_its_first_byte_is_retried_on_another_key(
+    fake: Fake, make_proxy: Any
+) -> None:
+    a, b = new_secret(), new_secret()
+    fake.configure({a: "cut:0", b: "ok"})  # a: 200 and headers, then a reset before any event
+    proxy = make_proxy([key_entry("a", a, weight=5), key_entry("b", b)])
+    r = post(proxy, f"/v1beta/models/{FLASH}:streamGenerateContent?alt=sse")
+    assert r.status_code == 200 and r.headers["x-gemini-proxy-key"] == "b"
+    assert len(sse_events(r.content)) == 3
+    assert [e["key"] for e in fake.log()] == [a, b]
+    row = wait_for(lambda: proxy.admin.get("/admin/requests?limit=1").json()["requests"])[0]
+    assert row["outcome"] == "ok"
+    assert (
+        row["attempts"][0]["key"] == "a" and "before the first byte" in row["attempts"][0]["reason"]
+    )
+
+
 def test_a_stream_that_breaks_after_the_first_byte_is_never_retried(
     fake: Fake, make_proxy: Any
 ) -> None:

@@ -63,13 +63,16 @@ class Fixture:
         self.ends: list[str | None] = []
         self.chunks: list[bytes] = []
 
-    async def hold(self, url: str) -> str:
+    async def hold(self, url: str, read_first: bool = False) -> str:
+        """Hold an upstream answer (with its first chunk read already, as the addon does)."""
         resp = await self.session.get(url)
+        first = await resp.content.readany() if read_first else b""
         return self.relay.hold(
             Held(
                 200,
                 "OK",
                 [("content-type", "text/event-stream"), ("x-gemini-proxy-key", "k0")],
+                first,
                 resp,
                 self.chunks.append,
                 self.ends.append,
@@ -117,8 +120,8 @@ def test_several_streams_on_one_keepalive_connection() -> None:
     async def go() -> None:
         async with _session() as (fx, url):
             reader, writer = await asyncio.open_connection("127.0.0.1", fx.relay.port)
-            for _ in range(3):
-                ticket = await fx.hold(url)
+            for i in range(3):
+                ticket = await fx.hold(url, read_first=i == 1)
                 await asyncio.sleep(0.05)  # the upstream answer is complete before the fetch
                 head, body = await fetch(reader, writer, ticket, b'{"ignored": "body"}')
                 assert head.startswith(b"HTTP/1.1 200 OK\r\n")
