@@ -358,52 +358,61 @@ def main() -> None:
     def direct() -> Setup:
         return Setup("direct", upstream, {"x-goog-api-key": good[0]}, None)
 
-    def run(
-        setup: Setup, name: str, conc: int, count: int, factory: Callable[[dict[str, str]], Request]
-    ) -> None:
-        headers = setup.headers
+    def headers_for(setup: Setup, name: str) -> dict[str, str]:
         if name.startswith("openai"):  # the OpenAI way of sending the credential
             token = good[0] if setup.name != "gemini-proxy" else "client"
-            headers = {"authorization": f"Bearer {token}"}
-        runs = [
-            asyncio.run(drive(setup.base, factory(headers), conc, count, setup.pid))
-            for _ in range(args.repeats)
-        ]
-        st = sorted(runs, key=lambda r: r.rps)[len(runs) // 2]  # the median run by throughput
-        st.rss_start, st.rss_end = runs[0].rss_start, runs[-1].rss_end  # memory over all runs
-        st.rss_peak = max(r.rss_peak for r in runs)
-        results[(setup.name, name)] = st
-        print(
-            f"{setup.name:14} {name:12} {st.rps:8.1f} req/s  p50 {st.pct(st.latencies, 50):7.2f} ms  "
-            f"p99 {st.pct(st.latencies, 99):7.2f} ms  ttfb p50 {st.pct(st.ttfbs, 50):6.2f} ms  "
-            f"cpu {st.cpu_ms:6.2f} ms/req  rss {st.rss_start:.0f}->{st.rss_end:.0f} "
-            f"(peak {st.rss_peak:.0f}) MiB  errors {st.errors}",
-            flush=True,
-        )
+            return {"authorization": f"Bearer {token}"}
+        return setup.headers
+
+    def run(
+        setups: list[Setup],
+        name: str,
+        conc: int,
+        count: int,
+        factory: Callable[[dict[str, str]], Request],
+    ) -> None:
+        """Run one workload `repeats` times on every setup, interleaved (direct, bare, proxy,
+        direct, ...): a machine that gets slower or faster during the run moves all of them."""
+        runs: dict[str, list[Stats]] = {setup.name: [] for setup in setups}
+        for _ in range(args.repeats):
+            for setup in setups:
+                req = factory(headers_for(setup, name))
+                runs[setup.name].append(asyncio.run(drive(setup.base, req, conc, count, setup.pid)))
+        for setup in setups:
+            done = runs[setup.name]
+            st = sorted(done, key=lambda r: r.rps)[len(done) // 2]  # the median run by throughput
+            st.rss_start, st.rss_end = done[0].rss_start, done[-1].rss_end  # over all runs
+            st.rss_peak = max(r.rss_peak for r in done)
+            results[(setup.name, name)] = st
+            print(
+                f"{setup.name:14} {name:12} {st.rps:8.1f} req/s  p50 {st.pct(st.latencies, 50):7.2f} ms  "
+                f"p99 {st.pct(st.latencies, 99):7.2f} ms  ttfb p50 {st.pct(st.ttfbs, 50):6.2f} ms  "
+                f"cpu {st.cpu_ms:6.2f} ms/req  rss {st.rss_start:.0f}->{st.rss_end:.0f} "
+                f"(peak {st.rss_peak:.0f}) MiB  errors {st.errors}",
+                flush=True,
+            )
 
     results: dict[tuple[str, str], Stats] = {}
+    setups: list[Setup] = []
     try:
-        for make in (direct, bare, lambda: gemini_proxy(upstream, "bench.db")):
-            setup = make()
-            try:
-                for name, _desc, conc, count, factory in workloads:
-                    run(setup, name, conc, count, factory)
-            finally:
-                setup.stop()
+        setups = [direct(), bare(), gemini_proxy(upstream, "bench.db")]
+        for name, _desc, conc, count, factory in workloads:
+            run(setups, name, conc, count, factory)
+        for setup in setups:
+            setup.stop()
         if not args.only or "faulty-30%" in args.only.split(","):
             # 3 of 10 keys dead or out of quota: only meaningful for gemini-proxy
-            setup = gemini_proxy(f"http://127.0.0.1:{fake_bad_port}", "bench-faulty.db")
-            try:
-                run(
-                    setup,
-                    "faulty-30%",
-                    16,
-                    s(3000),
-                    lambda h: unary(f"/v1beta/models/{MODEL}:generateContent", GEN_BODY, h),
-                )
-            finally:
-                setup.stop()
+            setups = [gemini_proxy(f"http://127.0.0.1:{fake_bad_port}", "bench-faulty.db")]
+            run(
+                setups,
+                "faulty-30%",
+                16,
+                s(3000),
+                lambda h: unary(f"/v1beta/models/{MODEL}:generateContent", GEN_BODY, h),
+            )
     finally:
+        for setup in setups:
+            setup.stop()
         fake_proc.terminate()
         fake_bad_proc.terminate()
 
@@ -415,7 +424,7 @@ def main() -> None:
     out.write_text(
         "# Benchmark results\n\n"
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `scripts/bench` (scale {args.scale}, "
-        f"median of {args.repeats} runs per workload) on: {machine()}.\n\n"
+        f"median of {args.repeats} runs per workload, the setups interleaved) on: {machine()}.\n\n"
         "Client, fake Gemini and proxy share the machine's cores, so absolute numbers are low; the ratios "
         "to bare mitmdump are what to compare. CPU is the proxy process's user+system time per request; "
         "RSS is the proxy process's resident memory.\n\n" + table + "\n"
