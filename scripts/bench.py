@@ -19,6 +19,7 @@ import platform
 import secrets
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,9 @@ class Stats:
     rss_peak: float = 0.0
     rss_start: float = 0.0
     rss_end: float = 0.0
+    # paired with bare mitmdump's run of the same repeat (the runs are interleaved)
+    added_p50: list[float] = field(default_factory=list)
+    added_ttfb: list[float] = field(default_factory=list)
     bytes: int = 0
 
     @property
@@ -252,7 +256,10 @@ def main() -> None:
         "--scale", type=float, default=1.0, help="multiply request counts (0.2 for a quick look)"
     )
     ap.add_argument(
-        "--repeats", type=int, default=3, help="runs per workload; the median is reported"
+        "--repeats",
+        type=int,
+        default=5,
+        help="runs per workload (the setups interleaved); the median is reported",
     )
     ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     ap.add_argument("--only", default="", help="comma list of workload names to run")
@@ -378,11 +385,18 @@ def main() -> None:
             for setup in setups:
                 req = factory(headers_for(setup, name))
                 runs[setup.name].append(asyncio.run(drive(setup.base, req, conc, count, setup.pid)))
+        bare_runs = runs.get("bare mitmdump")
         for setup in setups:
             done = runs[setup.name]
             st = sorted(done, key=lambda r: r.rps)[len(done) // 2]  # the median run by throughput
             st.rss_start, st.rss_end = done[0].rss_start, done[-1].rss_end  # over all runs
             st.rss_peak = max(r.rss_peak for r in done)
+            if bare_runs and setup.name != "bare mitmdump":
+                for mine, theirs in zip(done, bare_runs, strict=True):
+                    st.added_p50.append(
+                        mine.pct(mine.latencies, 50) - theirs.pct(theirs.latencies, 50)
+                    )
+                    st.added_ttfb.append(mine.pct(mine.ttfbs, 50) - theirs.pct(theirs.ttfbs, 50))
             results[(setup.name, name)] = st
             print(
                 f"{setup.name:14} {name:12} {st.rps:8.1f} req/s  p50 {st.pct(st.latencies, 50):7.2f} ms  "
@@ -427,9 +441,19 @@ def main() -> None:
         f"median of {args.repeats} runs per workload, the setups interleaved) on: {machine()}.\n\n"
         "Client, fake Gemini and proxy share the machine's cores, so absolute numbers are low; the ratios "
         "to bare mitmdump are what to compare. CPU is the proxy process's user+system time per request; "
-        "RSS is the proxy process's resident memory.\n\n" + table + "\n"
+        "RSS is the proxy process's resident memory. Each repeat runs direct, bare and proxy back to "
+        "back; *added p50/TTFB* is the median over the repeats of (this setup's p50 − bare's p50 in the "
+        "same repeat), with the range in parentheses: on a shared machine single runs move by ±0.5 ms.\n\n"
+        + table
+        + "\n"
     )
     print(f"\nwritten to {out}")
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:+.2f}"
+    return f"{statistics.median(values):+.2f} ({min(values):+.2f}…{max(values):+.2f})"
 
 
 def render(
@@ -450,16 +474,12 @@ def render(
             if st is None:
                 continue
             ratio = f"{st.rps / bare.rps:.2f}×" if bare and bare.rps else ""
-            added = (
-                f"{st.pct(st.latencies, 50) - bare.pct(bare.latencies, 50):+.2f}"
-                if bare and setup != "bare mitmdump"
-                else ""
-            )
-            added_ttfb = (
-                f"{st.pct(st.ttfbs, 50) - bare.pct(bare.ttfbs, 50):+.2f}"
-                if bare and setup != "bare mitmdump"
-                else ""
-            )
+            added = added_ttfb = ""
+            if st.added_p50:  # the median of the paired differences, and their range
+                added, added_ttfb = spread(st.added_p50), spread(st.added_ttfb)
+            elif bare and setup != "bare mitmdump":
+                added = f"{st.pct(st.latencies, 50) - bare.pct(bare.latencies, 50):+.2f}"
+                added_ttfb = f"{st.pct(st.ttfbs, 50) - bare.pct(bare.ttfbs, 50):+.2f}"
             rss = (
                 f"{st.rss_start:.0f}→{st.rss_end:.0f} ({st.rss_peak:.0f})"
                 if setup != "direct"
