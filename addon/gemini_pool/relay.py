@@ -182,9 +182,11 @@ class _RelayConnection(asyncio.Protocol):
             self._fail(_NOT_FOUND)
             return
         self.busy = True
-        # mitmproxy runs the loop with eager tasks: the pump may be done when this returns
+        # mitmproxy runs the loop with eager tasks: the pump may be done (and the next request
+        # started) when this returns
         pump = asyncio.get_running_loop().create_task(self._stream(held))
-        self.pump = None if pump.done() else pump
+        if not pump.done():
+            self.pump = pump
 
     def _fail(self, answer: bytes) -> None:
         assert self.transport is not None
