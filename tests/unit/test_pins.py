@@ -34,3 +34,18 @@ def test_resources_are_pinned_to_the_project_that_made_them() -> None:
     assert pins.project_for("/v1beta/files/other", b"") is None
     pins.remember_upload("up-1", "alpha")
     assert pins.upload_key("up-1") == "alpha" and pins.upload_key("up-2") is None
+
+
+def test_a_resource_named_late_in_a_large_body_is_found_and_lookalikes_are_not() -> None:
+    pins = ResourcePins()
+    assert pins.project_for("/v1beta/files/abc123", b"") is None  # nothing pinned yet
+    pins.remember_resources(b'{"name": "cachedContents/c-9"} {"name": "files/abc123"}', "proj-a")
+    inline = b"x " * 1_000_000  # 2 MB of inline text before the file reference
+    body = b'{"contents": [{"parts": [{"text": "' + inline + b'"}, '
+    body += b'{"fileData": {"fileUri": "https://x/v1beta/files/abc123"}}]}]}'
+    assert pins.project_for("/v1beta/models/m:generateContent", body) == "proj-a"
+    assert pins.project_for("/v1beta/models/m:generateContent", b'{"c": "cachedContents/c-9"}') == (
+        "proj-a"
+    )
+    # "myfiles/abc123" is not files/abc123 (a word boundary is needed before the kind)
+    assert pins.project_for("/v1beta/models/m:generateContent", b'{"t": "myfiles/abc123"}') is None
