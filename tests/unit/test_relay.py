@@ -62,10 +62,12 @@ class Fixture:
         self.session = aiohttp.ClientSession()
         self.ends: list[str | None] = []
         self.chunks: list[bytes] = []
+        self.upstreams: list[aiohttp.ClientResponse] = []
 
     async def hold(self, url: str, read_first: bool = False) -> str:
         """Hold an upstream answer (with its first chunk read already, as the addon does)."""
         resp = await self.session.get(url)
+        self.upstreams.append(resp)
         first = await resp.content.readany() if read_first else b""
         return self.relay.hold(
             Held(
@@ -190,6 +192,7 @@ def test_the_caller_going_away_ends_the_pump_and_frees_the_upstream() -> None:
             writer.transport.abort()
             await asyncio.wait_for(_filled(fx.ends), 5)
             assert fx.ends == ["caller went away"]
+            assert fx.upstreams[0].closed  # the upstream connection is not left open
 
     run(go)
 
