@@ -300,6 +300,34 @@ def test_streams_and_unary_calls_share_one_connection_and_dumps_show_what_went_t
         assert flow.comment == "a: 200" and flow.metadata["gemini"]["key"] == "a"
 
 
+def test_http2_callers_over_tls_get_unary_answers_retried_streams_and_no_hop_headers(
+    fake: Fake, make_proxy: Any
+) -> None:
+    """mitmproxy's listener speaks TLS (its own certificate) and HTTP/2 to callers that ask."""
+    a, b = new_secret(), new_secret()
+    fake.configure({a: "cut:0", b: "ok"})  # a's streams break before their first byte
+    proxy = make_proxy([key_entry("a", a, weight=5), key_entry("b", b)])
+    with httpx.Client(
+        base_url=f"https://127.0.0.1:{proxy.port}", http2=True, verify=False, timeout=30
+    ) as h2:
+        r = h2.post(
+            f"/v1beta/models/{FLASH}:streamGenerateContent?alt=sse",
+            json=gen_body(),
+            headers={"x-goog-api-key": "u", "x-fake-events": "4"},
+        )
+        assert r.http_version == "HTTP/2" and r.status_code == 200
+        assert len(sse_events(r.content)) == 4 and r.headers["x-gemini-proxy-key"] == "b"
+        assert "transfer-encoding" not in r.headers  # the relay's HTTP/1 framing stays behind
+        r = h2.post(
+            f"/v1beta/models/{FLASH}:generateContent",
+            json=gen_body(),
+            headers={"x-goog-api-key": "u"},
+        )
+        assert r.http_version == "HTTP/2" and r.status_code == 200
+        assert r.json()["candidates"][0]["content"]["parts"][0]["text"]
+        proxy.remember(r.content)
+
+
 def test_json_array_stream_and_a_retried_stream_arrive_whole_and_once(
     fake: Fake, make_proxy: Any
 ) -> None:
