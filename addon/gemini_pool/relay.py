@@ -14,15 +14,12 @@ path of every stream's first byte, and aiohttp's web server cost more CPU per re
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
-
-log = logging.getLogger(__name__)
 
 TICKET_HEADER = "x-gemini-proxy-relay"
 UNCLAIMED_TTL = 30.0
