@@ -36,7 +36,7 @@ from .errors import error_body
 from .metrics import INFLIGHT
 from .pins import UPLOAD_URL_HEADERS, rewrite_upload_urls
 from .records import Detour, RequestRecord
-from .relay import TICKET_HEADER, Held, StreamRelay
+from .relay import TICKET_FIELD, Held, StreamRelay
 from .routing import (
     Api,
     RouteError,
@@ -58,8 +58,8 @@ _CREDENTIALS = frozenset({b"x-goog-api-key", b"authorization"})
 _PEEKED = _CREDENTIALS | {b"content-length"}
 # request headers that frame a body (the relay hop carries none)
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
-_TICKET = frozenset({TICKET_HEADER.encode()})
-_RELAY_ONLY = _FRAMING | _TICKET
+_TICKET_ONLY = frozenset({TICKET_FIELD})
+_RELAY_ONLY = _FRAMING | _TICKET_ONLY
 # answers that can name a project-bound resource (files, cached contents, batches, operations)
 RESOURCE_PATHS = re.compile(r"/(upload/|files|cachedContents|batches|operations)|:batch|:async")
 
@@ -511,7 +511,7 @@ class GeminiProxy:
             fields = tuple(kv for kv in fields if kv[0].lower() not in _FRAMING)
             fields += ((b"content-length", b"0"),)
             data.content = b""
-        req.headers.fields = (*fields, (TICKET_HEADER.encode(), rec.relay_ticket.encode()))
+        req.headers.fields = (*fields, (TICKET_FIELD, rec.relay_ticket.encode()))
         data.scheme, data.host, data.port = b"http", "127.0.0.1", self.rt.relay.port
         self._annotate(flow, rec)  # a stream may run for minutes: show it in mitmweb now
 
@@ -522,7 +522,7 @@ class GeminiProxy:
             return
         data = flow.request.data
         data.scheme, data.host, data.port = detour.scheme, detour.host, detour.port
-        drop = _RELAY_ONLY if (detour.body or detour.framing) else _TICKET
+        drop = _RELAY_ONLY if (detour.body or detour.framing) else _TICKET_ONLY
         fields = tuple(kv for kv in data.headers.fields if kv[0].lower() not in drop)
         data.headers.fields = fields + detour.framing
         data.content = detour.body

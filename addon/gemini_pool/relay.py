@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import aiohttp
 
 TICKET_HEADER = "x-gemini-proxy-relay"
+TICKET_FIELD = TICKET_HEADER.encode()  # as it appears in raw header fields
 UNCLAIMED_TTL = 30.0
 MAX_HEAD = 256 * 1024  # mitmproxy forwards the caller's headers; refuse anything absurd
 
-_TICKET = TICKET_HEADER.encode()
 _NOT_FOUND_BODY = b'{"error": "unknown relay ticket"}'
 _NOT_FOUND = (
     b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"
@@ -166,7 +166,7 @@ class _RelayConnection(asyncio.Protocol):
         for line in head.split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
             name = name.strip().lower()
-            if name == _TICKET:
+            if name == TICKET_FIELD:
                 ticket = value.strip()
             elif name == b"content-length" and value.strip().isdigit():
                 length = int(value)
