@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import secrets
@@ -221,10 +222,14 @@ def start_fake(keys: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes]
     return proc, port
 
 
-def start_mitmdump(args: list[str], log: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_mitmdump(
+    args: list[str], log: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     cmd = [str(BIN / "mitmdump"), "--listen-host", "127.0.0.1", "-p", str(port), "-q", *args]
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
     wait_port(port)
     time.sleep(0.5)
     return proc, port
@@ -333,10 +338,17 @@ def main() -> None:
 
     addon = ["-s", str(ROOT / "addon" / "gemini_proxy.py"), "--set", f"gemini_keys={keys_file}"]
 
-    def gemini_proxy(target: str, db: str) -> Setup:
+    def timer(name: str) -> tuple[list[str], dict[str, str]]:
+        """mitmdump arguments and environment that load scripts/hook_timer.py."""
+        out = tmp / f"hooks-{name}.json"
+        return ["-s", str(ROOT / "scripts" / "hook_timer.py")], {"HOOK_TIMER_OUT": str(out)}
+
+    def gemini_proxy(target: str, db: str, timed: bool = False) -> Setup:
+        extra, env = timer("proxy") if timed else ([], {})
         proc, port = start_mitmdump(
             [
                 *addon,
+                *extra,
                 "--mode",
                 f"reverse:{target}",
                 "--set",
@@ -345,12 +357,15 @@ def main() -> None:
                 f"gemini_admin=127.0.0.1:{free_port()}",
             ],
             tmp / f"{db}.log",
+            env,
         )
         return Setup("gemini-proxy", f"http://127.0.0.1:{port}", {"x-goog-api-key": "client"}, proc)
 
-    def bare() -> Setup:
+    def bare(timed: bool = False) -> Setup:
+        extra, env = timer("bare") if timed else ([], {})
         proc, port = start_mitmdump(
             [
+                *extra,
                 "--mode",
                 f"reverse:{upstream}",
                 "--set",
@@ -359,6 +374,7 @@ def main() -> None:
                 "connection_strategy=lazy",
             ],
             tmp / "bare.log",
+            env,
         )
         return Setup("bare mitmdump", f"http://127.0.0.1:{port}", {"x-goog-api-key": good[0]}, proc)
 
@@ -407,6 +423,7 @@ def main() -> None:
             )
 
     results: dict[tuple[str, str], Stats] = {}
+    hook_times: dict[str, dict[str, dict[str, float]]] = {}
     setups: list[Setup] = []
     try:
         setups = [direct(), bare(), gemini_proxy(upstream, "bench.db")]
@@ -424,6 +441,17 @@ def main() -> None:
                 s(3000),
                 lambda h: unary(f"/v1beta/models/{MODEL}:generateContent", GEN_BODY, h),
             )
+        if not args.only or "hooks" in args.only.split(","):
+            # where the c1 latency goes: mitmproxy's dispatch of each hook, bare vs the addon
+            setups = [bare(timed=True), gemini_proxy(upstream, "bench-hooks.db", timed=True)]
+            for setup in setups:
+                asyncio.run(drive(setup.base, gen_req(setup.headers), 1, s(600), setup.pid))
+            for setup in setups:
+                setup.stop()
+            for name in ("bare", "proxy"):
+                path = tmp / f"hooks-{name}.json"
+                if path.exists():
+                    hook_times[name] = json.loads(path.read_text())
     finally:
         for setup in setups:
             setup.stop()
@@ -431,6 +459,8 @@ def main() -> None:
         fake_bad_proc.terminate()
 
     table = render(results, workloads)
+    if hook_times:
+        table += "\n\n" + render_hooks(hook_times)
     print()
     print(table)
     out = Path(args.out)
@@ -448,6 +478,36 @@ def main() -> None:
         + "\n"
     )
     print(f"\nwritten to {out}")
+
+
+# When mitmproxy sends the answer relative to each hook of a unary flow: bare mitmdump streams
+# (the `response` hook runs once the body is out); an answer an addon sets in `request` is sent
+# only after `responseheaders` and `response` have run through every addon.
+HOOK_ORDER = {
+    "requestheaders": ("before", "before"),
+    "request": ("before", "before (includes the upstream call)"),
+    "responseheaders": ("before", "before"),
+    "response": ("**after**", "before"),
+}
+
+
+def render_hooks(times: dict[str, dict[str, dict[str, float]]]) -> str:
+    rows = [
+        "Where the c1 time goes: mitmproxy's dispatch of each hook of a flow through all its addons"
+        " (and its `update` pass after it), median ms, unary generateContent at concurrency 1, both"
+        " with `scripts/hook_timer.py` loaded. *Sent* says whether the caller gets the answer"
+        " before or after the hook runs.",
+        "",
+        "| hook | bare mitmdump ms | sent | gemini-proxy ms | sent |",
+        "|---|---:|---|---:|---|",
+    ]
+    for hook, (bare_when, proxy_when) in HOOK_ORDER.items():
+        b = times.get("bare", {}).get(hook, {}).get("p50_ms")
+        p = times.get("proxy", {}).get(hook, {}).get("p50_ms")
+        fb = f"{b:.2f}" if b is not None else "-"
+        fp = f"{p:.2f}" if p is not None else "-"
+        rows.append(f"| {hook} | {fb} | {bare_when} | {fp} | {proxy_when} |")
+    return "\n".join(rows)
 
 
 def spread(values: list[float]) -> str:
