@@ -5,7 +5,8 @@ All three sit in front of the project's fake Gemini on loopback:
   direct  - the client talks to the fake (the floor)
   bare    - mitmdump in reverse mode, streaming on, no addon (the floor for any mitmproxy addon)
   proxy   - mitmdump + gemini-proxy, 10 keys, SQLite on
-Prints a markdown table with ratios to bare mitmdump and writes bench/RESULTS.md.
+Prints a markdown table with ratios to bare mitmdump and writes bench/RESULTS.md; a last pass
+(`hooks`) times mitmproxy's dispatch of each hook at concurrency 1 (scripts/hook_timer.py).
 Not part of the test suite: numbers depend on the machine.
 """
 
@@ -267,7 +268,11 @@ def main() -> None:
         help="runs per workload (the setups interleaved); the median is reported",
     )
     ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
-    ap.add_argument("--only", default="", help="comma list of workload names to run")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma list of workload names to run (unary-c1, ..., faulty-30%%, hooks)",
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="gemini-bench-"))
