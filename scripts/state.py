@@ -6,12 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from gemini_pool.store import Store, StoreError
-
-FORMAT_VERSION = 1  # the same document as GET /admin/state
+from gemini_pool.store import Store, StoreError, read_state_document, state_document
 
 
 def export(db: str) -> dict[str, object]:
@@ -20,28 +17,17 @@ def export(db: str) -> dict[str, object]:
         keys, cooldowns = store.load_state()
     finally:
         store.close()
-    return {
-        "version": FORMAT_VERSION,
-        "exported_at": time.time(),
-        "keys": keys,
-        "cooldowns": cooldowns,
-    }
+    return state_document(keys, cooldowns)
 
 
 def import_(db: str, doc: object) -> int:
-    if (
-        not isinstance(doc, dict)
-        or doc.get("version") != FORMAT_VERSION
-        or not isinstance(doc.get("keys"), dict)
-    ):
-        raise ValueError("not a gemini-proxy state export (version 1 with a 'keys' object)")
-    keys = doc["keys"]
+    keys, cooldowns = read_state_document(doc)
     for name, state in keys.items():
         if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), str):
             raise ValueError(f"key {name!r}: every key needs its fingerprint")
     store = Store(db)
     try:
-        store.save_state(keys, list(doc.get("cooldowns") or []))
+        store.save_state(keys, cooldowns)
         store.flush()
     finally:
         store.close()

@@ -21,7 +21,7 @@ from .dispatch import Dispatcher, DispatchPolicy
 from .pins import ResourcePins
 from .records import RequestRecord
 from .selector import KeyPool, PoolPolicy
-from .store import Store
+from .store import Store, read_state_document, state_document
 from .upstream import UpstreamClient
 
 log = logging.getLogger("gemini_proxy")
@@ -306,34 +306,19 @@ class ProxyService:
         return self.pool.describe(self.pool.keys[name], time.time())
 
     def export_state(self) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "exported_at": time.time(),
-            "keys": {n: self.pool.snapshot_key(s) for n, s in self.pool.keys.items()},
-            "cooldowns": self.pool.snapshot_cooldowns(),
-        }
+        keys = {n: self.pool.snapshot_key(s) for n, s in self.pool.keys.items()}
+        return state_document(keys, self.pool.snapshot_cooldowns())
 
     def import_state(self, doc: Any) -> int:
-        if (
-            not isinstance(doc, dict)
-            or doc.get("version") != 1
-            or not isinstance(doc.get("keys"), dict)
-        ):
-            raise ValueError("not a gemini-proxy state export (version 1 with a 'keys' object)")
-        cooldowns = doc.get("cooldowns") or []
-        if not isinstance(cooldowns, list) or not all(
-            isinstance(c, dict) and {"project", "model", "until", "reason"} <= c.keys()
-            for c in cooldowns
-        ):
-            raise ValueError("'cooldowns' must be a list of {project, model, until, reason}")
+        keys, cooldowns = read_state_document(doc)
         matched = [
             n
-            for n, s in doc["keys"].items()
+            for n, s in keys.items()
             if n in self.pool.keys
             and isinstance(s, dict)
             and s.get("fingerprint") == self.pool.keys[n].spec.fingerprint
         ]
-        self.pool.restore({n: doc["keys"][n] for n in matched}, cooldowns, time.time())
+        self.pool.restore({n: keys[n] for n in matched}, cooldowns, time.time())
         self.save_state()
         return len(matched)
 

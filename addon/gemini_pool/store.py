@@ -48,6 +48,39 @@ class StoreError(Exception):
     pass
 
 
+STATE_FORMAT = 1  # the JSON key-state document of GET/POST /admin/state and scripts/state
+
+
+def state_document(
+    keys: dict[str, dict[str, Any]], cooldowns: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "version": STATE_FORMAT,
+        "exported_at": time.time(),
+        "keys": keys,
+        "cooldowns": cooldowns,
+    }
+
+
+def read_state_document(doc: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(keys, cooldowns) of a key-state document. Raises ValueError saying what is wrong."""
+    if (
+        not isinstance(doc, dict)
+        or doc.get("version") != STATE_FORMAT
+        or not isinstance(doc.get("keys"), dict)
+    ):
+        raise ValueError(
+            f"not a gemini-proxy state export (version {STATE_FORMAT} with a 'keys' object)"
+        )
+    cooldowns = doc.get("cooldowns") or []
+    if not isinstance(cooldowns, list) or not all(
+        isinstance(c, dict) and {"project", "model", "until", "reason"} <= c.keys()
+        for c in cooldowns
+    ):
+        raise ValueError("'cooldowns' must be a list of {project, model, until, reason}")
+    return doc["keys"], cooldowns
+
+
 @dataclass
 class OutcomeRow:
     t: float

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from gemini_pool.store import SCHEMA_VERSION, OutcomeRow, Store, StoreError, UsageDelta
+from gemini_pool.store import (
+    SCHEMA_VERSION,
+    OutcomeRow,
+    Store,
+    StoreError,
+    UsageDelta,
+    read_state_document,
+    state_document,
+)
 
 
 def row(t: float, rid: str = "r", key: str = "a", status: int = 200) -> OutcomeRow:
@@ -102,3 +110,16 @@ def test_a_slow_disk_never_blocks_the_request_path(tmp_path: Path) -> None:
     assert s.flush(10)
     assert len(s.recent(3000, None, None)) == 2000
     s.close()
+
+
+def test_state_document_round_trip_and_bad_documents() -> None:
+    keys = {"a": {"fingerprint": "f1", "disabled_reason": "dead"}}
+    cooldowns = [{"project": "p", "model": "m", "until": 5.0, "reason": "minute quota"}]
+    assert read_state_document(state_document(keys, cooldowns)) == (keys, cooldowns)
+    assert read_state_document({"version": 1, "keys": {}}) == ({}, [])
+    for doc in ([], {"version": 2, "keys": {}}, {"version": 1, "keys": []}):
+        with pytest.raises(ValueError, match="not a gemini-proxy state export"):
+            read_state_document(doc)
+    for bad in ({"project": "p"}, "p", {"cooldowns": 1}):
+        with pytest.raises(ValueError, match="'cooldowns' must be a list"):
+            read_state_document({"version": 1, "keys": {}, "cooldowns": [bad]})
