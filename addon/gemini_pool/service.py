@@ -188,6 +188,8 @@ class ProxyService:
         for a in rec.attempts:
             metrics.ATTEMPTS.labels(a.key, model, str(a.verdict.outcome), str(a.status or 0)).inc()
             metrics.LATENCY.labels(a.key, model).observe(a.seconds)
+            if a.verdict.outcome is Outcome.DEAD_KEY:
+                log.warning("gemini-proxy: key %s disabled: %s", a.key, a.verdict.reason)
         for a in rec.attempts[:-1]:
             metrics.RETRIES.labels(str(a.verdict.outcome)).inc()
         metrics.REQUESTS.labels(rec.client or "-", rec.api, str(rec.status)).inc()
@@ -202,9 +204,6 @@ class ProxyService:
                 metrics.TOKENS.labels(rec.key, model, "out").inc(rec.tap.tokens_out)
         if rec.attempts:
             self.state_dirty = True
-        for a in rec.attempts:
-            if a.verdict.outcome is Outcome.DEAD_KEY:
-                log.warning("gemini-proxy: key %s disabled: %s", a.key, a.verdict.reason)
         self._log(rec)
         if self.store is not None:
             self.store.record(rec.row(), rec.usage(self._projects))
