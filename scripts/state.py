@@ -40,7 +40,9 @@ def main() -> int:
     ex = sub.add_parser("export", help="write the key state of DB as JSON to stdout")
     ex.add_argument("db")
     im = sub.add_parser(
-        "import", help="replace the key state of DB with a JSON export (proxy stopped)"
+        "import",
+        help="write the key state of a JSON export into DB (proxy stopped); rows of keys"
+        " missing from the export are kept (pruned 7 days after their key left the key file)",
     )
     im.add_argument("db")
     im.add_argument("file", help="the JSON export, or - for stdin")

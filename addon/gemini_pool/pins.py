@@ -1,41 +1,191 @@
 """Project-bound resources: uploads, files, cached contents belong to the project that made them.
 
 Remembers which key started an upload (the upload URL carries no key) and which project owns a
-file, so follow-up calls go to a key of the same project. Bounded LRU maps; pure logic.
+file, cached content, batch or operation, so follow-up calls go to a key of the same project.
+Bounded LRU maps with an expiry per entry; pure logic (no mitmproxy, no SQLite).
+
+Persistence: every pin added or changed is handed to `ResourcePins.on_pin` (the service points it
+at `Store.save_pin`), and `ResourcePins.restore` takes the rows of `Store.load_pins` at start.
+An upload session is kept under a digest of its upload_id, never the id itself: the id is a
+credential for the upload at Google, and what is persisted must not be one.
 """
 
 from __future__ import annotations
 
+import calendar
+import hashlib
+import json
 import re
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-MAX_ENTRIES = 100_000
+MAX_ENTRIES = 100_000  # per map (uploads, resources)
+HOUR = 3600.0
+UPLOAD_TTL = 24 * HOUR  # a resumable upload session
+RESOURCE_TTL = {  # how long Google keeps each kind unless the answer says otherwise
+    "files/": 48 * HOUR,
+    "cachedContents/": 48 * HOUR,  # the answer's expireTime wins when present
+    "batches/": 48 * HOUR,
+    "operations/": 48 * HOUR,
+}
+KIND_UPLOAD = "upload"  # Pin.name = digest of the upload_id, owner = key name
+KIND_RESOURCE = "resource"  # Pin.name = "files/abc", owner = project
+UPLOAD_METHODS = frozenset({"POST", "PUT"})  # what the resumable protocol's follow-ups use
 UPLOAD_URL_HEADERS = frozenset({"x-goog-upload-url", "x-goog-upload-control-url", "location"})
-_PREFIXES = (b"files/", b"cachedContents/")
+
+MAX_MATCHES = 64  # request bodies: at most this many candidate keys are examined
+MAX_VALUE = 2048  # bytes of a JSON string value read after such a key
+MAX_ANSWER_SCAN = 4 * 1024 * 1024  # larger answers are not scanned for names
+MAX_ANSWER_NAMES = 4096  # names taken from one answer (a listing page has at most ~1000)
+
+_PREFIXES = tuple(p.encode() for p in RESOURCE_TTL)
 _ID = re.compile(rb"[A-Za-z0-9_-]{1,128}")
+# the JSON keys a request body names a resource under, and the name their value must end in
+_FILE_VALUE = re.compile(rb"(?:^|/)(files/[A-Za-z0-9_-]{1,128})/?\Z")
+_CACHE_VALUE = re.compile(rb"(?:^|/)(cachedContents/[A-Za-z0-9_-]{1,128})/?\Z")
+_BODY_KEYS = (
+    (b'"fileUri"', _FILE_VALUE),
+    (b'"file_uri"', _FILE_VALUE),
+    (b'"cachedContent"', _CACHE_VALUE),
+    (b'"cached_content"', _CACHE_VALUE),
+)
+# after the key: a colon and the opening quote of a string value, then the string (bounded)
+_STRING_VALUE = re.compile(
+    rb'[ \t\r\n]{0,64}:[ \t\r\n]{0,64}"((?:[^"\\]|\\.){0,%d})"' % MAX_VALUE, re.DOTALL
+)
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d{1,12})?(?:([Zz])|([+-])(\d\d):(\d\d))\Z"
+)
 
 
-def resource_names(data: bytes) -> Iterator[str]:
-    """Every files/ID and cachedContents/ID that `data` (a path, a JSON body) names.
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """One persisted pin: a row of the store's `pins` table. Never holds a secret."""
 
-    Scans with bytes.find, which is ~30x faster than a regex search over a large body (10 MB of
-    inline text: ~10 ms against ~350 ms), so a resource named anywhere in the body is found.
+    kind: str  # KIND_UPLOAD | KIND_RESOURCE
+    name: str  # upload: digest of the upload_id; resource: "files/abc", "cachedContents/x", ...
+    owner: str  # upload: the key name that started it; resource: the owning project
+    path: str  # upload: the path its follow-ups must use ("/upload/v1beta/files"); else ""
+    expires: float  # epoch seconds
+
+
+@dataclass(frozen=True, slots=True)
+class UploadPin:
+    key: str  # the key name that started the upload
+    path: str  # the upload URL's path
+    expires: float
+
+
+def upload_digest(upload_id: str) -> str:
+    """What an upload session is kept (and persisted) under instead of its upload_id."""
+    return hashlib.sha256(b"gemini-proxy upload\0" + upload_id.encode()).hexdigest()
+
+
+def parse_rfc3339(value: str) -> float | None:
+    """Epoch seconds of an RFC 3339 time ("2026-01-02T03:04:05.123456789Z"), else None."""
+    m = _RFC3339.match(value.strip())
+    if m is None:
+        return None
+    y, mo, d, h, mi, s, frac, z, sign, oh, om = m.groups()
+    if not (1 <= int(mo) <= 12 and 1 <= int(d) <= 31 and int(h) <= 23 and int(mi) <= 59):
+        return None
+    t = calendar.timegm((int(y), int(mo), int(d), int(h), int(mi), int(s), 0, 0, 0))
+    offset = 0 if z else (int(oh) * 3600 + int(om) * 60) * (1 if sign == "+" else -1)
+    return t - offset + (float(frac) if frac else 0.0)
+
+
+def resource_names(data: bytes, limit: int = MAX_ANSWER_NAMES) -> Iterator[str]:
+    """Every files/ID, cachedContents/ID, batches/ID and operations/ID that `data` names.
+
+    Tolerant: finds them anywhere (a path, an answer), at most `limit` of them. Scans with
+    bytes.find; a name needs a word boundary before its kind ("myfiles/x" is not "files/x").
     """
+    found_count = 0
     for prefix in _PREFIXES:
         i = data.find(prefix)
-        while i >= 0:
+        while i >= 0 and found_count < limit:
             start = i + len(prefix)
             before = data[i - 1 : i]
             found = _ID.match(data, start)
             if found and not (before.isalnum() or before == b"_"):
+                found_count += 1
                 yield prefix.decode() + found.group().decode()
             i = data.find(prefix, start)
 
 
-class _Lru(OrderedDict[str, str]):
-    def put(self, k: str, v: str) -> None:
+def body_resource_names(body: bytes, limit: int = MAX_MATCHES) -> Iterator[str]:
+    """The files/ID and cachedContents/ID a JSON request body names where Gemini reads them.
+
+    Only the string values of `fileUri` / `file_uri` (ending in files/ID, often a full URL) and
+    `cachedContent` / `cached_content` (cachedContents/ID). Found with bytes.find, never a JSON
+    parse: linear in the body, at most `limit` keys examined, at most MAX_VALUE bytes read per
+    value. Never raises on hostile input (unterminated strings, escapes, non-UTF-8).
+    """
+    budget = limit
+    for needle, value_re in _BODY_KEYS:
+        i = body.find(needle)
+        while i >= 0 and budget > 0:
+            budget -= 1
+            end = i + len(needle)
+            m = _STRING_VALUE.match(body, end)
+            if m is not None:
+                name = _name_in_value(m.group(1), value_re)
+                if name is not None:
+                    yield name
+                end = m.end()
+            i = body.find(needle, end)
+
+
+def _name_in_value(raw: bytes, value_re: re.Pattern[bytes]) -> str | None:
+    if b"\\" in raw:  # an escaped value ("https:\/\/..."): decode it, strictly
+        try:
+            text = json.loads(b'"' + raw + b'"')
+        except ValueError:
+            return None
+        try:
+            raw = text.encode()
+        except UnicodeEncodeError:  # a lone surrogate
+            return None
+    m = value_re.search(raw)
+    return m.group(1).decode() if m else None
+
+
+def _answer_expiries(body: bytes) -> dict[str, float]:
+    """name -> expiry of each object in a JSON answer that carries its own expireTime."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return {}
+    out: dict[str, float] = {}
+    stack: list[Any] = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            name = node.get("name")
+            when = node.get("expireTime", node.get("expirationTime"))
+            if isinstance(name, str) and isinstance(when, str):
+                t = parse_rfc3339(when)
+                if t is not None:
+                    out[name] = t
+            stack.extend(v for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, dict | list))
+    return out
+
+
+def _ttl(name: str) -> float:
+    for prefix, ttl in RESOURCE_TTL.items():
+        if name.startswith(prefix):
+            return ttl
+    return 48 * HOUR
+
+
+class _Lru[V](OrderedDict[str, V]):
+    def put(self, k: str, v: V) -> None:
         self[k] = v
         self.move_to_end(k)
         while len(self) > MAX_ENTRIES:
@@ -43,50 +193,169 @@ class _Lru(OrderedDict[str, str]):
 
 
 class ResourcePins:
-    def __init__(self) -> None:
-        self.uploads = _Lru()  # upload_id -> key name
-        self.resources = _Lru()  # "files/abc" -> project
+    def __init__(self, on_pin: Callable[[Pin], None] | None = None) -> None:
+        self.uploads: _Lru[UploadPin] = _Lru()  # upload_digest(upload_id) -> session
+        self.resources: _Lru[tuple[str, float]] = _Lru()  # "files/abc" -> (project, expires)
+        self.on_pin = on_pin  # told of every pin added or changed (the store saves it)
 
-    def remember_upload(self, upload_id: str, key: str) -> None:
-        self.uploads.put(upload_id, key)
+    def _emit(self, pin: Pin) -> None:
+        if self.on_pin is not None:
+            self.on_pin(pin)
 
-    def upload_key(self, upload_id: str) -> str | None:
-        return self.uploads.get(upload_id)
+    # --- persistence
 
-    def remember_resources(self, body: bytes, project: str) -> None:
-        """Note every files/ID and cachedContents/ID named in a successful answer."""
-        for name in resource_names(body):
-            self.resources.put(name, project)
+    def restore(self, rows: Iterable[Pin], now: float) -> int:
+        """Take pins loaded from the store (oldest expiry first); expired ones are skipped.
+        Does not call on_pin. Returns how many were taken."""
+        n = 0
+        for p in rows:
+            if p.expires <= now:
+                continue
+            if p.kind == KIND_UPLOAD:
+                self.uploads.put(p.name, UploadPin(p.owner, p.path, p.expires))
+            elif p.kind == KIND_RESOURCE:
+                self.resources.put(p.name, (p.owner, p.expires))
+            else:
+                continue
+            n += 1
+        return n
 
-    def project_for(self, path: str, body: bytes) -> str | None:
-        """The project owning a resource the request names (in its path or its body)."""
+    def prune(self, now: float) -> None:
+        """Drop expired entries (lookups ignore them anyway; this frees the memory)."""
+        for k in [k for k, u in self.uploads.items() if u.expires <= now]:
+            del self.uploads[k]
+        for k in [k for k, (_, exp) in self.resources.items() if exp <= now]:
+            del self.resources[k]
+
+    # --- upload sessions
+
+    def remember_upload(
+        self, upload_id: str, key: str, path: str = "", now: float | None = None
+    ) -> None:
+        """An upload session `key` started; its follow-ups must use `path` (the upload URL's
+        path, e.g. "/upload/v1beta/files"). Without a path, upload_session never matches it."""
+        now = time.time() if now is None else now
+        digest = upload_digest(upload_id)
+        pin = UploadPin(key, path, now + UPLOAD_TTL)
+        self.uploads.put(digest, pin)
+        self._emit(Pin(KIND_UPLOAD, digest, key, path, pin.expires))
+
+    def forget_upload(self, upload_id: str, now: float | None = None) -> None:
+        """The session is over (finalized or cancelled): its upload_id lets nothing through."""
+        now = time.time() if now is None else now
+        pin = self.uploads.pop(upload_digest(upload_id), None)
+        if pin is not None:
+            self._emit(Pin(KIND_UPLOAD, upload_digest(upload_id), pin.key, pin.path, now))
+
+    def upload_session(
+        self, upload_id: str, method: str, path: str, now: float
+    ) -> UploadPin | None:
+        """The session a resumable-upload follow-up continues, or None.
+
+        Only if the session is known and not expired, the method is one the protocol's
+        follow-ups use (POST, PUT) and `path` (no query) is the session's own upload path.
+        """
+        if method.upper() not in UPLOAD_METHODS or not upload_id:
+            return None
+        digest = upload_digest(upload_id)
+        pin = self.uploads.get(digest)
+        if pin is None:
+            return None
+        if pin.expires <= now:
+            del self.uploads[digest]
+            return None
+        if not pin.path or pin.path != path:
+            return None
+        return pin
+
+    def upload_key(self, upload_id: str, now: float | None = None) -> str | None:
+        """Deprecated: the key that started an unexpired upload, whatever the method or path.
+        Use upload_session at the gate."""
+        pin = self.uploads.get(upload_digest(upload_id))
+        now = time.time() if now is None else now
+        return pin.key if pin is not None and pin.expires > now else None
+
+    # --- files, cached contents, batches, operations
+
+    def remember_resources(self, body: bytes, project: str, now: float | None = None) -> None:
+        """Note every resource named in a successful (decoded) answer as `project`'s.
+
+        Tolerant: names anywhere in the answer (`name`, `file.name`, `uri`, ...). An object's own
+        `expireTime` / `expirationTime` sets its expiry; otherwise a new pin gets the kind's TTL
+        and a known one keeps its expiry (seeing a file again does not extend its life at
+        Google). Answers over MAX_ANSWER_SCAN bytes are skipped.
+        """
+        if len(body) > MAX_ANSWER_SCAN:
+            return
+        now = time.time() if now is None else now
+        explicit = _answer_expiries(body) if b"xpir" in body else {}
+        for name in dict.fromkeys(resource_names(body)):
+            old = self.resources.get(name)
+            expires = explicit.get(name)
+            if expires is None:
+                if old is not None and old[0] == project and old[1] > now:
+                    self.resources.move_to_end(name)
+                    continue
+                expires = now + _ttl(name)
+            elif old is not None and old == (project, expires):
+                self.resources.move_to_end(name)
+                continue
+            self.resources.put(name, (project, expires))
+            self._emit(Pin(KIND_RESOURCE, name, project, "", expires))
+
+    def project_of(self, name: str, now: float) -> str | None:
+        """The project owning one resource name, if pinned and not expired."""
+        entry = self.resources.get(name)
+        if entry is None:
+            return None
+        if entry[1] <= now:
+            del self.resources[name]
+            return None
+        return entry[0]
+
+    def project_for(self, path: str, body: bytes, now: float | None = None) -> str | None:
+        """The project owning a resource the request names: in its path (no query), or in a
+        JSON body as fileUri / file_uri / cachedContent / cached_content."""
         if not self.resources:  # nothing pinned: no need to read the body
             return None
-        for data in (path.encode(), body):
-            for name in resource_names(data):
-                project = self.resources.get(name)
-                if project is not None:
-                    return project
+        now = time.time() if now is None else now
+        for name in resource_names(path.encode(errors="replace"), limit=MAX_MATCHES):
+            project = self.project_of(name, now)
+            if project is not None:
+                return project
+        for name in body_resource_names(body):
+            project = self.project_of(name, now)
+            if project is not None:
+                return project
         return None
 
 
-def rewrite_upload_urls(
+def rewrite_upload_headers(
     headers: list[tuple[str, str]], upstream_host: str, proxy_origin: str
-) -> tuple[list[tuple[str, str]], list[str]]:
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """Point upload / redirect URLs at Google back at this proxy.
 
-    Returns the new headers and the upload_ids they carried (the caller remembers which key
-    started each upload: the follow-up requests carry only the upload_id).
+    Returns the new headers and (upload_id, path) of each upload URL they carried: the caller
+    remembers which key started each session and the path its follow-ups must use
+    (`ResourcePins.remember_upload(upload_id, key, path, now)`).
     """
     out: list[tuple[str, str]] = []
-    upload_ids: list[str] = []
+    uploads: list[tuple[str, str]] = []
     for k, v in headers:
         if k.lower() in UPLOAD_URL_HEADERS and v.startswith(("http://", "https://")):
             u = urlsplit(v)
             if u.hostname == upstream_host:
                 upload_id = dict(parse_qsl(u.query)).get("upload_id")
-                if upload_id:
-                    upload_ids.append(upload_id)
+                if upload_id and (upload_id, u.path) not in uploads:
+                    uploads.append((upload_id, u.path))
                 v = proxy_origin + u.path + (f"?{u.query}" if u.query else "")
         out.append((k, v))
-    return out, upload_ids
+    return out, uploads
+
+
+def rewrite_upload_urls(
+    headers: list[tuple[str, str]], upstream_host: str, proxy_origin: str
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """rewrite_upload_headers, returning only the upload_ids (kept for existing callers)."""
+    out, uploads = rewrite_upload_headers(headers, upstream_host, proxy_origin)
+    return out, list(dict.fromkeys(upload_id for upload_id, _ in uploads))

@@ -1,8 +1,11 @@
-"""SQLite persistence: key state, per-request outcomes, daily usage. Never holds a secret.
+"""SQLite persistence: key state, pins, per-request outcomes, daily usage. Never holds a secret.
 
 All writes go through a queue to one writer thread that commits in batches (WAL,
 synchronous=NORMAL), so the request path never waits on the disk. The schema is versioned with
 PRAGMA user_version and upgraded forward; a database from a newer version is refused untouched.
+
+Key state is upserted, never replaced: a key missing from a snapshot (a half-written key file)
+keeps its row, marked retired, for RETIRED_TTL, so its operator state is there when it returns.
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .pins import Pin
+
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+RETIRED_TTL = 7 * 86400  # rows of keys no longer configured are kept this long
 MIGRATIONS: dict[int, list[str]] = {
     # version reached -> statements that bring version-1 to it
     1: [
@@ -40,6 +47,16 @@ MIGRATIONS: dict[int, list[str]] = {
             requests INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0,
             tokens_in INTEGER NOT NULL DEFAULT 0, tokens_out INTEGER NOT NULL DEFAULT 0,
             PRIMARY KEY (day, key, model))""",
+    ],
+    2: [
+        # when the key left the configuration (NULL while it is configured)
+        "ALTER TABLE key_state ADD COLUMN retired REAL",
+        # project-bound resources and upload sessions (see pins.Pin); owner is a project or a
+        # key name, an upload session's name is a digest of its upload_id: never a secret
+        """CREATE TABLE pins (
+            kind TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL, path TEXT NOT NULL,
+            expires REAL NOT NULL, PRIMARY KEY (kind, name))""",
+        "CREATE INDEX pins_expires ON pins (expires)",
     ],
 }
 
@@ -150,8 +167,10 @@ class Store:
         flush_interval: float = 0.25,
         retention_days: int = 30,
         retention_rows: int = 1_000_000,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
+        self.clock = clock  # wall time of updates, retirement, pruning (tests inject one)
         self.flush_interval = flush_interval
         self.retention_days = retention_days
         self.retention_rows = retention_rows
@@ -167,6 +186,8 @@ class Store:
 
     # --- reads at start
     def load_state(self) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        """name -> state (with its fingerprint) of every key row, retired ones included (match
+        a returning key by fingerprint), and the cooldowns."""
         keys = {
             name: {**json.loads(state), "fingerprint": fp}
             for name, fp, state in self._conn.execute(
@@ -180,6 +201,17 @@ class Store:
             )
         ]
         return keys, cooldowns
+
+    def load_pins(self, now: float) -> list[Pin]:
+        """The pins not yet expired at `now`, the soonest to expire first."""
+        return [
+            Pin(kind, name, owner, path, expires)
+            for kind, name, owner, path, expires in self._conn.execute(
+                "SELECT kind, name, owner, path, expires FROM pins WHERE expires > ?"
+                " ORDER BY expires",
+                (now,),
+            )
+        ]
 
     # --- the writer
     def start(self) -> None:
@@ -195,7 +227,16 @@ class Store:
         self._q.put(("outcome", (row, usage)))
 
     def save_state(self, keys: dict[str, dict[str, Any]], cooldowns: list[dict[str, Any]]) -> None:
+        """Queue a snapshot: `keys` are the configured keys (name -> state with fingerprint).
+
+        Their rows are upserted; rows of keys not in it are kept, marked retired, and pruned
+        RETIRED_TTL after they left. The cooldowns replace the stored ones."""
         self._q.put(("state", (keys, cooldowns)))
+
+    def save_pin(self, pin: Pin) -> None:
+        """Queue one pin (added, changed, or ended with an expiry in the past). Never blocks:
+        point ResourcePins.on_pin at it."""
+        self._q.put(("pin", pin))
 
     def kick(self) -> None:
         """Have the writer commit what is queued now rather than at the end of its interval."""
@@ -254,7 +295,11 @@ class Store:
     def _write(self, items: list[tuple[str, Any]]) -> None:
         outcomes = [arg for kind, arg in items if kind == "outcome"]
         states = [arg for kind, arg in items if kind == "state"]
-        if not outcomes and not states:
+        pins: dict[tuple[str, str], Pin] = {}
+        for kind, arg in items:
+            if kind == "pin":
+                pins[(arg.kind, arg.name)] = arg  # the newest of each pin wins
+        if not outcomes and not states and not pins:
             return
         usage: dict[tuple[str, str, str], list[Any]] = {}
         for _row, deltas in outcomes:
@@ -301,27 +346,15 @@ class Store:
                 " tokens_out = tokens_out + excluded.tokens_out, project = excluded.project",
                 [(d, k, a[0], m, a[1], a[2], a[3], a[4]) for (d, k, m), a in usage.items()],
             )
+            if pins:
+                self._conn.executemany(
+                    "INSERT INTO pins (kind, name, owner, path, expires) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT (kind, name) DO UPDATE SET owner = excluded.owner,"
+                    " path = excluded.path, expires = excluded.expires",
+                    [(p.kind, p.name, p.owner, p.path, p.expires) for p in pins.values()],
+                )
             if states:
-                keys, cooldowns = states[-1]  # the newest snapshot wins
-                now = time.time()
-                self._conn.execute("DELETE FROM key_state")
-                self._conn.executemany(
-                    "INSERT INTO key_state (name, fingerprint, state, updated) VALUES (?, ?, ?, ?)",
-                    [
-                        (
-                            name,
-                            s["fingerprint"],
-                            json.dumps({k: v for k, v in s.items() if k != "fingerprint"}),
-                            now,
-                        )
-                        for name, s in keys.items()
-                    ],
-                )
-                self._conn.execute("DELETE FROM cooldowns")
-                self._conn.executemany(
-                    "INSERT INTO cooldowns (project, model, until, reason) VALUES (?, ?, ?, ?)",
-                    [(c["project"], c["model"], c["until"], c["reason"]) for c in cooldowns],
-                )
+                self._write_states(states)
             self._conn.execute("COMMIT")
         except sqlite3.Error as e:
             self.write_errors += 1
@@ -329,15 +362,60 @@ class Store:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
 
+    def _write_states(self, states: list[tuple[dict[str, dict[str, Any]], Any]]) -> None:
+        # Every snapshot of the batch counts, in order: a key that an earlier snapshot had and
+        # the newest lacks keeps its latest state (an operator action just before it left).
+        latest: dict[str, dict[str, Any]] = {}
+        for keys, _ in states:
+            latest.update(keys)
+        keys, cooldowns = states[-1]  # the newest snapshot says which keys are configured
+        now = self.clock()
+        self._conn.executemany(
+            "INSERT INTO key_state (name, fingerprint, state, updated, retired)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+            " fingerprint = excluded.fingerprint, state = excluded.state,"
+            " updated = excluded.updated, retired = excluded.retired",
+            [
+                (
+                    name,
+                    s["fingerprint"],
+                    json.dumps({k: v for k, v in s.items() if k != "fingerprint"}),
+                    now,
+                    None if name in keys else now,
+                )
+                for name, s in latest.items()
+            ],
+        )
+        leaving = [
+            (now, name)
+            for (name,) in self._conn.execute("SELECT name FROM key_state WHERE retired IS NULL")
+            if name not in keys
+        ]
+        self._conn.executemany("UPDATE key_state SET retired = ? WHERE name = ?", leaving)
+        self._conn.execute("DELETE FROM cooldowns")
+        self._conn.executemany(
+            "INSERT INTO cooldowns (project, model, until, reason) VALUES (?, ?, ?, ?)",
+            [(c["project"], c["model"], c["until"], c["reason"]) for c in cooldowns],
+        )
+
     def prune(self) -> None:
+        """Drop old outcomes, past cooldowns, expired pins and keys retired over RETIRED_TTL ago.
+        Runs on the writer thread every minute; call it directly only when the writer is not
+        running."""
         try:
-            cutoff = time.time() - self.retention_days * 86400
+            now = self.clock()
+            cutoff = now - self.retention_days * 86400
             self._conn.execute("DELETE FROM outcomes WHERE t < ?", (cutoff,))
             self._conn.execute(
                 "DELETE FROM outcomes WHERE id <= (SELECT MAX(id) FROM outcomes) - ?",
                 (self.retention_rows,),
             )
-            self._conn.execute("DELETE FROM cooldowns WHERE until < ?", (time.time(),))
+            self._conn.execute("DELETE FROM cooldowns WHERE until < ?", (now,))
+            self._conn.execute("DELETE FROM pins WHERE expires <= ?", (now,))
+            self._conn.execute(
+                "DELETE FROM key_state WHERE retired IS NOT NULL AND retired < ?",
+                (now - RETIRED_TTL,),
+            )
         except sqlite3.Error as e:
             self.write_errors += 1
             log.error("gemini-proxy database prune failed: %s", e)

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from gemini_pool.pins import KIND_RESOURCE, KIND_UPLOAD, Pin, ResourcePins, upload_digest
 from gemini_pool.store import (
+    MIGRATIONS,
+    RETIRED_TTL,
     SCHEMA_VERSION,
     OutcomeRow,
     Store,
@@ -123,3 +126,118 @@ def test_state_document_round_trip_and_bad_documents() -> None:
     for bad in ({"project": "p"}, "p", {"cooldowns": 1}):
         with pytest.raises(ValueError, match="'cooldowns' must be a list"):
             read_state_document({"version": 1, "keys": {}, "cooldowns": [bad]})
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_v1_database_upgrades_in_place_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as db:
+        for stmt in MIGRATIONS[1]:
+            db.execute(stmt)
+        db.execute(
+            "INSERT INTO key_state VALUES ('a', 'f1', ?, 1.0)", ('{"disabled_reason": "dead"}',)
+        )
+        db.execute("INSERT INTO cooldowns VALUES ('p', 'm', 9e9, 'minute quota')")
+        db.execute(
+            "INSERT INTO outcomes (t, request_id, stream, status, outcome, attempts)"
+            " VALUES (5.0, 'r1', 0, 200, 'ok', '[]')"
+        )
+        db.execute("INSERT INTO usage_daily VALUES ('2026-11-29', 'a', 'p', 'm', 3, 1, 10, 20)")
+        db.execute("PRAGMA user_version=1")
+    db.close()
+    s = Store(str(path))
+    keys, cooldowns = s.load_state()
+    assert keys == {"a": {"disabled_reason": "dead", "fingerprint": "f1"}}
+    assert cooldowns == [{"project": "p", "model": "m", "until": 9e9, "reason": "minute quota"}]
+    assert [r["request_id"] for r in s.recent(10, None, None)] == ["r1"]
+    assert s.usage("2026-11-29")["a"]["requests"] == 3
+    assert s.load_pins(0.0) == []
+    s.save_pin(Pin(KIND_RESOURCE, "files/f", "p", "", 100.0))
+    s.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("SELECT name, retired FROM key_state").fetchall() == [("a", None)]
+    db.close()
+
+
+def test_pins_survive_a_restart_and_expire(tmp_path: Path) -> None:
+    path = str(tmp_path / "p.db")
+    clock = Clock(1000.0)
+    s = Store(path, clock=clock)
+    s.start()
+    pins = ResourcePins(on_pin=s.save_pin)
+    pins.remember_upload("up-1", "alpha", "/upload/v1beta/files", 1000.0)
+    pins.remember_resources(b'{"name": "files/f1"} {"name": "cachedContents/c1"}', "proj", 1000.0)
+    pins.remember_upload("up-2", "beta", "/upload/v1beta/files", 1000.0)
+    pins.forget_upload("up-2", 1001.0)  # ended: saved with an expiry in the past
+    s.save_pin(Pin(KIND_RESOURCE, "files/short", "proj", "", 1500.0))
+    assert s.flush(5)
+    s.close()
+
+    s = Store(path, clock=clock)
+    rows = s.load_pins(1100.0)
+    up1 = upload_digest("up-1")
+    assert {(p.kind, p.name) for p in rows} == {
+        (KIND_UPLOAD, up1),
+        (KIND_RESOURCE, "files/short"),
+        (KIND_RESOURCE, "files/f1"),
+        (KIND_RESOURCE, "cachedContents/c1"),
+    }
+    assert [p.expires for p in rows] == sorted(p.expires for p in rows)  # soonest first
+    assert not any("up-1" in repr(p) for p in rows)  # the upload_id itself is never stored
+    fresh = ResourcePins()
+    assert fresh.restore(rows, 1100.0) == 4
+    session = fresh.upload_session("up-1", "PUT", "/upload/v1beta/files", 1100.0)
+    assert session is not None and session.key == "alpha"
+    assert fresh.upload_session("up-2", "PUT", "/upload/v1beta/files", 1100.0) is None
+    assert fresh.project_for("/v1beta/files/f1", b"", 1100.0) == "proj"
+    clock.t = 2000.0
+    s.prune()
+    assert {p.name for p in s.load_pins(0.0)} == {up1, "files/f1", "cachedContents/c1"}
+    s.close()
+
+
+def test_keys_that_leave_keep_their_state_for_a_while(tmp_path: Path) -> None:
+    clock = Clock(1_000_000.0)
+    s = Store(str(tmp_path / "k.db"), clock=clock)
+    a = {"fingerprint": "fa", "disabled_reason": "operator", "weight": 3}
+    b = {"fingerprint": "fb"}
+    s.save_state({"a": a, "b": b}, [])
+    s.flush()
+    clock.t += 60
+    s.save_state({"b": b}, [])  # the key file briefly lost "a"
+    s.flush()
+    keys, _ = s.load_state()
+    assert keys == {"a": a, "b": b}  # a's operator state is still there
+    clock.t += RETIRED_TTL - 1
+    s.prune()
+    assert set(s.load_state()[0]) == {"a", "b"}  # b is configured: kept however old
+    clock.t += 2
+    s.prune()
+    assert s.load_state()[0] == {"b": b}
+    # a key that comes back is configured again and not pruned
+    s.save_state({"b": b, "a": a}, [])
+    s.flush()
+    clock.t += 10 * RETIRED_TTL
+    s.prune()
+    assert set(s.load_state()[0]) == {"a", "b"}
+    s.close()
+
+
+def test_a_state_change_just_before_a_key_leaves_is_kept(tmp_path: Path) -> None:
+    s = Store(str(tmp_path / "k.db"))
+    s.save_state({"a": {"fingerprint": "fa"}, "b": {"fingerprint": "fb"}}, [])
+    s.flush()
+    # the operator disables a, then the key file loses it, in one writer batch
+    s.save_state({"a": {"fingerprint": "fa", "enabled": False}, "b": {"fingerprint": "fb"}}, [])
+    s.save_state({"b": {"fingerprint": "fb"}}, [])
+    s.flush()
+    assert s.load_state()[0]["a"] == {"fingerprint": "fa", "enabled": False}
+    s.close()
