@@ -3,19 +3,70 @@
 
 It checks credentials as Google does (exactly one of x-goog-api-key / ?key= / Authorization),
 answers native unary, SSE and JSON-array streams and the OpenAI-compatible API, and plays
-scripted faults with Gemini's real error bodies. It logs which key served each request.
+scripted faults with Gemini's real error bodies. It logs which key served each request. It is
+as harsh as Google where a key-pool proxy can trip: gzip answers, 404 for models it does not
+serve, resources bound to the project of the key that created them, and errors that are the
+caller's fault rather than the key's.
 
-Control API (JSON, under /_fake/):
+Control API (JSON, under /_fake/, never compressed):
   POST /_fake/config  {"keys": {"<secret>": "<behaviour>"}, "models": {"<secret>": {"<model>": "<behaviour>"}},
                        "projects": {"<secret>": "<project>"}, "script": ["<behaviour>", ...],
-                       "random": {"<behaviour>": weight, ...}, "seed": 1}   (for keys whose behaviour is "random")
-  GET  /_fake/log     [{"key", "path", "model", "status", "stream", "t"}]
-  POST /_fake/reset   clear the log (keeps the config)
-Behaviours: ok, dead, unauth, leaked, suspended, blocked, minute[:secs], day, limit0, cap, 429bare,
-500, 503, 504, drop (close without answer), slow:<ms>, cut:<events> (stream cut mid-way),
-error_event (in-band error event in a 200 stream). Unknown keys answer API_KEY_INVALID.
+                       "random": {"<behaviour>": weight, ...}, "seed": 1,   (for keys whose behaviour is "random")
+                       "served_models": ["<model id>", ...], "gzip": true}
+      "keys" replaces the key table when present; "models" and "projects" persist when absent;
+      "script", "random", "seed", "served_models" and "gzip" return to their defaults when absent.
+      "projects" maps a secret to its project (default: each key is its own project).
+      "served_models" replaces DEFAULT_MODELS (ids with or without "models/").
+      "gzip": false answers identity even when Accept-Encoding allows gzip.
+  GET  /_fake/log     [{"key", "method", "path", "query", "model", "status", "stream", "body",
+                        "behaviour", "t"}]  (upload-byte requests: {"key", "method", "path",
+                        "model", "stream", "status", "upload": true, "t"}); status 0 = dropped
+  GET  /_fake/counts  {"create:files": 0, "finalize:files": 0, "delete:files": 0,
+                       "create:cachedContents": 0, "update:cachedContents": 0,
+                       "delete:cachedContents": 0, "create:batches": 0, "cancel:batches": 0,
+                       "delete:batches": 0, "create:tunedModels": 0}: how many times each
+                      state-changing call reached the fake, whatever it answered (counted on
+                      arrival, so a `drop`ped create counts too)
+  POST /_fake/reset   clear the log and the counts (keeps the config and the resources)
+
+Behaviours (per key, per key × model, or scripted): ok, dead (400 API_KEY_INVALID),
+expired (400 "API key expired", API_KEY_INVALID), unauth (401 ACCESS_TOKEN_TYPE_UNSUPPORTED),
+leaked, suspended (CONSUMER_SUSPENDED), blocked (API_KEY_SERVICE_BLOCKED),
+service_disabled (403 SERVICE_DISABLED), referrer (403 API_KEY_HTTP_REFERRER_BLOCKED),
+minute[:secs], day, limit0, cap, 429bare, 500, 503, 504, drop (read the body, then close
+without answer), slow:<ms>, cut:<events> (stream cut mid-way), error_event (in-band error
+event in a 200 stream). Behaviours apply to every endpoint below, resources included.
+Unknown keys answer API_KEY_INVALID.
+
 Per-request knobs (headers): x-fake-events (stream events, default 3), x-fake-delay-ms (between
 events), x-fake-latency-ms (before answering), x-fake-event-bytes (padding per stream event).
+
+Compression: when Accept-Encoding allows gzip (and "gzip" is on), every answer with a body
+(unary JSON, errors, uploads) has Content-Encoding: gzip; streams (SSE, JSON array,
+OpenAI-compat SSE) are one gzip member flushed with Z_SYNC_FLUSH after each event, so each
+event decodes as it arrives; cuts and in-band error events work the same under gzip.
+
+Endpoints (native ones under both /v1/ and /v1beta/; {v} is either):
+  POST {v}/models/{m}:generateContent, :streamGenerateContent[?alt=sse], :countTokens,
+       :embedContent, :batchEmbedContents ({"embeddings": [one per request]})
+  POST {v}/models/{m}:batchGenerateContent  creates batches/{id} (long-running operation doc)
+  GET  {v}/models (exactly the served models), GET {v}/models/{m}
+       any model not served (path, OpenAI body "model", cachedContents body "model"):
+       404 NOT_FOUND "models/X is not found for API version {v}, ..."
+  {v}/tunedModels/{id}...  403 "You do not have permission to access tuned model tunedModels/X."
+  POST {v}/tunedModels     401 UNAUTHENTICATED CREDENTIALS_MISSING (API keys are not supported)
+  GET  {v}/tunedModels     {} (none)
+  POST /upload/{v}/files (resumable start; X-Goog-Upload-URL points back here, no key needed)
+  GET  {v}/files, GET|DELETE {v}/files/{id}
+  POST|GET {v}/cachedContents, GET|PATCH|DELETE {v}/cachedContents/{id}
+  GET  {v}/batches, GET|DELETE {v}/batches/{id}, POST {v}/batches/{id}:cancel
+  /v1beta/openai/chat/completions (stream or not), /embeddings, GET /models, GET /models/{id}
+Files, cached contents and batches belong to the project of the key that created them: another
+project's key (or an unknown id) gets Google's 403 PERMISSION_DENIED without a key reason, also
+when a generateContent / streamGenerateContent / countTokens / cachedContents /
+batchGenerateContent body names the resource (fileData.fileUri, file_data.file_uri, fileName,
+cachedContent, cached_content). A cached content past its expireTime (ttl, default 1 h; PATCH
+sets a new ttl) is gone: 403 too. Empty lists answer {} as Google does (empty fields are omitted).
 """
 
 from __future__ import annotations
@@ -23,14 +74,57 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gzip
 import json
 import random
 import re
 import time
 import uuid
+import warnings
+import zlib
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
+
+# Every model id the tests and the benchmark use, plus common real ones.
+DEFAULT_MODELS: tuple[str, ...] = (
+    "gemini-2.5-flash",
+    "gemini-2.5-pro",
+    "gemini-2.5-flash-lite",
+    "gemini-2.0-flash",
+    "gemini-2.0-flash-001",
+    "gemini-2.0-flash-lite",
+    "gemini-flash-latest",
+    "gemini-flash-lite-latest",
+    "gemini-pro-latest",
+    "gemini-2.5-flash-image",
+    "gemini-2.5-flash-preview-tts",
+    "gemini-3-pro-preview",
+    "gemini-3-flash-preview",
+    "gemma-3-27b-it",
+    "gemini-embedding-001",
+    "text-embedding-004",
+    "embedding-001",
+    "imagen-4.0-generate-001",
+    "m",
+)
+
+# State-changing calls, counted on arrival (GET /_fake/counts).
+COUNTED: tuple[str, ...] = (
+    "create:files",
+    "finalize:files",
+    "delete:files",
+    "create:cachedContents",
+    "update:cachedContents",
+    "delete:cachedContents",
+    "create:batches",
+    "cancel:batches",
+    "delete:batches",
+    "create:tunedModels",
+)
 
 HELP = {
     "@type": "type.googleapis.com/google.rpc.Help",
@@ -90,8 +184,13 @@ def _quota(model: str, quota_id: str, metric: str, delay: str, limit: str = "10"
     )
 
 
-def error_for(behaviour: str, key: str, model: str) -> tuple[int, dict[str, Any]] | None:
-    """Gemini's real error body for a behaviour, or None if it is not an error behaviour."""
+def error_for(
+    behaviour: str, key: str, model: str, referer: str | None = None
+) -> tuple[int, dict[str, Any]] | None:
+    """Gemini's real error body for a behaviour, or None if it is not an error behaviour.
+
+    `referer` is what the `referrer` behaviour's message echoes (Google says `<empty>`).
+    """
     name, _, arg = behaviour.partition(":")
     if name == "dead" or name == "invalid":
         msg = "API key not valid. Please pass a valid API key."
@@ -107,6 +206,63 @@ def error_for(behaviour: str, key: str, model: str) -> tuple[int, dict[str, Any]
                     "message": msg,
                 },
             ],
+        )
+    if name == "expired":
+        msg = "API key expired. Please renew the API key."
+        return 400, _status(
+            400,
+            "INVALID_ARGUMENT",
+            msg,
+            [
+                _error_info("API_KEY_INVALID"),
+                {
+                    "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
+                    "locale": "en-US",
+                    "message": msg,
+                },
+            ],
+        )
+    if name == "service_disabled":
+        url = (
+            "https://console.developers.google.com/apis/api/generativelanguage.googleapis.com/"
+            "overview?project=123456"
+        )
+        msg = (
+            "Generative Language API has not been used in project 123456 before or it is "
+            f"disabled. Enable it by visiting {url} then retry. If you enabled this API recently, "
+            "wait a few minutes for the action to propagate to our systems and retry."
+        )
+        return 403, _status(
+            403,
+            "PERMISSION_DENIED",
+            msg,
+            [
+                _error_info(
+                    "SERVICE_DISABLED",
+                    consumer="projects/123456",
+                    activationUrl=url,
+                    containerInfo="123456",
+                    serviceTitle="Generative Language API",
+                ),
+                {
+                    "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
+                    "locale": "en-US",
+                    "message": msg,
+                },
+                {
+                    "@type": "type.googleapis.com/google.rpc.Help",
+                    "links": [
+                        {"description": "Google developers console API activation", "url": url}
+                    ],
+                },
+            ],
+        )
+    if name == "referrer":
+        return 403, _status(
+            403,
+            "PERMISSION_DENIED",
+            f"Requests from referer {referer or '<empty>'} are blocked.",
+            [_error_info("API_KEY_HTTP_REFERRER_BLOCKED", consumer="projects/123456")],
         )
     if name == "unauth":
         return 401, _status(
@@ -187,6 +343,135 @@ def error_for(behaviour: str, key: str, model: str) -> tuple[int, dict[str, Any]
     return None
 
 
+def model_not_found(model: str, version: str) -> dict[str, Any]:
+    return _status(
+        404,
+        "NOT_FOUND",
+        f"models/{model} is not found for API version {version}, "
+        "or is not supported for generateContent. Call ListModels to see the list "
+        "of available models and their supported methods.",
+    )
+
+
+def credentials_missing(version: str, method: str) -> dict[str, Any]:
+    """What any API key gets from a method that needs OAuth (e.g. creating a tuned model)."""
+    return _status(
+        401,
+        "UNAUTHENTICATED",
+        "API keys are not supported by this API. Expected OAuth2 access token or other "
+        "authentication credentials that assert a principal. "
+        "See https://cloud.google.com/docs/authentication",
+        [
+            _error_info(
+                "CREDENTIALS_MISSING",
+                method=f"google.ai.generativelanguage.{version}.{method}",
+            )
+        ],
+    )
+
+
+def denied(message: str) -> dict[str, Any]:
+    """403 without a key reason: another project's resource, or no such resource."""
+    return _status(403, "PERMISSION_DENIED", message)
+
+
+def file_denied(file_id: str) -> dict[str, Any]:
+    return denied(f"You do not have permission to access the File {file_id} or it may not exist.")
+
+
+CACHE_DENIED = "CachedContent not found (or permission denied)"
+BATCH_DENIED = "Batch not found (or permission denied)"
+
+
+def accepts_gzip(header: str) -> bool:
+    """Whether an Accept-Encoding header allows gzip (an explicit gzip entry beats `*`)."""
+    weights: dict[str, float] = {}
+    for item in header.split(","):
+        coding, *params = item.split(";")
+        q = 1.0
+        for p in params:
+            name, _, value = p.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        weights[coding.strip().lower()] = q
+    for coding in ("gzip", "x-gzip", "*"):
+        if coding in weights:
+            return weights[coding] > 0
+    return False
+
+
+def rfc3339(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def seconds(duration: Any, default: float) -> float:
+    """A google.protobuf.Duration in JSON ("300s", "1.5s"), or `default`."""
+    if isinstance(duration, str) and duration.endswith("s"):
+        with contextlib.suppress(ValueError):
+            return float(duration[:-1])
+    return default
+
+
+def field(doc: Any, camel: str) -> Any:
+    """A field by its JSON (camelCase) or proto (snake_case) name: Google accepts both."""
+    if not isinstance(doc, dict):
+        return None
+    if camel in doc:
+        return doc[camel]
+    return doc.get(re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel))
+
+
+def references(doc: Any) -> tuple[list[str], list[str]]:
+    """(file ids, cached-content ids) a request body names, anywhere in it."""
+    files: list[str] = []
+    caches: list[str] = []
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        if not isinstance(node, dict):
+            continue
+        for k, v in node.items():
+            if k in ("fileUri", "file_uri", "fileName", "file_name") and isinstance(v, str):
+                found = re.search(r"(?:^|/)files/([^/?#:]+)$", v)
+                if found:
+                    files.append(found.group(1))
+            elif k in ("cachedContent", "cached_content") and isinstance(v, str):
+                found = re.search(r"cachedContents/([^/?#:]+)$", v)
+                caches.append(found.group(1) if found else v)
+            else:
+                stack.append(v)
+    return files, caches
+
+
+def operation_of(method: str, path: str) -> str | None:
+    """The COUNTED name of a state-changing call, or None."""
+    if path.startswith("/upload/"):
+        return "create:files" if method == "POST" else None
+    found = re.fullmatch(r"/(?:v1|v1beta)/(.+)", path)
+    if not found:
+        return None
+    rest = found.group(1)
+    table: list[tuple[str, str, str]] = [
+        ("DELETE", r"files/[^/:]+", "delete:files"),
+        ("POST", r"cachedContents", "create:cachedContents"),
+        ("PATCH", r"cachedContents/[^/:]+", "update:cachedContents"),
+        ("DELETE", r"cachedContents/[^/:]+", "delete:cachedContents"),
+        ("POST", r"models/[^/:]+:batchGenerateContent", "create:batches"),
+        ("POST", r"batches/[^/:]+:cancel", "cancel:batches"),
+        ("DELETE", r"batches/[^/:]+", "delete:batches"),
+        ("POST", r"tunedModels", "create:tunedModels"),
+    ]
+    for m, pattern, name in table:
+        if method == m and re.fullmatch(pattern, rest):
+            return name
+    return None
+
+
 def cut_after(behaviour: str) -> int | None:
     """`cut:N`: the stream breaks after N events."""
     return int(behaviour.partition(":")[2] or 1) if behaviour.startswith("cut") else None
@@ -199,6 +484,35 @@ async def cut_connection(request: web.Request) -> None:
     request.transport.abort()
 
 
+class EventStream:
+    """A streamed answer, gzipped as Google does: each event is flushed (Z_SYNC_FLUSH) so the
+    client can decode it as it arrives; aiohttp's own compression would buffer."""
+
+    def __init__(self, resp: web.StreamResponse, compress: bool) -> None:
+        self.resp = resp
+        self.z = zlib.compressobj(wbits=31) if compress else None
+
+    @classmethod
+    async def open(cls, request: web.Request, content_type: str, compress: bool) -> EventStream:
+        headers = {"Content-Type": content_type}
+        if compress:
+            headers["Content-Encoding"] = "gzip"
+        resp = web.StreamResponse(headers=headers)
+        await resp.prepare(request)
+        return cls(resp, compress)
+
+    async def write(self, data: bytes) -> None:
+        if self.z is not None:
+            data = self.z.compress(data) + self.z.flush(zlib.Z_SYNC_FLUSH)
+        await self.resp.write(data)
+
+    async def close(self) -> web.StreamResponse:
+        if self.z is not None:
+            await self.resp.write(self.z.flush())
+        await self.resp.write_eof()
+        return self.resp
+
+
 class FakeGemini:
     def __init__(self) -> None:
         self.keys: dict[str, str] = {}
@@ -207,9 +521,14 @@ class FakeGemini:
         self.script: list[str] = []
         self.random: list[tuple[str, float]] = []
         self.rng = random.Random(1)
+        self.served: list[str] = list(DEFAULT_MODELS)
+        self.gzip = True
         self.log: list[dict[str, Any]] = []
+        self.counts: dict[str, int] = dict.fromkeys(COUNTED, 0)
         self.files: dict[str, str] = {}  # file id -> project
         self.uploads: dict[str, dict[str, Any]] = {}
+        self.caches: dict[str, dict[str, Any]] = {}  # id -> {"project", "expires", "doc"}
+        self.batches: dict[str, dict[str, Any]] = {}  # id -> {"project", "doc"}
 
     # --- control
     async def set_config(self, request: web.Request) -> web.Response:
@@ -221,14 +540,32 @@ class FakeGemini:
         self.script = list(doc.get("script", []))
         self.random = list((doc.get("random") or {}).items())
         self.rng = random.Random(doc.get("seed", 1))
+        served = doc.get("served_models")
+        self.served = (
+            list(DEFAULT_MODELS)
+            if served is None
+            else [str(m).removeprefix("models/") for m in served]
+        )
+        self.gzip = bool(doc.get("gzip", True))
         return web.json_response({"ok": True})
 
     async def get_log(self, request: web.Request) -> web.Response:
         return web.json_response(self.log)
 
+    async def get_counts(self, request: web.Request) -> web.Response:
+        return web.json_response(self.counts)
+
     async def reset(self, request: web.Request) -> web.Response:
         self.log.clear()
+        self.counts = dict.fromkeys(COUNTED, 0)
         return web.json_response({"ok": True})
+
+    def count(self, name: str | None) -> None:
+        if name is not None:
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def project(self, key: str) -> str:
+        return self.projects.get(key, key)
 
     # --- Google's front door
     def credential(
@@ -282,6 +619,9 @@ class FakeGemini:
             return str(self.rng.choices(names, weights)[0])
         return self.keys[key]
 
+    def compress(self, request: web.Request) -> bool:
+        return self.gzip and accepts_gzip(request.headers.get("Accept-Encoding", ""))
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         openai = path.startswith("/v1beta/openai/")
@@ -295,6 +635,7 @@ class FakeGemini:
         )
         entry: dict[str, Any] = {
             "key": key,
+            "method": request.method,
             "path": path,
             "query": request.query_string,
             "model": model,
@@ -304,6 +645,7 @@ class FakeGemini:
             "status": None,
         }
         self.log.append(entry)
+        self.count(operation_of(request.method, path))
         if err is not None:
             entry["status"] = err.status
             return err
@@ -321,24 +663,46 @@ class FakeGemini:
             assert request.transport is not None
             request.transport.abort()
             return web.Response()
-        fault = error_for(behaviour, key, model or "unknown")
+        fault = error_for(behaviour, key, model or "unknown", request.headers.get("Referer"))
         if fault is not None:
             entry["status"] = fault[0]
             return self.error(fault[0], fault[1], openai)
-        if model == "no-such-model":
-            entry["status"] = 404
-            return self.error(
-                404,
-                _status(
-                    404,
-                    "NOT_FOUND",
-                    f"models/{model} is not found for API version v1beta, "
-                    "or is not supported for generateContent. Call ListModels to see the list "
-                    "of available models and their supported methods.",
-                ),
-                openai,
-            )
-        if body and request.method == "POST" and not path.startswith("/upload/"):
+        resp = await self.answer(request, path, body, key, model, stream, behaviour, openai)
+        entry["status"] = resp.status
+        return resp
+
+    async def answer(
+        self,
+        request: web.Request,
+        path: str,
+        body: bytes,
+        key: str,
+        model: str | None,
+        stream: bool,
+        behaviour: str,
+        openai: bool,
+    ) -> web.StreamResponse:
+        """What a valid key that is not playing a fault gets."""
+        version = "v1" if path.startswith("/v1/") else "v1beta"
+        tuned = re.fullmatch(r"/(?:v1|v1beta)/tunedModels(?:/([^/:]+).*)?", path)
+        if tuned:
+            if tuned.group(1):
+                return self.error(
+                    403,
+                    denied(
+                        f"You do not have permission to access tuned model tunedModels/{tuned.group(1)}."
+                    ),
+                    False,
+                )
+            if request.method == "POST":
+                return self.error(
+                    401, credentials_missing(version, "ModelService.CreateTunedModel"), False
+                )
+            return web.json_response({})
+        if model is not None and model not in self.served:
+            return self.error(404, model_not_found(model, version), openai)
+        doc: Any = None
+        if body and request.method in ("POST", "PATCH") and not path.startswith("/upload/"):
             try:
                 doc = json.loads(body)
             except ValueError:
@@ -347,25 +711,165 @@ class FakeGemini:
             else:
                 problem = "Invalid JSON payload received. Expected an object."
             if not isinstance(doc, dict):
-                entry["status"] = 400
                 return self.error(400, _status(400, "INVALID_ARGUMENT", problem), openai)
-        entry["status"] = 200
+        if not openai and re.search(
+            r"(:generateContent|:streamGenerateContent|:countTokens|:batchGenerateContent"
+            r"|/cachedContents)$",
+            path,
+        ):
+            refused = self.foreign_reference(doc, key)
+            if refused is not None:
+                return refused
         if path.startswith("/upload/"):
             return await self.upload_start(request, key, body)
         if openai:
             return await self.openai_answer(request, path, model, stream, behaviour)
-        return await self.native_answer(request, path, model, stream, behaviour, key)
+        resource = self.resource_answer(request.method, path, doc, key, model)
+        if resource is not None:
+            return resource
+        return await self.native_answer(request, path, model, stream, behaviour, body)
 
     @staticmethod
     def model_of(path: str, body: bytes, openai: bool) -> str | None:
         if openai:
+            one = re.search(r"/openai/models/(.+)$", path)
+            if one:
+                return one.group(1).removeprefix("models/")
             try:
                 m = json.loads(body).get("model") if body else None
             except (ValueError, AttributeError):
                 return None
             return m.removeprefix("models/") if isinstance(m, str) else None
+        tuned = re.search(r"/(tunedModels/[^/:]+)", path)
+        if tuned:
+            return tuned.group(1)
+        if re.fullmatch(r"/(?:v1|v1beta)/cachedContents", path) and body:
+            try:
+                m = json.loads(body).get("model")
+            except (ValueError, AttributeError):
+                return None
+            return m.removeprefix("models/") if isinstance(m, str) else None
         found = re.search(r"/models/([^/:]+)", path)
         return found.group(1) if found else None
+
+    # --- project-bound resources
+    def live_cache(self, cache_id: str, project: str) -> dict[str, Any] | None:
+        cache = self.caches.get(cache_id)
+        if cache is not None and cache["expires"] <= time.time():
+            del self.caches[cache_id]
+            cache = None
+        return cache if cache is not None and cache["project"] == project else None
+
+    def foreign_reference(self, doc: Any, key: str) -> web.Response | None:
+        """Google's 403 when a body names a file or cache that the key's project cannot see."""
+        files, caches = references(doc)
+        project = self.project(key)
+        for file_id in files:
+            if self.files.get(file_id) != project:
+                return self.error(403, file_denied(file_id), False)
+        for cache_id in caches:
+            if self.live_cache(cache_id, project) is None:
+                return self.error(403, denied(CACHE_DENIED), False)
+        return None
+
+    def resource_answer(
+        self, method: str, path: str, doc: Any, key: str, model: str | None
+    ) -> web.Response | None:
+        """Files, cached contents and batches, or None if the path is none of them."""
+        found = re.fullmatch(
+            r"/(?:v1|v1beta)/(files|cachedContents|batches)(?:/([^/:]+))?(:\w+)?", path
+        )
+        if not found:
+            if path.endswith(":batchGenerateContent") and method == "POST":
+                return self.create_batch(doc, key, model)
+            return None
+        kind, rid, verb = found.groups()
+        project = self.project(key)
+        now = time.time()
+        if kind == "files":
+            if rid is None:
+                mine = [self.file_doc(f) for f, p in self.files.items() if p == project]
+                return web.json_response({"files": mine} if mine else {})
+            if self.files.get(rid) != project:
+                return self.error(403, file_denied(rid), False)
+            if method == "DELETE":
+                del self.files[rid]
+                return web.json_response({})
+            return web.json_response(self.file_doc(rid))
+        if kind == "cachedContents":
+            if rid is None:
+                if method == "POST":
+                    return self.create_cache(doc, project, model, now)
+                mine = [
+                    c["doc"]
+                    for i, c in list(self.caches.items())
+                    if self.live_cache(i, project) is not None
+                ]
+                return web.json_response({"cachedContents": mine} if mine else {})
+            cache = self.live_cache(rid, project)
+            if cache is None:
+                return self.error(403, denied(CACHE_DENIED), False)
+            if method == "DELETE":
+                del self.caches[rid]
+                return web.json_response({})
+            if method == "PATCH":
+                expires = now + seconds(field(doc, "ttl"), cache["expires"] - now)
+                cache["expires"] = expires
+                cache["doc"].update(updateTime=rfc3339(now), expireTime=rfc3339(expires))
+            return web.json_response(cache["doc"])
+        # batches
+        if rid is None:
+            mine = [b["doc"] for b in self.batches.values() if b["project"] == project]
+            return web.json_response({"operations": mine} if mine else {})
+        batch = self.batches.get(rid)
+        if batch is None or batch["project"] != project:
+            return self.error(403, denied(BATCH_DENIED), False)
+        if method == "DELETE":
+            del self.batches[rid]
+            return web.json_response({})
+        if verb == ":cancel" and method == "POST":
+            batch["doc"]["metadata"].update(state="BATCH_STATE_CANCELLED", updateTime=rfc3339(now))
+            batch["doc"]["done"] = True
+            return web.json_response({})
+        return web.json_response(batch["doc"])
+
+    def create_cache(self, doc: Any, project: str, model: str | None, now: float) -> web.Response:
+        cache_id = uuid.uuid4().hex[:16]
+        expires = now + seconds(field(doc, "ttl"), 3600.0)
+        answer: dict[str, Any] = {"name": f"cachedContents/{cache_id}"}
+        if model:
+            answer["model"] = f"models/{model}"
+        display = field(doc, "displayName")
+        if isinstance(display, str):
+            answer["displayName"] = display
+        answer.update(
+            createTime=rfc3339(now),
+            updateTime=rfc3339(now),
+            expireTime=rfc3339(expires),
+            usageMetadata={"totalTokenCount": max(1, len(json.dumps(doc)) // 4)},
+        )
+        self.caches[cache_id] = {"project": project, "expires": expires, "doc": answer}
+        return web.json_response(answer)
+
+    def create_batch(self, doc: Any, key: str, model: str | None) -> web.Response:
+        batch_id = uuid.uuid4().hex[:16]
+        now = rfc3339(time.time())
+        spec = field(doc, "batch")
+        inline = field(field(field(spec, "inputConfig"), "requests"), "requests")
+        count = len(inline) if isinstance(inline, list) else 0
+        meta: dict[str, Any] = {
+            "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
+            "model": f"models/{model}",
+            "displayName": field(spec, "displayName") or "",
+            "createTime": now,
+            "updateTime": now,
+            "batchStats": {"requestCount": str(count), "pendingRequestCount": str(count)},
+            "state": "BATCH_STATE_PENDING",
+            "name": f"batches/{batch_id}",
+        }
+        answer = {"name": f"batches/{batch_id}", "metadata": meta}
+        self.batches[batch_id] = {"project": self.project(key), "doc": answer}
+        return web.json_response(answer)
 
     # --- native answers
     @staticmethod
@@ -386,6 +890,23 @@ class FakeGemini:
             "responseId": uuid.uuid4().hex[:16],
         }
 
+    def model_doc(self, model: str) -> dict[str, Any]:
+        embed = "embedding" in model
+        return {
+            "name": f"models/{model}",
+            "displayName": model.replace("-", " ").title(),
+            "supportedGenerationMethods": (
+                ["embedContent", "batchEmbedContents"]
+                if embed
+                else [
+                    "generateContent",
+                    "countTokens",
+                    "createCachedContent",
+                    "batchGenerateContent",
+                ]
+            ),
+        }
+
     async def native_answer(
         self,
         request: web.Request,
@@ -393,65 +914,43 @@ class FakeGemini:
         model: str | None,
         stream: bool,
         behaviour: str,
-        key: str,
+        body: bytes,
     ) -> web.StreamResponse:
         if path.endswith(":countTokens"):
             return web.json_response({"totalTokens": 7})
         if path.endswith(":embedContent"):
             return web.json_response({"embedding": {"values": [0.1, 0.2, 0.3]}})
+        if path.endswith(":batchEmbedContents"):
+            try:
+                requests = json.loads(body).get("requests") if body else None
+            except (ValueError, AttributeError):
+                requests = None
+            n = len(requests) if isinstance(requests, list) else 0
+            return web.json_response(
+                {"embeddings": [{"values": [0.1, 0.2, 0.3]} for _ in range(n)]}
+            )
         if re.search(r"/models/?$", path):
-            return web.json_response(
-                {
-                    "models": [
-                        {
-                            "name": "models/gemini-2.5-flash",
-                            "displayName": "Gemini 2.5 Flash",
-                            "supportedGenerationMethods": ["generateContent"],
-                        }
-                    ]
-                }
-            )
+            return web.json_response({"models": [self.model_doc(m) for m in self.served]})
         if re.search(r"/models/[^/:]+$", path):
-            return web.json_response(
-                {
-                    "name": f"models/{model}",
-                    "displayName": model,
-                    "supportedGenerationMethods": ["generateContent"],
-                }
-            )
-        files = re.search(r"/files/([^/:]+)$", path)
-        if files:
-            owner = self.files.get(files.group(1))
-            if owner is None or owner != self.projects.get(key, key):
-                return self.error(
-                    403,
-                    _status(
-                        403,
-                        "PERMISSION_DENIED",
-                        f"You do not have permission to access the File {files.group(1)} or it may not exist.",
-                    ),
-                    False,
-                )
-            return web.json_response(self.file_doc(files.group(1)))
+            return web.json_response(self.model_doc(model or ""))
         if not stream:
             return web.json_response(self.candidate(model, "Hello from fake Gemini.", True, 5, 4))
         events = int(request.headers.get("x-fake-events", "3"))
         delay = float(request.headers.get("x-fake-delay-ms", "0")) / 1000
         pad = "x" * int(request.headers.get("x-fake-event-bytes", "0"))
         sse = request.query.get("alt") == "sse"
-        resp = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream" if sse else "application/json"}
+        out = await EventStream.open(
+            request, "text/event-stream" if sse else "application/json", self.compress(request)
         )
-        await resp.prepare(request)
         cut = cut_after(behaviour)
         if not sse:
-            await resp.write(b"[")
+            await out.write(b"[")
         for i in range(events):
             if i == cut:
                 await cut_connection(request)
-                return resp
+                return out.resp
             if behaviour == "error_event" and i == events - 1:
-                await resp.write(
+                await out.write(
                     b"data: "
                     + json.dumps(_status(500, "INTERNAL", "stream failed")).encode()
                     + b"\r\n\r\n"
@@ -460,15 +959,14 @@ class FakeGemini:
             doc = self.candidate(model, f"chunk {i} " + pad, i == events - 1, 5, i + 1)
             data = json.dumps(doc).encode()
             if sse:
-                await resp.write(b"data: " + data + b"\r\n\r\n")
+                await out.write(b"data: " + data + b"\r\n\r\n")
             else:
-                await resp.write((b"," if i else b"") + b"\r\n" + data)
+                await out.write((b"," if i else b"") + b"\r\n" + data)
             if delay:
                 await asyncio.sleep(delay)
         if not sse:
-            await resp.write(b"]")
-        await resp.write_eof()
-        return resp
+            await out.write(b"]")
+        return await out.close()
 
     # --- uploads (resumable protocol), files are bound to the uploading key's project
     def file_doc(self, file_id: str) -> dict[str, Any]:
@@ -482,7 +980,7 @@ class FakeGemini:
 
     async def upload_start(self, request: web.Request, key: str, body: bytes) -> web.Response:
         upload_id = uuid.uuid4().hex
-        self.uploads[upload_id] = {"project": self.projects.get(key, key), "data": b""}
+        self.uploads[upload_id] = {"project": self.project(key), "data": b""}
         host = request.headers.get("host", request.host)
         url = f"http://{host}{request.path}?upload_id={upload_id}&upload_protocol=resumable"
         return web.Response(
@@ -495,9 +993,13 @@ class FakeGemini:
 
     async def upload_chunk(self, request: web.Request) -> web.Response:
         up = self.uploads.get(request.query["upload_id"])
+        finalize = "finalize" in request.headers.get("X-Goog-Upload-Command", "")
+        if finalize:
+            self.count("finalize:files")
         self.log.append(
             {
                 "key": request.headers.get("x-goog-api-key"),
+                "method": request.method,
                 "path": request.path,
                 "model": None,
                 "stream": False,
@@ -509,7 +1011,7 @@ class FakeGemini:
         if up is None:
             return web.json_response(_status(404, "NOT_FOUND", "upload not found"), status=404)
         up["data"] += await request.read()
-        if "finalize" not in request.headers.get("X-Goog-Upload-Command", ""):
+        if not finalize:
             return web.Response(headers={"X-Goog-Upload-Status": "active"})
         file_id = uuid.uuid4().hex[:12]
         self.files[file_id] = up["project"]
@@ -522,19 +1024,15 @@ class FakeGemini:
         self, request: web.Request, path: str, model: str | None, stream: bool, behaviour: str
     ) -> web.StreamResponse:
         now = int(time.time())
+
+        def model_object(m: str) -> dict[str, Any]:
+            return {"id": f"models/{m}", "object": "model", "created": now, "owned_by": "google"}
+
+        if re.search(r"/openai/models/.+$", path):
+            return web.json_response(model_object(model or ""))
         if path.endswith("/models"):
             return web.json_response(
-                {
-                    "object": "list",
-                    "data": [
-                        {
-                            "id": "models/gemini-2.5-flash",
-                            "object": "model",
-                            "created": now,
-                            "owned_by": "google",
-                        }
-                    ],
-                }
+                {"object": "list", "data": [model_object(m) for m in self.served]}
             )
         if path.endswith("/embeddings"):
             return web.json_response(
@@ -565,13 +1063,12 @@ class FakeGemini:
             )
         events = int(request.headers.get("x-fake-events", "3"))
         delay = float(request.headers.get("x-fake-delay-ms", "0")) / 1000
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
+        out = await EventStream.open(request, "text/event-stream", self.compress(request))
         cut = cut_after(behaviour)
         for i in range(events):
             if i == cut:
                 await cut_connection(request)
-                return resp
+                return out.resp
             last = i == events - 1
             chunk: dict[str, Any] = {
                 "id": cid,
@@ -592,22 +1089,51 @@ class FakeGemini:
                     "completion_tokens": events,
                     "total_tokens": 5 + events,
                 }
-            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await out.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             if delay:
                 await asyncio.sleep(delay)
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+        await out.write(b"data: [DONE]\n\n")
+        return await out.close()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+FAKE = web.AppKey("fake", FakeGemini)
 
 
 def make_app(fake: FakeGemini | None = None) -> web.Application:
     fake = fake or FakeGemini()
-    app = web.Application(client_max_size=256 * 1024 * 1024)
+
+    @web.middleware
+    async def gzip_answers(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Gzip every buffered answer with a body, as Google does; streams gzip themselves."""
+        resp = await handler(request)
+        if (
+            type(resp) is not web.Response
+            or request.path.startswith("/_fake/")
+            or not fake.compress(request)
+            or "Content-Encoding" in resp.headers
+            or not isinstance(resp.body, bytes)
+            or not resp.body
+        ):
+            return resp
+        headers = CIMultiDict(resp.headers)
+        headers.pop("Content-Length", None)
+        headers["Content-Encoding"] = "gzip"
+        return web.Response(
+            body=gzip.compress(resp.body), status=resp.status, reason=resp.reason, headers=headers
+        )
+
+    app = web.Application(client_max_size=256 * 1024 * 1024, middlewares=[gzip_answers])
     app.router.add_post("/_fake/config", fake.set_config)
     app.router.add_get("/_fake/log", fake.get_log)
+    app.router.add_get("/_fake/counts", fake.get_counts)
     app.router.add_post("/_fake/reset", fake.reset)
     app.router.add_route("*", "/{tail:.*}", fake.handle)
-    app["fake"] = fake
+    app[FAKE] = fake
+    with warnings.catch_warnings():  # the string key stays for callers that used it
+        warnings.simplefilter("ignore", web.NotAppKeyWarning)
+        app["fake"] = fake
     return app
 
 

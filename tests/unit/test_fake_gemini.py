@@ -1,0 +1,387 @@
+"""The fake Gemini upstream is as harsh as Google: gzip, unknown models, project-bound resources."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import sys
+import zlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from fake_gemini import DEFAULT_MODELS, FakeGemini, make_app
+
+A, B, C = "AIzaSyKEY-A", "AIzaSyKEY-B", "AQ.KEY-C"
+FLASH = "gemini-2.5-flash"
+GEN = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+GZ = {"Accept-Encoding": "gzip, deflate"}
+
+Scenario = Callable[[aiohttp.ClientSession, FakeGemini], Awaitable[None]]
+
+
+def run(scenario: Scenario, config: dict[str, Any] | None = None, **session: Any) -> FakeGemini:
+    """Serve a fresh fake on 127.0.0.1, configure it, and run `scenario` against it (≤ 4 s)."""
+    fake = FakeGemini()
+
+    async def main() -> None:
+        runner = web.AppRunner(make_app(fake), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        try:
+            async with aiohttp.ClientSession(
+                f"http://{host}:{port}", timeout=aiohttp.ClientTimeout(total=4), **session
+            ) as s:
+                doc = config or {"keys": {A: "ok", B: "ok", C: "ok"}}
+                async with s.post("/_fake/config", json=doc) as r:
+                    assert r.status == 200
+                await asyncio.wait_for(scenario(s, fake), 4)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+    return fake
+
+
+async def fetch(
+    s: aiohttp.ClientSession, method: str, path: str, key: str | None = A, **kw: Any
+) -> tuple[aiohttp.ClientResponse, Any]:
+    """(response, decoded JSON) whatever the session's auto_decompress."""
+    headers = {**GZ, **kw.pop("headers", {})}
+    if key is not None:
+        headers["x-goog-api-key"] = key
+    async with s.request(method, path, headers=headers, **kw) as r:
+        raw = await r.read()
+    if r.headers.get("Content-Encoding") == "gzip" and raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return r, json.loads(raw) if raw else None
+
+
+async def counts(s: aiohttp.ClientSession) -> dict[str, int]:
+    async with s.get("/_fake/counts") as r:
+        return dict(await r.json())
+
+
+def reason(doc: Any) -> str | None:
+    details = doc["error"].get("details", [])
+    return next((d["reason"] for d in details if "reason" in d), None)
+
+
+# --- compression
+
+
+def test_unary_answers_and_errors_are_gzipped() -> None:
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        async with s.post(
+            f"/v1beta/models/{FLASH}:generateContent", json=GEN, headers={**GZ, "x-goog-api-key": A}
+        ) as r:
+            assert r.status == 200 and r.headers["Content-Encoding"] == "gzip"
+            raw = await r.read()
+        doc = json.loads(gzip.decompress(raw))
+        assert doc["candidates"][0]["content"]["parts"][0]["text"] == "Hello from fake Gemini."
+        async with s.post(
+            f"/v1beta/models/{FLASH}:generateContent",
+            json=GEN,
+            headers={**GZ, "x-goog-api-key": "AIzaSyUNKNOWN"},
+        ) as r:
+            assert r.status == 400 and r.headers["Content-Encoding"] == "gzip"
+            assert reason(json.loads(gzip.decompress(await r.read()))) == "API_KEY_INVALID"
+
+    run(scenario, auto_decompress=False)
+
+
+def test_sse_is_gzipped_and_the_first_event_decodes_before_the_stream_ends() -> None:
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        headers = {**GZ, "x-goog-api-key": A, "x-fake-events": "3", "x-fake-delay-ms": "400"}
+        async with s.post(
+            f"/v1beta/models/{FLASH}:streamGenerateContent?alt=sse", json=GEN, headers=headers
+        ) as r:
+            assert r.status == 200 and r.headers["Content-Encoding"] == "gzip"
+            z = zlib.decompressobj(wbits=47)
+            text = b""
+            while b"\r\n\r\n" not in text:  # the first event, well before the next (400 ms)
+                text += z.decompress(await asyncio.wait_for(r.content.readany(), 0.3))
+            assert not r.content.at_eof()
+            first, _, _ = text.partition(b"\r\n\r\n")
+            assert first.startswith(b"data: {")
+            assert json.loads(first[6:])["candidates"][0]["content"]["parts"][0]["text"]
+            text += z.decompress(await r.read())
+        assert z.eof and text.count(b"data: ") == 3
+
+    run(scenario, auto_decompress=False)
+
+
+def test_json_array_and_openai_streams_are_gzipped() -> None:
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        async with s.post(
+            f"/v1/models/{FLASH}:streamGenerateContent",
+            json=GEN,
+            headers={**GZ, "x-goog-api-key": A},
+        ) as r:
+            assert r.headers["Content-Encoding"] == "gzip"
+            assert len(json.loads(gzip.decompress(await r.read()))) == 3
+        body = {"model": FLASH, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        async with s.post(
+            "/v1beta/openai/chat/completions",
+            json=body,
+            headers={**GZ, "Authorization": f"Bearer {A}"},
+        ) as r:
+            assert r.headers["Content-Encoding"] == "gzip"
+            assert gzip.decompress(await r.read()).endswith(b"data: [DONE]\n\n")
+
+    run(scenario, auto_decompress=False)
+
+
+def test_a_cut_and_an_error_event_still_work_under_gzip() -> None:
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        z = zlib.decompressobj(wbits=47)
+        text = b""
+        headers = {**GZ, "x-goog-api-key": A, "x-fake-events": "5"}
+        try:
+            async with s.post(
+                f"/v1beta/models/{FLASH}:streamGenerateContent?alt=sse", json=GEN, headers=headers
+            ) as r:
+                assert r.headers["Content-Encoding"] == "gzip"
+                async for chunk in r.content.iter_any():
+                    text += z.decompress(chunk)
+        except aiohttp.ClientError:
+            pass
+        assert text.count(b"data: ") == 2 and not z.eof  # two events, then a reset
+        headers["x-goog-api-key"] = B
+        async with s.post(
+            f"/v1beta/models/{FLASH}:streamGenerateContent?alt=sse", json=GEN, headers=headers
+        ) as r:
+            events = gzip.decompress(await r.read()).split(b"\r\n\r\n")
+        assert json.loads(events[-2][6:])["error"]["status"] == "INTERNAL"
+
+    run(scenario, {"keys": {A: "cut:2", B: "error_event"}}, auto_decompress=False)
+
+
+def test_identity_without_accept_encoding_or_with_gzip_off() -> None:
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        path = f"/v1beta/models/{FLASH}:generateContent"
+        async with s.post(path, json=GEN, headers={"x-goog-api-key": A}) as r:
+            assert "Content-Encoding" not in r.headers
+            assert (await r.json())["candidates"]
+        async with s.post(
+            path, json=GEN, headers={"x-goog-api-key": A, "Accept-Encoding": "gzip;q=0"}
+        ) as r:
+            assert "Content-Encoding" not in r.headers
+        async with s.post("/_fake/config", json={"keys": {A: "ok"}, "gzip": False}) as r:
+            assert r.status == 200
+        for p in (path, f"/v1beta/models/{FLASH}:streamGenerateContent?alt=sse"):
+            async with s.post(p, json=GEN, headers={**GZ, "x-goog-api-key": A}) as r:
+                assert "Content-Encoding" not in r.headers
+                assert (await r.read()).count(b'"candidates"') >= 1
+
+    run(scenario, auto_decompress=False, skip_auto_headers=["Accept-Encoding"])
+
+
+# --- models
+
+
+def test_unknown_models_get_googles_404_and_the_list_is_the_served_set() -> None:
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        r, doc = await fetch(s, "POST", "/v1beta/models/gemini-9-ultra:generateContent", json=GEN)
+        assert r.status == 404 and doc["error"]["status"] == "NOT_FOUND"
+        assert doc["error"]["message"].startswith(
+            "models/gemini-9-ultra is not found for API version v1beta, or is not supported "
+            "for generateContent. Call ListModels"
+        )
+        r, doc = await fetch(s, "GET", "/v1/models/gemini-9-ultra")
+        assert r.status == 404 and "API version v1," in doc["error"]["message"]
+        body = {"model": "gemini-9-ultra", "messages": [{"role": "user", "content": "hi"}]}
+        r, doc = await fetch(
+            s,
+            "POST",
+            "/v1beta/openai/chat/completions",
+            key=None,
+            json=body,
+            headers={"Authorization": f"Bearer {A}"},
+        )
+        assert r.status == 404 and doc[0]["error"]["code"] == 404
+        r, doc = await fetch(s, "GET", "/v1beta/models")
+        assert [m["name"] for m in doc["models"]] == [f"models/{m}" for m in DEFAULT_MODELS]
+        r, doc = await fetch(
+            s,
+            "GET",
+            "/v1beta/openai/models/gemini-2.5-pro",
+            key=None,
+            headers={"Authorization": f"Bearer {A}"},
+        )
+        assert r.status == 200 and doc["id"] == "models/gemini-2.5-pro" and doc["object"] == "model"
+        async with s.post(
+            "/_fake/config", json={"keys": {A: "ok"}, "served_models": ["models/x-1"]}
+        ):
+            pass
+        r, doc = await fetch(s, "GET", "/v1beta/models")
+        assert [m["name"] for m in doc["models"]] == ["models/x-1"]
+        r, _ = await fetch(s, "POST", f"/v1beta/models/{FLASH}:generateContent", json=GEN)
+        assert r.status == 404
+
+    run(scenario)
+
+
+def test_tuned_models_are_the_callers_problem_not_the_keys() -> None:
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        r, doc = await fetch(s, "POST", "/v1beta/tunedModels", json={"baseModel": "models/x"})
+        assert r.status == 401 and doc["error"]["status"] == "UNAUTHENTICATED"
+        assert doc["error"]["message"].startswith("API keys are not supported by this API.")
+        info = doc["error"]["details"][0]
+        assert info["reason"] == "CREDENTIALS_MISSING" and info["domain"] == "googleapis.com"
+        assert info["metadata"]["method"].endswith("CreateTunedModel")
+        r, doc = await fetch(s, "POST", "/v1/tunedModels/my-tune:generateContent", json=GEN)
+        assert r.status == 403 and reason(doc) is None
+        assert doc["error"]["message"] == (
+            "You do not have permission to access tuned model tunedModels/my-tune."
+        )
+        assert (await counts(s))["create:tunedModels"] == 1
+
+    run(scenario)
+
+
+def test_new_key_behaviours_carry_their_reasons() -> None:
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        path = f"/v1beta/models/{FLASH}:generateContent"
+        r, doc = await fetch(s, "POST", path, key=A, json=GEN)
+        assert r.status == 400 and reason(doc) == "API_KEY_INVALID"
+        assert doc["error"]["message"] == "API key expired. Please renew the API key."
+        r, doc = await fetch(s, "POST", path, key=B, json=GEN)
+        assert r.status == 403 and reason(doc) == "SERVICE_DISABLED"
+        assert doc["error"]["details"][0]["metadata"]["consumer"] == "projects/123456"
+        r, doc = await fetch(s, "POST", path, key=C, json=GEN)
+        assert r.status == 403 and reason(doc) == "API_KEY_HTTP_REFERRER_BLOCKED"
+        assert doc["error"]["message"] == "Requests from referer <empty> are blocked."
+
+    run(scenario, {"keys": {A: "expired", B: "service_disabled", C: "referrer"}})
+
+
+# --- project-bound resources
+
+
+def test_cached_contents_belong_to_the_creating_project() -> None:
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        create = {"model": f"models/{FLASH}", "contents": GEN["contents"], "ttl": "600s"}
+        r, cache = await fetch(s, "POST", "/v1beta/cachedContents", key=A, json=create)
+        assert r.status == 200 and cache["name"].startswith("cachedContents/")
+        assert cache["model"] == f"models/{FLASH}" and cache["usageMetadata"]["totalTokenCount"]
+        assert cache["expireTime"] > cache["createTime"]
+        name = cache["name"]
+        r, doc = await fetch(s, "GET", f"/v1beta/{name}", key=B)  # project p2
+        assert r.status == 403 and reason(doc) is None
+        assert doc["error"]["message"] == "CachedContent not found (or permission denied)"
+        r, doc = await fetch(s, "GET", f"/v1/{name}", key=C)  # p1, another key of the owner
+        assert r.status == 200 and doc["name"] == name
+        use = {**GEN, "cachedContent": name}
+        r, _ = await fetch(s, "POST", f"/v1beta/models/{FLASH}:generateContent", key=B, json=use)
+        assert r.status == 403
+        r, _ = await fetch(s, "POST", f"/v1beta/models/{FLASH}:countTokens", key=C, json=use)
+        assert r.status == 200
+        r, doc = await fetch(s, "GET", "/v1beta/cachedContents", key=B)
+        assert r.status == 200 and doc == {}
+        r, doc = await fetch(s, "PATCH", f"/v1beta/{name}", key=A, json={"ttl": "60s"})
+        assert r.status == 200 and doc["expireTime"] < cache["expireTime"]
+        r, _ = await fetch(s, "DELETE", f"/v1beta/{name}", key=B)
+        assert r.status == 403
+        r, doc = await fetch(s, "DELETE", f"/v1beta/{name}", key=A)
+        assert r.status == 200 and doc == {}
+        r, _ = await fetch(s, "GET", f"/v1beta/{name}", key=A)
+        assert r.status == 403
+        c = await counts(s)
+        assert c["create:cachedContents"] == 1 and c["update:cachedContents"] == 1
+        assert c["delete:cachedContents"] == 2 and c["create:batches"] == 0
+        assert [e["method"] for e in fake.log[:2]] == ["POST", "GET"]
+        async with s.post("/_fake/reset"):
+            pass
+        assert set((await counts(s)).values()) == {0}
+
+    run(scenario, {"keys": {A: "ok", B: "ok", C: "ok"}, "projects": {A: "p1", B: "p2", C: "p1"}})
+
+
+def test_files_are_listed_and_deleted_per_project() -> None:
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        async with s.post(
+            "/upload/v1beta/files",
+            json={"file": {"display_name": "doc"}},
+            headers={"x-goog-api-key": A, "X-Goog-Upload-Command": "start"},
+        ) as r:
+            url = r.headers["X-Goog-Upload-URL"]
+        async with s.post(
+            url, data=b"hello", headers={"X-Goog-Upload-Command": "upload, finalize"}
+        ) as r:
+            name = (await r.json())["file"]["name"]
+        file_id = name.removeprefix("files/")
+        r, doc = await fetch(s, "GET", "/v1beta/files", key=A)
+        assert [f["name"] for f in doc["files"]] == [name]
+        r, doc = await fetch(s, "GET", "/v1beta/files", key=B)
+        assert doc == {}
+        part = {"fileData": {"mimeType": "text/plain", "fileUri": f"https://x/v1beta/{name}"}}
+        other = {"contents": [{"role": "user", "parts": [part]}]}
+        r, doc = await fetch(
+            s, "POST", f"/v1beta/models/{FLASH}:generateContent", key=B, json=other
+        )
+        assert r.status == 403 and file_id in doc["error"]["message"]
+        snake = {"contents": [{"parts": [{"file_data": {"file_uri": name}}]}]}
+        r, _ = await fetch(s, "POST", f"/v1beta/models/{FLASH}:generateContent", key=A, json=snake)
+        assert r.status == 200
+        r, doc = await fetch(s, "DELETE", f"/v1beta/{name}", key=B)
+        assert r.status == 403 and doc["error"]["message"] == (
+            f"You do not have permission to access the File {file_id} or it may not exist."
+        )
+        r, _ = await fetch(s, "DELETE", f"/v1beta/{name}", key=A)
+        assert r.status == 200
+        r, _ = await fetch(s, "GET", f"/v1beta/{name}", key=A)
+        assert r.status == 403
+        c = await counts(s)
+        assert (c["create:files"], c["finalize:files"], c["delete:files"]) == (1, 1, 2)
+
+    run(scenario)
+
+
+def test_batches_and_batch_embeddings() -> None:
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        reqs = [{"request": GEN, "metadata": {"key": str(i)}} for i in range(2)]
+        body = {"batch": {"display_name": "b", "input_config": {"requests": {"requests": reqs}}}}
+        r, op = await fetch(s, "POST", f"/v1beta/models/{FLASH}:batchGenerateContent", json=body)
+        assert r.status == 200 and op["name"].startswith("batches/")
+        assert op["metadata"]["batchStats"]["requestCount"] == "2"
+        r, _ = await fetch(s, "GET", f"/v1beta/{op['name']}", key=B)
+        assert r.status == 403
+        r, _ = await fetch(s, "POST", f"/v1beta/{op['name']}:cancel", key=A)
+        assert r.status == 200
+        r, doc = await fetch(s, "GET", f"/v1beta/{op['name']}", key=A)
+        assert doc["metadata"]["state"] == "BATCH_STATE_CANCELLED"
+        r, _ = await fetch(s, "DELETE", f"/v1beta/{op['name']}", key=A)
+        assert r.status == 200
+        c = await counts(s)
+        assert (c["create:batches"], c["cancel:batches"], c["delete:batches"]) == (1, 1, 1)
+        embed = {"requests": [{"content": {"parts": [{"text": t}]}} for t in "abc"]}
+        r, doc = await fetch(
+            s, "POST", "/v1beta/models/gemini-embedding-001:batchEmbedContents", json=embed
+        )
+        assert r.status == 200 and len(doc["embeddings"]) == 3 and doc["embeddings"][0]["values"]
+
+    run(scenario)
+
+
+def test_a_dropped_create_still_counts_once() -> None:
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        create = {"model": f"models/{FLASH}", "contents": GEN["contents"]}
+        try:
+            await fetch(s, "POST", "/v1beta/cachedContents", key=A, json=create)
+        except aiohttp.ClientError:
+            pass
+        else:
+            raise AssertionError("drop must close the connection without an answer")
+        assert (await counts(s))["create:cachedContents"] == 1
+        assert fake.log[-1]["status"] == 0 and fake.log[-1]["method"] == "POST"
+        assert fake.caches == {}
+
+    run(scenario, {"keys": {A: "drop"}})
