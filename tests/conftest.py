@@ -53,6 +53,10 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
     raise AssertionError(f"condition not met within {timeout}s (last error: {last_exc})")
 
 
+def is_key_check(entry: dict[str, Any]) -> bool:
+    return entry.get("path") == "/v1beta/models" and entry.get("query") == "pageSize=1"
+
+
 class Fake:
     """Handle on the fake Gemini subprocess (one per test session)."""
 
@@ -66,11 +70,20 @@ class Fake:
         self.http.post("/_fake/config", json={"keys": keys, **extra}).raise_for_status()
         self.http.post("/_fake/reset").raise_for_status()
 
-    def log(self) -> list[dict[str, Any]]:
-        return list(self.http.get("/_fake/log").json())
+    def log(self, checks: bool = False) -> list[dict[str, Any]]:
+        """What reached the fake; without the proxy's key checks unless `checks`."""
+        entries = list(self.http.get("/_fake/log").json())
+        return entries if checks else [e for e in entries if not is_key_check(e)]
+
+    def checks(self) -> list[dict[str, Any]]:
+        """The proxy's key checks (GET /v1beta/models?pageSize=1: no generation quota)."""
+        return [e for e in self.log(checks=True) if is_key_check(e)]
 
     def keys_seen(self) -> list[str | None]:
         return [e["key"] for e in self.log()]
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.http.get("/_fake/counts").json())
 
 
 @pytest.fixture(scope="session")
@@ -236,6 +249,12 @@ class Proxy:
 
     def keys_state(self) -> dict[str, dict[str, Any]]:
         return {k["name"]: k for k in self.admin.get("/admin/keys").json()["keys"]}
+
+    def wait_key(self, name: str, status: str, timeout: float = 10) -> dict[str, Any]:
+        """A dead-key answer is confirmed by a check in the background: wait for the verdict."""
+        return dict(
+            wait_for(lambda: (k := self.keys_state()[name])["status"] == status and k, timeout)
+        )
 
 
 @pytest.fixture

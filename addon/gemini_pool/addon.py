@@ -1,81 +1,66 @@
 """The mitmproxy addon: wires mitmproxy's hooks, options and commands to the proxy service.
 
+Who may use the proxy is decided by the gate (`gate.py`) in `requestheaders`; a refused flow
+never goes upstream, and its body is never held in memory (it is streamed into the relay's sink).
 Every upstream attempt (first or retry) is made by the addon's own pooled client in the async
 `request` hook, so a failed attempt is retried on another key before any byte reaches the caller,
 and the key never enters a flow (mitmweb, `-w` dumps) at all. Unary answers become
 `flow.response`; a 2xx stream is handed to mitmproxy through the loopback relay and streamed.
-
-State that must outlive a script reload (the pool, the admin server, the relay, the database)
-lives in the module-level Runtime: only the entry script is re-imported on reload.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
-import resource
-import signal
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
+from mitmproxy.net.http.url import hostport
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
+from mitmproxy.utils import human
 
 from .breaker import BreakerPolicy
 from .classify import network_verdict
 from .config import ConfigError
 from .dispatch import DispatchPolicy, ProxyRequest
 from .errors import error_body
-from .metrics import INFLIGHT
-from .pins import UPLOAD_URL_HEADERS, rewrite_upload_urls
+from .gate import STRIPPED_FIELDS, Admit, Arrival, Refuse, Target
+from .lifecycle import Runtime, raise_fd_limit
+from .metrics import GATE_REFUSALS, INFLIGHT
+from .pins import UPLOAD_URL_HEADERS, rewrite_upload_headers
 from .records import Detour, RequestRecord
-from .relay import TICKET_FIELD, Held, StreamRelay
-from .routing import (
-    Api,
-    RouteError,
-    api_for_path,
-    client_credential,
-    is_bearer_only,
-    route,
-    split_query,
-)
+from .relay import TICKET_FIELD, Held
+from .routing import Api, RouteError, query_credentials, route
 from .selector import PoolPolicy
-from .service import AuthError, ProxyService, Settings, install_access_log
+from .service import ProxyService, Settings, install_access_log
 from .store import Store, StoreError
 from .upstream import UpstreamAnswer
+from .usage import UsageTap, decoded
 
 log = logging.getLogger("gemini_proxy")
 
-# request headers the addon reads before the body arrives (raw, lower-case)
-_CREDENTIALS = frozenset({b"x-goog-api-key", b"authorization"})
-_PEEKED = _CREDENTIALS | {b"content-length"}
-# request headers that frame a body (the relay hop carries none)
+# request headers that frame a body (the relay hop of a stream carries none)
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _TICKET_ONLY = frozenset({TICKET_FIELD})
 _RELAY_ONLY = _FRAMING | _TICKET_ONLY
+_DROPPED = STRIPPED_FIELDS | {b"host"}
 # answers that can name a project-bound resource (files, cached contents, batches, operations)
-RESOURCE_PATHS = re.compile(r"/(upload/|files|cachedContents|batches|operations)|:batch|:async")
-
-
-@dataclass
-class Runtime:
-    service: ProxyService = field(default_factory=ProxyService)
-    relay: StreamRelay = field(default_factory=StreamRelay)
-    records: dict[str, RequestRecord] = field(default_factory=dict)
-    admin: Any = None  # AdminServer, started in `running`
-    admin_bind: tuple[str, int, str] | None = None
-    db_path: str | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    started: asyncio.Event | None = None
-    file_sig: tuple[float, int, int] | None = None
-
+RESOURCE_PATHS = (
+    "/upload/",
+    "files",
+    "cachedContents",
+    "batches",
+    "operations",
+    ":batch",
+    ":async",
+)
+MAX_RESOURCE_ANSWER = 4 << 20
+_HOSTPORT = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
 _RUNTIME: Runtime | None = None
 
@@ -102,6 +87,14 @@ def parse_hostport(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def reverse_target(spec: str | ProxyMode) -> Target | None:
+    """The upstream of a reverse-mode listener; None for modes where callers pick the host."""
+    mode = ProxyMode.parse(spec) if isinstance(spec, str) else spec
+    if isinstance(mode, ReverseMode) and mode.scheme in ("http", "https"):
+        return Target(mode.scheme, mode.address[0], mode.address[1])
+    return None
+
+
 OPTIONS: list[tuple[str, type, Any, str]] = [
     ("gemini_keys", str, "keys.yaml", "Path of the YAML key file (keys and client tokens)."),
     (
@@ -123,7 +116,27 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
         "Bearer token for /admin/ (default: $GEMINI_ADMIN_TOKEN). Empty: /admin/ is off.",
     ),
     ("gemini_max_body", int, 10 * 1024 * 1024, "Largest request body in bytes (413 above)."),
-    ("gemini_max_attempts", int, 3, "Upstream attempts per request, first one included."),
+    (
+        "gemini_max_attempts",
+        int,
+        3,
+        "Upstream attempts per request that could have been served (5xx, timeouts, dropped "
+        "connections), first one included. Answers that only say 'not this key' (dead key, "
+        "quota) do not count; gemini_attempt_ceiling bounds all attempts.",
+    ),
+    (
+        "gemini_attempt_ceiling",
+        int,
+        32,
+        "Most upstream calls one request may make, whatever their outcome.",
+    ),
+    (
+        "gemini_recheck_ms",
+        int,
+        60_000,
+        "First re-check of a dead key (a call that spends no quota); doubles per failed check.",
+    ),
+    ("gemini_recheck_max_ms", int, 4 * 3_600_000, "Longest time between re-checks of a dead key."),
     ("gemini_deadline_ms", int, 300_000, "Time for all attempts and waits of one request."),
     ("gemini_max_wait_ms", int, 10_000, "Longest wait for a cooling key before answering 429."),
     ("gemini_breaker_failures", int, 3, "Consecutive failures that open a key's breaker."),
@@ -162,10 +175,15 @@ class GeminiProxy:
         if "termlog_verbosity" in updated:
             level = logging.getLevelName(o.termlog_verbosity.upper())
             install_access_log(sys.stdout, level if isinstance(level, int) else logging.INFO)
+        if "mode" in updated:
+            self._check_modes(o.mode)
+        if "body_size_limit" in updated and self.rt.started is not None:
+            self._limit_bodies()
         if not any(opt.startswith("gemini_") for opt in updated):
             return
         _positive("gemini_max_body", o.gemini_max_body)
         _positive("gemini_max_attempts", o.gemini_max_attempts, 1, 10)
+        _positive("gemini_attempt_ceiling", o.gemini_attempt_ceiling, o.gemini_max_attempts, 1000)
         _positive("gemini_deadline_ms", o.gemini_deadline_ms, 100)
         _positive("gemini_max_wait_ms", o.gemini_max_wait_ms, 0)
         _positive("gemini_breaker_failures", o.gemini_breaker_failures, 1)
@@ -180,6 +198,8 @@ class GeminiProxy:
         _positive("gemini_retention_rows", o.gemini_retention_rows, 1)
         _positive("gemini_watch_ms", o.gemini_watch_ms, 0)
         _positive("gemini_drain_timeout_ms", o.gemini_drain_timeout_ms, 0)
+        _positive("gemini_recheck_ms", o.gemini_recheck_ms, 100)
+        _positive("gemini_recheck_max_ms", o.gemini_recheck_max_ms, o.gemini_recheck_ms)
         admin = parse_hostport(o.gemini_admin) if o.gemini_admin else None
 
         settings = Settings(
@@ -187,6 +207,7 @@ class GeminiProxy:
             max_body=o.gemini_max_body,
             dispatch=DispatchPolicy(
                 max_attempts=o.gemini_max_attempts,
+                ceiling=o.gemini_attempt_ceiling,
                 deadline=o.gemini_deadline_ms / 1000,
                 max_wait=o.gemini_max_wait_ms / 1000,
             ),
@@ -197,6 +218,8 @@ class GeminiProxy:
                     max_cooldown=o.gemini_breaker_max_cooldown_ms / 1000,
                 ),
                 health_threshold=o.gemini_health_threshold / 100,
+                recheck_base=o.gemini_recheck_ms / 1000,
+                recheck_max=o.gemini_recheck_max_ms / 1000,
             ),
             log_json=o.gemini_log_json,
         )
@@ -205,29 +228,57 @@ class GeminiProxy:
                 self.service.reload(o.gemini_keys)  # raises before anything is swapped
             except ConfigError as e:
                 raise exceptions.OptionsError(f"gemini_keys: {e}") from None
-            self.rt.file_sig = _file_sig(o.gemini_keys)
+            self.rt.watcher.reset(o.gemini_keys)
         self.service.apply_settings(settings)
         if self.rt.db_path != o.gemini_db:
             self._open_db(o.gemini_db)
         if self.service.store is not None:
             self.service.store.retention_days = o.gemini_retention_days
             self.service.store.retention_rows = o.gemini_retention_rows
+        if "gemini_max_body" in updated and self.rt.started is not None:
+            self._limit_bodies()
         bind = (admin[0], admin[1], o.gemini_admin_token) if admin else None
         if self.rt.started is not None and bind != self.rt.admin_bind:
-            asyncio.get_running_loop().create_task(self._restart_admin(bind))
+            asyncio.get_running_loop().create_task(self.rt.restart_admin(bind))
+
+    def _check_modes(self, specs: Any) -> None:
+        """Say at start when a listener lets callers pick the destination (its flows are refused)."""
+        targets = []
+        for spec in specs:
+            try:
+                target = reverse_target(spec)
+            except ValueError:
+                continue  # mitmproxy reports invalid modes itself
+            if target is None:
+                log.warning(
+                    "gemini-proxy: listener %r lets callers choose the destination host: "
+                    "gemini-proxy refuses its flows (403 destination_not_allowed) and attaches "
+                    "keys only to flows of a reverse-mode listener",
+                    spec,
+                )
+            else:
+                targets.append(target)
+        self.service.checker.base = targets[0].base if targets else None
+
+    def _limit_bodies(self) -> None:
+        """mitmproxy's own limit backs ours up: it stops reading a body without a Content-Length
+        (chunked) past it instead of buffering whatever comes, and refuses a Content-Length over
+        it before any hook runs (in HTML). Set above gemini_max_body so that the gate's JSON 413
+        answers the ordinary case."""
+        max_body = self.service.settings.max_body
+        limit = max_body + min(max(max_body, 1 << 20), 64 << 20)
+        current = human.parse_size(ctx.options.body_size_limit)
+        if current is None or current > limit:
+            ctx.options.update(body_size_limit=str(limit))
 
     def _open_db(self, path: str) -> None:
-        old = self.service.store
         store = None
         if path:
             try:
                 store = Store(path)
             except StoreError as e:
                 raise exceptions.OptionsError(f"gemini_db: {e}") from None
-        if old is not None:
-            self.service.save_state()
-            old.close()
-        self.service.store = None
+        self.service.close_store()
         if store is not None:
             self.service.attach_store(store)
         self.rt.db_path = path
@@ -235,171 +286,105 @@ class GeminiProxy:
     # ------------------------------------------------------------------ lifecycle
 
     def running(self) -> None:
-        _raise_fd_limit()
-        if ctx.options.connection_strategy != "lazy":
-            # eager would open a pointless connection to Google per client connection
-            ctx.options.update(connection_strategy="lazy")
+        raise_fd_limit()
+        # eager would open a pointless connection to Google per client connection;
+        # keep_host_header: the gate reads the Host the caller used (DNS rebinding, upload URLs)
+        if ctx.options.connection_strategy != "lazy" or not ctx.options.keep_host_header:
+            ctx.options.update(connection_strategy="lazy", keep_host_header=True)
+        self._limit_bodies()
         if self.rt.started is None:
             self.rt.started = asyncio.Event()
-            asyncio.get_running_loop().create_task(self._start())
-
-    async def _start(self) -> None:
-        rt = self.rt
-        assert rt.started is not None
-        await rt.relay.start()
-        o = ctx.options
-        bind = (*parse_hostport(o.gemini_admin), o.gemini_admin_token) if o.gemini_admin else None
-        await self._restart_admin(bind)
-        rt.tasks.append(asyncio.get_running_loop().create_task(self._housekeeping()))
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_from_signal)
-        rt.started.set()
-
-    async def _restart_admin(self, bind: tuple[str, int, str] | None) -> None:
-        from .admin import AdminServer
-
-        rt = self.rt
-        if rt.admin is not None:
-            await rt.admin.stop()
-            rt.admin = None
-        rt.admin_bind = bind
-        if bind is None:
-            return
-        rt.admin = AdminServer(self.service, bind[2])
-        try:
-            await rt.admin.start(bind[0], bind[1])
-        except OSError as e:
-            log.error(
-                "gemini-proxy: admin server cannot listen on %s:%s: %s",
-                bind[0],
-                bind[1],
-                e.strerror,
+            o = ctx.options
+            bind = (
+                (*parse_hostport(o.gemini_admin), o.gemini_admin_token) if o.gemini_admin else None
             )
-            rt.admin = None
-            return
-        log.info(
-            "gemini-proxy: admin and metrics on http://%s:%s/ (/metrics, /healthz, /admin/)",
-            *rt.admin.address,
-        )
-
-    async def _housekeeping(self) -> None:
-        """Persist key state (≤ 0.25 s behind) and watch the key file for changes."""
-        last_watch = 0.0
-        while True:
-            await asyncio.sleep(0.25)
-            try:
-                self.service.save_state_if_dirty()
-                watch = ctx.options.gemini_watch_ms / 1000
-                if watch and time.monotonic() - last_watch >= watch:
-                    last_watch = time.monotonic()
-                    sig = _file_sig(self.service.settings.keys_path)
-                    if sig != self.rt.file_sig:
-                        self.rt.file_sig = sig
-                        self.reload_keys("key file changed")
-            except Exception:  # housekeeping must go on
-                log.exception("gemini-proxy: housekeeping failed")
-
-    def _reload_from_signal(self) -> None:
-        self.reload_keys("SIGHUP")
-
-    def reload_keys(self, why: str) -> bool:
-        try:
-            self.service.reload()
-        except ConfigError as e:
-            log.error("gemini-proxy: %s: reload failed, keeping the old config: %s", why, e)
-            return False
-        log.info("gemini-proxy: reloaded key file (%s)", why)
-        return True
+            asyncio.get_running_loop().create_task(
+                self.rt.start(bind, lambda: int(ctx.options.gemini_watch_ms))
+            )
 
     def done(self) -> Any:
         master = getattr(ctx, "master", None)
         if master is not None and master.should_exit.is_set():
-            return self._shutdown()  # real shutdown: mitmproxy awaits this
+            return self._shutdown(master)  # real shutdown: mitmproxy awaits this
         return None  # script reload: the Runtime lives on for the reloaded script
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, master: Any) -> None:
         global _RUNTIME
-        rt = self.rt
-        loop = asyncio.get_running_loop()
-        timeout = ctx.options.gemini_drain_timeout_ms / 1000
-        ps = ctx.master.addons.get("proxyserver")
-        if ps is not None:
-            with contextlib.suppress(Exception):
-                await ps.servers.update([])  # stop accepting new connections at once
-        if rt.records and timeout:
-            log.info(
-                "gemini-proxy: draining %d requests in flight (up to %.0fs)",
-                len(rt.records),
-                timeout,
-            )
-            hurry = asyncio.Event()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    loop.add_signal_handler(sig, hurry.set)
-            deadline = loop.time() + timeout
-            while rt.records and loop.time() < deadline and not hurry.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(hurry.wait(), 0.05)
-            if rt.records:
-                log.warning("gemini-proxy: %d requests still in flight at exit", len(rt.records))
-        for task in rt.tasks:
-            task.cancel()
-        await rt.relay.stop()
-        if rt.admin is not None:
-            await rt.admin.stop()
-        await self.service.upstream.close()
-        if self.service.store is not None:
-            self.service.save_state()
-            self.service.store.close()
-            self.service.store = None
+        await self.rt.shutdown(master, ctx.options.gemini_drain_timeout_ms / 1000)
         _RUNTIME = None
 
     # ------------------------------------------------------------------ flows
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        """CONNECT lets a caller pick the destination: never, with our keys."""
+        if reverse_target(flow.client_conn.proxy_mode) is None:
+            flow.response = http.Response.make(
+                403,
+                b"gemini-proxy serves only reverse-mode listeners",
+                {"content-type": "text/plain", "connection": "close"},
+            )
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         rec = RequestRecord()
         self.rt.records[flow.id] = rec
         self.service.inflight += 1
         INFLIGHT.inc()
-        req = flow.request
-        path, _, query = req.path.partition("?")
-        clean_query, query_key = split_query(query)
-        # one pass over the raw header fields: mitmproxy's Headers mapping API costs ~10x more
-        headers: dict[str, str] = {}
-        for k, v in req.headers.fields:
-            name = k.lower()
-            if name in _PEEKED:
-                headers[_s(name)] = _s(v)
-        credential = client_credential(headers, query_key)
-        rec.bearer_only = is_bearer_only(headers, query_key)  # decided before credentials go
-        found = api_for_path(path, rec.bearer_only)
-        rec.api = str(found[0] if found else (Api.OPENAI if "/openai/" in path else Api.NATIVE))
-        # the caller's credentials never go further, nor show in mitmweb or dumps
-        if "x-goog-api-key" in headers or "authorization" in headers:
-            req.headers.fields = tuple(
-                kv for kv in req.headers.fields if kv[0].lower() not in _CREDENTIALS
-            )
-        if query_key is not None:
-            req.path = f"{path}?{clean_query}" if clean_query else path
-        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
-        if "upload_id=" in clean_query:  # a resumable-upload follow-up
-            rec.upload_id = dict(parse_qsl(clean_query)).get("upload_id")
-        upload_id = rec.upload_id
         try:
-            if upload_id and not credential and self.service.pins.upload_key(upload_id):
-                rec.client = "upload"  # the upload_id we handed out is the credential
-            else:
-                rec.client = self.service.authenticate(credential, peer)
-        except AuthError as e:
-            self._reply(flow, rec, e.status, e.message, e.reason)
+            decision = self.service.gate.decide(_arrival(flow), time.time())
+            if isinstance(decision, Admit):
+                self._admit(flow, rec, decision)
+                return
+        except Exception as e:  # fail closed: never a forwarded flow, never a logged error
+            error = f"{type(e).__name__}: {e}"
+            decision = Refuse(
+                401, "the request could not be read", "invalid_token", Api.NATIVE, True, error
+            )
+        self._refuse(flow, rec, decision)
+
+    def _admit(self, flow: http.HTTPFlow, rec: RequestRecord, d: Admit) -> None:
+        rec.client, rec.api, rec.bearer_only = d.client, str(d.api), d.bearer_only
+        rec.upload_id, rec.upload_key, rec.upstream = d.upload_id, d.upload_key, d.upstream
+        req = flow.request
+        origin = req.host_header or ""
+        rec.origin_host = origin if _HOSTPORT.fullmatch(origin) else ""
+        # credentials and the headers Google checks key restrictions against go no further
+        # (nor show in mitmweb or dumps); Host becomes the upstream's, as mitmproxy would set it
+        fields = tuple(kv for kv in req.headers.fields if kv[0].lower() not in _DROPPED)
+        host = hostport(d.upstream.scheme, d.upstream.host, d.upstream.port)
+        req.headers.fields = ((b"host", host.encode("idna")), *fields)
+        path, _, query = req.path.partition("?")
+        if query != d.query:
+            req.path = f"{path}?{d.query}" if d.query else path
+
+    def _refuse(self, flow: http.HTTPFlow, rec: RequestRecord, d: Refuse) -> None:
+        """Answer at the head. A body still to come streams into the relay's sink (which answers
+        at once and discards it) instead of being buffered by mitmproxy."""
+        rec.api = str(d.api)
+        GATE_REFUSALS.labels(d.reason).inc()
+        if d.error:  # a warning, not an error: mitmdump exits on an error logged at startup
+            log.warning("gemini-proxy: request %s refused: %s", rec.request_id, d.error)
+        _strip_credentials(flow.request)
+        if not (d.body_expected and self.rt.relay.port):
+            self._reply(flow, rec, d.status, d.message, d.reason, close=d.body_expected)
             return
-        length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.service.settings.max_body:
-            self._too_large(flow, rec, int(length))
+        status, headers, body = self._error_answer(rec, d.status, d.message, d.reason)
+        rec.status, rec.proxy_reason, rec.proxy_message = d.status, d.reason, d.message
+        rec.refused = True
+        ticket = self.rt.relay.refuse(status, "", headers, body)
+        self._detour(flow, rec, ticket, keep_body=True)
+        flow.request.stream = True
 
     async def request(self, flow: http.HTTPFlow) -> None:
         rec = self.rt.records.get(flow.id)
-        if rec is None or flow.response is not None:
+        if rec is None:  # no requestheaders of ours ran: never forward such a flow
+            rec = RequestRecord()
+            self.rt.records[flow.id] = rec
+            self.service.inflight += 1
+            INFLIGHT.inc()
+        if rec.refused or flow.response is not None:
+            return
+        if rec.client is None or rec.upstream is None:
+            self._reply(flow, rec, 401, "caller not authenticated", "invalid_token")
             return
         try:
             await self._forward(flow, rec)
@@ -414,6 +399,7 @@ class GeminiProxy:
             )
 
     async def _forward(self, flow: http.HTTPFlow, rec: RequestRecord) -> None:
+        assert rec.upstream is not None
         req = flow.request
         body = req.raw_content or b""
         if len(body) > self.service.settings.max_body:
@@ -428,17 +414,17 @@ class GeminiProxy:
         rec.api, rec.model, rec.streaming = str(r.api), r.model, r.streaming
         if req.path != r.path_and_query:
             req.path = r.path_and_query  # mitmweb shows what went upstream (OpenAI SDK paths)
-        upload_id = rec.upload_id
-        pinned_key = self.service.pins.upload_key(upload_id) if upload_id else None
-        project = self.service.pins.project_for(r.path, body)
-        if pinned_key is not None:
-            spec = self.service.config.key(pinned_key)
-            project = spec.project if spec else project
+        now = time.time()
+        pins = self.service.pins
+        if rec.upload_key is not None:  # an upload session's bytes: its own key's project
+            spec = self.service.config.key(rec.upload_key)
+            project = spec.project if spec else None
+        else:
+            project = pins.project_for(r.path, body, now)
         if r.streaming and self.rt.started is not None:
             await self.rt.started.wait()
-        base = f"{req.scheme}://{req.host}:{req.port}"
         headers = [(_s(k), _s(v)) for k, v in req.headers.fields]
-        proxy_req = ProxyRequest(req.method, base, r, headers, body, project)
+        proxy_req = ProxyRequest(req.method, rec.upstream.base, r, headers, body, project)
         result = await self.service.dispatcher.dispatch(proxy_req)
         rec.attempts, rec.waited = result.attempts, result.waited
         if result.proxy_made:
@@ -447,6 +433,8 @@ class GeminiProxy:
         answer, key = result.answer, result.key
         assert answer is not None and key is not None
         rec.key, rec.status = key.name, answer.status
+        encoding = answer.header("content-encoding")
+        rec.tap = UsageTap(encoding)
         extra = [
             ("x-gemini-proxy-key", key.name),
             ("x-gemini-proxy-attempts", str(len(rec.attempts))),
@@ -459,13 +447,15 @@ class GeminiProxy:
             answer.body += await answer.stream.read()
             answer.stream.release()
         if any(k.lower() in UPLOAD_URL_HEADERS for k, _ in answer.headers):
-            answer.headers, started = rewrite_upload_urls(
-                answer.headers, req.host, _proxy_origin(flow)
+            answer.headers, started = rewrite_upload_headers(
+                answer.headers, rec.upstream.host, _proxy_origin(flow, rec)
             )
-            for new_upload in started if upload_id is None else ():
-                self.service.pins.remember_upload(new_upload, key.name)
-        if 200 <= answer.status < 300 and RESOURCE_PATHS.search(r.path):
-            self.service.pins.remember_resources(answer.body, key.project)
+            for upload_id, upload_path in started if rec.upload_id is None else ():
+                pins.remember_upload(upload_id, key.name, upload_path, now)
+        if 200 <= answer.status < 300 and any(p in r.path for p in RESOURCE_PATHS):
+            plain = decoded(answer.body, encoding, MAX_RESOURCE_ANSWER)
+            if plain is not None:
+                pins.remember_resources(plain, key.project, now)
         flow.response = _make_response(answer, extra)
 
     def _relay(
@@ -501,19 +491,27 @@ class GeminiProxy:
             on_chunk,
             on_end,
         )
-        rec.relay_ticket = self.rt.relay.hold(held)
-        req = flow.request
-        data = req.data  # the target, set directly: the Host header stays the one Google gets
-        fields = req.headers.fields
-        framing = tuple(kv for kv in fields if kv[0].lower() in _FRAMING)
-        rec.detour = Detour(data.scheme, data.host, data.port, data.content, framing)
-        if data.content or framing:  # the relay needs no body: do not copy it again
-            fields = tuple(kv for kv in fields if kv[0].lower() not in _FRAMING)
-            fields += ((b"content-length", b"0"),)
-            data.content = b""
-        req.headers.fields = (*fields, (TICKET_FIELD, rec.relay_ticket.encode()))
-        data.scheme, data.host, data.port = b"http", "127.0.0.1", self.rt.relay.port
+        self._detour(flow, rec, self.rt.relay.hold(held), keep_body=False)
         self._annotate(flow, rec)  # a stream may run for minutes: show it in mitmweb now
+
+    def _detour(
+        self, flow: http.HTTPFlow, rec: RequestRecord, ticket: str, keep_body: bool
+    ) -> None:
+        """Point the flow's request at the relay (`keep_body`: the body still streams there)."""
+        rec.relay_ticket = ticket
+        data = flow.request.data  # the target, set directly: the Host header stays as it is
+        fields = data.headers.fields
+        framing = tuple(kv for kv in fields if kv[0].lower() in _FRAMING)
+        if keep_body:
+            rec.detour = Detour(data.scheme, data.host, data.port, None, (), streamed=True)
+        else:
+            rec.detour = Detour(data.scheme, data.host, data.port, data.content, framing)
+            if data.content or framing:  # the relay needs no body: do not copy it again
+                fields = tuple(kv for kv in fields if kv[0].lower() not in _FRAMING)
+                fields += ((b"content-length", b"0"),)
+                data.content = b""
+        data.headers.fields = (*fields, (TICKET_FIELD, ticket.encode()))
+        data.scheme, data.host, data.port = b"http", "127.0.0.1", self.rt.relay.port
 
     def _restore_request(self, flow: http.HTTPFlow, rec: RequestRecord) -> None:
         """Show in mitmweb and dumps the request as it went to Google, not to the relay."""
@@ -522,6 +520,11 @@ class GeminiProxy:
             return
         data = flow.request.data
         data.scheme, data.host, data.port = detour.scheme, detour.host, detour.port
+        if detour.streamed:
+            data.headers.fields = tuple(
+                kv for kv in data.headers.fields if kv[0].lower() not in _TICKET_ONLY
+            )
+            return
         drop = _RELAY_ONLY if (detour.body or detour.framing) else _TICKET_ONLY
         fields = tuple(kv for kv in data.headers.fields if kv[0].lower() not in drop)
         data.headers.fields = fields + detour.framing
@@ -531,9 +534,10 @@ class GeminiProxy:
         rec = self.rt.records.get(flow.id)
         if rec is None or rec.detour is None:
             return
+        refused = rec.detour.streamed
         self._restore_request(flow, rec)
         assert flow.response is not None
-        flow.response.stream = True
+        flow.response.stream = not refused
 
     def response(self, flow: http.HTTPFlow) -> None:
         rec = self.rt.records.pop(flow.id, None)
@@ -541,7 +545,7 @@ class GeminiProxy:
             return
         assert flow.response is not None
         rec.status = flow.response.status_code
-        if rec.relay_ticket is None:  # not streamed: the whole body is here
+        if rec.relay_ticket is None or rec.refused:  # not streamed: the whole body is here
             rec.first_byte = time.perf_counter()
             rec.tap.feed(flow.response.raw_content or b"")
         self._finish(flow, rec)
@@ -554,7 +558,7 @@ class GeminiProxy:
         if rec.relay_ticket and rec.first_byte is None:
             self.rt.relay.cancel(rec.relay_ticket, "flow failed before the stream started")
         msg = flow.error.msg if flow.error else "unknown error"
-        if not rec.stream_error:
+        if not rec.stream_error and not rec.refused:
             rec.stream_error = msg
         if not rec.status:
             rec.status = 499  # the caller went away before an answer
@@ -581,6 +585,23 @@ class GeminiProxy:
             close=True,
         )
 
+    @staticmethod
+    def _error_answer(
+        rec: RequestRecord,
+        status: int,
+        message: str,
+        reason: str,
+        retry_after: float | None = None,
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        headers = [
+            ("content-type", "application/json; charset=UTF-8"),
+            ("x-request-id", rec.request_id),
+            ("x-gemini-proxy-reason", reason),
+        ]
+        if retry_after is not None:
+            headers.append(("retry-after", str(max(1, round(retry_after)))))
+        return status, headers, error_body(Api(rec.api), status, message, reason)
+
     def _reply(
         self,
         flow: http.HTTPFlow,
@@ -591,18 +612,11 @@ class GeminiProxy:
         retry_after: float | None = None,
         close: bool = False,
     ) -> None:
-        api = Api(rec.api)
-        headers = {
-            "content-type": "application/json; charset=UTF-8",
-            "x-request-id": rec.request_id,
-            "x-gemini-proxy-reason": reason,
-        }
-        if retry_after is not None:
-            headers["retry-after"] = str(max(1, round(retry_after)))
+        status, headers, body = self._error_answer(rec, status, message, reason, retry_after)
         if close:
-            headers["connection"] = "close"
+            headers.append(("connection", "close"))
         flow.response = http.Response.make(
-            status, error_body(api, status, message, reason), headers
+            status, body, http.Headers([(_b(k), _b(v)) for k, v in headers])
         )
         rec.status, rec.proxy_reason, rec.proxy_message = status, reason, message
 
@@ -656,35 +670,52 @@ class GeminiProxy:
     @command.command("gemini.reload")
     def reload_cmd(self) -> None:
         """Re-read the key file now."""
-        if not self.reload_keys("gemini.reload command"):
+        if not self.rt.reload_keys("gemini.reload command"):
             raise exceptions.CommandError("reload failed; the old config stays (see the log)")
 
 
-def _raise_fd_limit() -> None:
-    """Each stream holds a few sockets (caller, relay, upstream): lift the soft limit to the hard one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+def _arrival(flow: http.HTTPFlow) -> Arrival:
+    req = flow.request
+    path, _, query = req.path.partition("?")
+    peer = flow.client_conn.peername
+    return Arrival(
+        method=req.method,
+        path=path,
+        query=query,
+        fields=tuple(req.headers.fields),
+        peer=str(peer[0]) if peer else "",
+        listener=reverse_target(flow.client_conn.proxy_mode),
+        destination=Target(req.scheme, req.host, req.port),
+        authority=req.authority,
+    )
 
 
-def _file_sig(path: str) -> tuple[float, int, int] | None:
+def _strip_credentials(req: http.Request) -> None:
+    """A refused request keeps no credential either (mitmweb, dumps); this cannot raise."""
     try:
-        st = Path(path).stat()
-    except OSError:
-        return None
-    return (st.st_mtime, st.st_size, st.st_ino)
+        req.headers.fields = tuple(
+            kv for kv in req.headers.fields if kv[0].lower() not in STRIPPED_FIELDS
+        )
+        path, sep, query = req.path.partition("?")
+        if sep:
+            clean = query_credentials(query).query
+            req.path = f"{path}?{clean}" if clean else path
+    except Exception:
+        req.headers.fields = ()
+        req.data.path = b"/"
 
 
-def _proxy_origin(flow: http.HTTPFlow) -> str:
+def _proxy_origin(flow: http.HTTPFlow, rec: RequestRecord) -> str:
     fwd = flow.request.headers.get("x-forwarded-host")
     if fwd:
         proto = flow.request.headers.get("x-forwarded-proto", "http")
         return f"{proto}://{fwd}"
+    scheme = "https" if flow.client_conn.tls else "http"
+    if rec.origin_host:  # the address the caller used (through forwarders, NAT, a Service)
+        return f"{scheme}://{rec.origin_host}"
     host, port = flow.client_conn.sockname[:2]
     if ":" in host:
         host = f"[{host}]"
-    scheme = "https" if flow.client_conn.tls else "http"
     return f"{scheme}://{host}:{port}"
 
 

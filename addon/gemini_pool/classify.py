@@ -30,11 +30,12 @@ class Outcome(StrEnum):
     TRANSIENT = "transient"  # 5xx: retry elsewhere, no blame
     NETWORK = "network"  # connect error, timeout, dropped connection: breaker failure
     WRONG_PROJECT = "wrong_project"  # resource of another project: routing, not the key
-    CALLER_ERROR = "caller_error"  # the caller's mistake: pass through, no retry, no blame
+    CALLER_ERROR = "caller_error"  # the caller's mistake (or a method that needs OAuth): no blame
 
 
 RETRYABLE = {
     Outcome.DEAD_KEY,
+    Outcome.WRONG_PROJECT,
     Outcome.PROJECT_CAPPED,
     Outcome.QUOTA_MINUTE,
     Outcome.QUOTA_DAY,
@@ -45,7 +46,38 @@ RETRYABLE = {
 }
 
 # Outcomes that count against the key in its health window (quota, dead, network).
-KEY_FAULTS = RETRYABLE - {Outcome.TRANSIENT}
+KEY_FAULTS = RETRYABLE - {Outcome.TRANSIENT, Outcome.WRONG_PROJECT}
+
+# Answers that say "not this key" and cost nothing at Google: they do not use up the caller's
+# attempts (gemini_max_attempts), only the hard ceiling (gemini_attempt_ceiling).
+NOT_THIS_KEY = {
+    Outcome.DEAD_KEY,
+    Outcome.PROJECT_CAPPED,
+    Outcome.QUOTA_MINUTE,
+    Outcome.QUOTA_DAY,
+    Outcome.MODEL_UNAVAILABLE,
+    Outcome.QUOTA_UNKNOWN,
+    Outcome.WRONG_PROJECT,
+}
+
+# ErrorInfo reasons that prove the key (or its project) is unusable, whatever the caller sent.
+# Only these, or Google's leaked/suspended/expired messages, ever make a key dead: a status code
+# alone never does, since callers can provoke 401, 403 and 404 at will.
+KEY_REASONS = frozenset(
+    {
+        "API_KEY_INVALID",
+        "API_KEY_EXPIRED",
+        "CONSUMER_SUSPENDED",
+        "CONSUMER_INVALID",
+        "API_KEY_SERVICE_BLOCKED",
+        "SERVICE_DISABLED",
+        "API_KEY_HTTP_REFERRER_BLOCKED",
+        "API_KEY_IP_ADDRESS_BLOCKED",
+        "API_KEY_ANDROID_APP_BLOCKED",
+        "API_KEY_IOS_APP_BLOCKED",
+        "BILLING_DISABLED",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +86,7 @@ class Verdict:
     reason: str  # short, human: "429 per-minute quota gemini-2.5-flash"
     cooldown_until: float | None = None  # for quota outcomes: when the bucket is usable again
     message: str = ""  # upstream message (scrubbed by the caller)
+    reached: bool = True  # False: the request provably never reached Google (connect error)
 
     @property
     def retry(self) -> bool:
@@ -62,6 +95,18 @@ class Verdict:
     @property
     def key_fault(self) -> bool:
         return self.outcome in KEY_FAULTS
+
+    @property
+    def not_this_key(self) -> bool:
+        """Says only that this key cannot serve now (nothing was processed at Google)."""
+        return self.outcome in NOT_THIS_KEY
+
+    @property
+    def processed(self) -> bool:
+        """Could Google have acted on the request? (Decides whether a create may be re-sent.)"""
+        if self.outcome is Outcome.NETWORK:
+            return self.reached
+        return self.outcome not in NOT_THIS_KEY
 
 
 def next_pacific_midnight(now: float) -> float:
@@ -81,7 +126,11 @@ def pacific_day(now: float) -> str:
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
-_DEAD_MESSAGE_RE = re.compile(r"API key (not valid|expired)|API Key not found", re.I)
+_DEAD_MESSAGE_RE = re.compile(
+    r"API key (not valid|expired)|API Key not found|reported as leaked|"
+    r"Consumer '[^']*' has been suspended",
+    re.I,
+)
 _WRONG_PROJECT_RE = re.compile(
     r"permission to access the File|CachedContent not found|permission to access cached", re.I
 )
@@ -112,7 +161,7 @@ def error_object(body: bytes) -> dict[str, Any] | None:
     """The google.rpc.Status object of an error body; /openai/ paths wrap it in a list."""
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if isinstance(doc, list) and doc:
         doc = doc[0]
@@ -120,17 +169,21 @@ def error_object(body: bytes) -> dict[str, Any] | None:
     return err if isinstance(err, dict) else None
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def classify(status: int, body: bytes, model: str | None, now: float) -> Verdict:
     if 200 <= status < 400:
         return Verdict(Outcome.OK, str(status))
     err = error_object(body) or {}
     message = str(err.get("message", ""))
-    details = [d for d in err.get("details", []) or [] if isinstance(d, dict)]
+    details = [d for d in _list(err.get("details")) if isinstance(d, dict)]
     reasons = {str(d.get("reason", "")) for d in details}
     quota_ids = [
         str(v.get("quotaId", ""))
         for d in details
-        for v in (d.get("violations") or [])
+        for v in _list(d.get("violations"))
         if isinstance(v, dict)
     ]
     retry_delay = next(
@@ -143,21 +196,23 @@ def classify(status: int, body: bytes, model: str | None, now: float) -> Verdict
     )
     m = model or "?"
 
-    if status == 400:
-        if "API_KEY_INVALID" in reasons or _DEAD_MESSAGE_RE.search(message):
-            return Verdict(Outcome.DEAD_KEY, "400 API key invalid", message=message)
-        return Verdict(
-            Outcome.CALLER_ERROR, f"{status} {err.get('status', 'bad request')}", None, message
+    key_reason = next((r for r in sorted(reasons) if r in KEY_REASONS), None)
+    if status in (400, 401, 403) and (key_reason or _DEAD_MESSAGE_RE.search(message)):
+        why = (
+            _dead_message_reason(message)
+            if key_reason in (None, "API_KEY_INVALID", "API_KEY_EXPIRED")
+            else key_reason
         )
-    if status == 401:
-        return Verdict(Outcome.DEAD_KEY, "401 unauthenticated", message=message)
-    if status == 403:
-        if _WRONG_PROJECT_RE.search(message):
-            return Verdict(
-                Outcome.WRONG_PROJECT, "403 resource of another project", message=message
-            )
-        why = next((r for r in reasons if r), "permission denied")
-        return Verdict(Outcome.DEAD_KEY, f"403 {why}", message=message)
+        return Verdict(Outcome.DEAD_KEY, f"{status} {why}", message=message)
+    if status == 403 and _WRONG_PROJECT_RE.search(message):
+        return Verdict(Outcome.WRONG_PROJECT, "403 resource of another project", message=message)
+    if status in (400, 401, 403, 404):
+        # the caller's request (a bad argument, a method that needs OAuth, a tuned model or a
+        # resource it may not touch, an unknown model): passed through, no key is blamed
+        what = (
+            next((r for r in sorted(reasons) if r), None) or str(err.get("status", "")) or "error"
+        )
+        return Verdict(Outcome.CALLER_ERROR, f"{status} {what[:64]}", message=message)
     if status == 429:
         if "spending cap" in message.lower():
             return Verdict(
@@ -190,5 +245,16 @@ def classify(status: int, body: bytes, model: str | None, now: float) -> Verdict
     )
 
 
-def network_verdict(what: str) -> Verdict:
-    return Verdict(Outcome.NETWORK, what)
+def _dead_message_reason(message: str) -> str:
+    low = message.lower()
+    if "leaked" in low:
+        return "key reported as leaked"
+    if "suspended" in low:
+        return "CONSUMER_SUSPENDED"
+    if "expired" in low:
+        return "API key expired"
+    return "API key invalid"
+
+
+def network_verdict(what: str, reached: bool = True) -> Verdict:
+    return Verdict(Outcome.NETWORK, what, reached=reached)

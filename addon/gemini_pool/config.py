@@ -248,6 +248,8 @@ def parse_config(data: bytes, source: str, env: Mapping[str, str] | None = None)
         if name in client_names:
             entry.fail(f"duplicate client name '{name}'", "name")
         token = entry.secret("token", "token_env", env)
+        if not all("!" <= c <= "~" for c in token) or len(token) > 4096:
+            entry.fail("must be printable ASCII without spaces, at most 4096 characters", "token")
         if token in tokens:
             entry.fail("same token as another client", "token")
         if token in secrets:

@@ -21,7 +21,10 @@ from .upstream import UpstreamAnswer, UpstreamClient, UpstreamError
 
 @dataclass(frozen=True)
 class DispatchPolicy:
+    # attempts that could have been served (5xx, timeouts, dropped connections); answers that
+    # only say "not this key" (dead key, quota, another project's resource) do not count
     max_attempts: int = 3
+    ceiling: int = 32  # every upstream call of one request, whatever its outcome
     deadline: float = 300.0  # seconds for all attempts and waits together
     max_wait: float = 10.0  # longest wait for a cooling key before answering 429
 
@@ -95,10 +98,14 @@ class Dispatcher:
         result = Result()
         tried: set[str] = set()
         last: tuple[UpstreamAnswer | None, Verdict, KeySpec] | None = None
-        while len(result.attempts) < self.policy.max_attempts:
+        served = 0  # attempts that count toward max_attempts
+        while served < self.policy.max_attempts and len(result.attempts) < self.policy.ceiling:
             now = self.clock()
             pick = self.pool.select(model, now, exclude=tried, project=req.project)
             if isinstance(pick, NoKey):
+                if last is not None and last[1].outcome is Outcome.WRONG_PROJECT:
+                    result.answer, result.key = last[0], last[2]  # no project owns it: Google's 403
+                    return result
                 wait = pick.retry_at - now
                 can_wait = (
                     not pick.all_disabled
@@ -126,6 +133,15 @@ class Dispatcher:
             if answer is not None and not verdict.retry:
                 result.answer, result.key = answer, key
                 return result
+            if not route.repeatable and verdict.processed:
+                break  # Google may have acted on it: a create or delete is never sent twice
+            if verdict.outcome is Outcome.WRONG_PROJECT:
+                if req.project is not None:  # the owner is known: its answer stands
+                    result.answer, result.key = answer, key
+                    return result
+                tried |= self.pool.keys_of_project(key.project)  # try the other projects
+            if not verdict.not_this_key:
+                served += 1
             if self.clock() >= deadline:
                 break
         return self._exhausted(req, result, last)
@@ -146,7 +162,8 @@ class Dispatcher:
                 timeout=max(math.ceil(time_left), 1),  # whole seconds: timeouts get reused
             )
         except UpstreamError as e:
-            return None, network_verdict(str(e)), time.perf_counter() - t0
+            reached = getattr(e, "sent", True)
+            return None, network_verdict(str(e), reached), time.perf_counter() - t0
         seconds = time.perf_counter() - t0
         if 200 <= answer.status < 300:
             return answer, Verdict(Outcome.OK, str(answer.status)), seconds

@@ -67,6 +67,41 @@ RELOADS = Counter(
     "gemini_proxy_config_reloads", "Key file reloads by result", ["result"], registry=REGISTRY
 )
 DB_WRITE_ERRORS = Counter("gemini_proxy_db_write_errors", "SQLite write errors", registry=REGISTRY)
+KEY_CHECKS = Counter(
+    "gemini_proxy_key_checks",
+    "Checks of keys that answered as dead (no generation quota spent), by result: "
+    "dead (confirmed or still dead), alive (Google accepts the key), inconclusive",
+    ["key", "result"],
+    registry=REGISTRY,
+)
+GATE_REFUSALS = Counter(
+    "gemini_proxy_refused",
+    "Requests refused before anything went upstream, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+MAX_MODEL_LABELS = 64
+
+
+class ModelLabels:
+    """Model label values from a bounded set: models that answered 2xx, else `other`.
+
+    Callers choose model names; a made-up one must not become a metric series."""
+
+    def __init__(self, limit: int = MAX_MODEL_LABELS) -> None:
+        self.limit = limit
+        self.known: set[str] = set()
+
+    def label(self, model: str | None, served: bool) -> str:
+        if not model:
+            return "*"
+        if model in self.known:
+            return model
+        if served and len(self.known) < self.limit:
+            self.known.add(model)
+            return model
+        return "other"
 
 
 @dataclass(frozen=True)

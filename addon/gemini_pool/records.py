@@ -10,6 +10,7 @@ from typing import Any
 
 from .classify import Outcome, pacific_day
 from .dispatch import Attempt
+from .gate import Target
 from .store import OutcomeRow, UsageDelta
 from .usage import UsageTap
 
@@ -27,6 +28,7 @@ class Detour:
     port: int
     body: bytes | None  # the relay hop carries no body
     framing: tuple[tuple[bytes, bytes], ...]  # content-length / transfer-encoding header fields
+    streamed: bool = False  # a refused request whose body streams into the relay's sink
 
 
 @dataclass
@@ -37,6 +39,10 @@ class RequestRecord:
     streaming: bool = False
     bearer_only: bool = False  # authenticated the OpenAI way (decides what /v1/models means)
     upload_id: str | None = None  # set on resumable-upload follow-ups
+    upload_key: str | None = None  # the key that started that upload session
+    upstream: Target | None = None  # where this caller's requests go (set by the gate)
+    origin_host: str = ""  # the Host the caller used
+    refused: bool = False  # answered by the gate at the head
     request_id: str = field(default_factory=lambda: f"{_ID_PREFIX}{next(_ID_COUNTER):08x}")
     started_wall: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)
@@ -134,10 +140,9 @@ class RequestRecord:
             proxy_reason=self.proxy_reason,
         )
 
-    def usage(self, projects: dict[str, str]) -> list[UsageDelta]:
+    def usage(self, projects: dict[str, str], model: str) -> list[UsageDelta]:
         """Per-attempt usage (Google counts every request against the key's project)."""
         day = pacific_day(self.started_wall)
-        model = self.model or "*"
         out: dict[str, UsageDelta] = {}
         for a in self.attempts:
             d = out.setdefault(a.key, UsageDelta(day, a.key, projects.get(a.key, a.key), model))

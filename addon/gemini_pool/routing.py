@@ -9,7 +9,7 @@ import json
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from urllib.parse import parse_qsl, unquote, urlencode
+from urllib.parse import unquote, unquote_plus
 
 
 class Api(StrEnum):
@@ -24,6 +24,30 @@ NATIVE_PREFIXES = ("/v1/", "/v1beta/", "/v1alpha/", "/upload/", "/download/")
 CREDENTIAL_HEADERS = ("x-goog-api-key", "authorization")
 
 _MODEL_RE = re.compile(r"/(?:models|tunedModels)/([^/:?]+)(?::([A-Za-z]+))?")
+# what a model id may look like (gemini-2.5-flash, text-embedding-004, a tuned model's id): it
+# names cooldown buckets, usage rows and log fields, so nothing else gets that far
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# query parameters Google takes as a credential: never forwarded (ours is injected)
+CREDENTIAL_PARAMS = frozenset({"key", "access_token", "oauth_token"})
+# native methods that change nothing at Google (repeating one costs quota, nothing else)
+REPEATABLE_RPCS = frozenset(
+    {
+        "generateContent",
+        "streamGenerateContent",
+        "countTokens",
+        "embedContent",
+        "batchEmbedContents",
+        "predict",
+        "generateText",
+        "generateMessage",
+        "generateAnswer",
+        "embedText",
+        "batchEmbedText",
+        "countMessageTokens",
+        "countTextTokens",
+    }
+)
+REPEATABLE_OPENAI = ("chat/completions", "embeddings", "completions", "images/generations")
 
 
 class RouteError(Exception):
@@ -42,6 +66,7 @@ class Route:
     model: str | None
     method: str | None  # native RPC method, e.g. generateContent
     streaming: bool
+    repeatable: bool = True  # False: creates, changes or deletes something at Google
 
     @property
     def path_and_query(self) -> str:
@@ -73,25 +98,58 @@ def api_for_path(path: str, bearer_only: bool) -> tuple[Api, str] | None:
     return None
 
 
+@dataclass(frozen=True)
+class QueryCredentials:
+    query: str  # the query without credential parameters, other parameters byte for byte
+    keys: tuple[str, ...]  # every `key=` value, decoded
+    malformed: bool  # a credential parameter that does not decode
+
+
+def query_credentials(query: str) -> QueryCredentials:
+    """Take every credential parameter out of a query string, however its name is encoded."""
+    if "=" not in query:
+        return QueryCredentials(query, (), False)
+    kept: list[str] = []
+    keys: list[str] = []
+    malformed = False
+    for part in query.split("&"):
+        raw_name, _, raw_value = part.partition("=")
+        name = unquote_plus(raw_name, errors="replace").strip().lower()
+        if name not in CREDENTIAL_PARAMS:
+            kept.append(part)
+            continue
+        try:
+            value = unquote_plus(raw_value, errors="strict")
+        except UnicodeDecodeError:
+            malformed = True
+            continue
+        if name == "key":
+            keys.append(value)
+    return QueryCredentials("&".join(kept), tuple(keys), malformed)
+
+
 def split_query(query: str) -> tuple[str, str | None]:
-    """Remove `key=` from a query string: (clean query, the key value if any)."""
-    if "key=" not in query:
-        return query, None
-    pairs = parse_qsl(query, keep_blank_values=True)
-    key = next((v for k, v in pairs if k == "key"), None)
-    return urlencode([(k, v) for k, v in pairs if k != "key"]), key
+    """Remove credential parameters from a query string: (clean query, the first `key=` value)."""
+    found = query_credentials(query)
+    return found.query, found.keys[0] if found.keys else None
 
 
-def client_credential(headers: dict[str, str], query_key: str | None) -> str | None:
-    """The token the caller sent where its SDK puts an API key. `headers` keys are lower-case."""
-    if headers.get("x-goog-api-key"):
-        return headers["x-goog-api-key"].strip()
-    if query_key:
-        return query_key
-    auth = headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
+def query_param(query: str, name: str) -> str | None:
+    """The first value of a parameter, decoded (None if absent or undecodable)."""
+    if name not in query:
+        return None
+    for part in query.split("&"):
+        raw_name, sep, raw_value = part.partition("=")
+        if sep and unquote_plus(raw_name, errors="replace") == name:
+            try:
+                return unquote_plus(raw_value, errors="strict")
+            except UnicodeDecodeError:
+                return None
     return None
+
+
+def valid_model(model: str) -> bool:
+    return MODEL_ID.fullmatch(model) is not None
 
 
 def openai_body_fields(body: bytes) -> tuple[str | None, bool]:
@@ -100,7 +158,7 @@ def openai_body_fields(body: bytes) -> tuple[str | None, bool]:
         return None, False
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise RouteError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
     if not isinstance(doc, dict):
         raise RouteError(400, "request body must be a JSON object", "invalid_json")
@@ -112,15 +170,6 @@ def openai_body_fields(body: bytes) -> tuple[str | None, bool]:
     return model, doc.get("stream") is True
 
 
-def is_bearer_only(headers: dict[str, str], query_key: str | None) -> bool:
-    """Did the caller authenticate the OpenAI way? `headers` keys are lower-case."""
-    return (
-        headers.get("authorization", "").lower().startswith("bearer ")
-        and not headers.get("x-goog-api-key")
-        and not query_key
-    )
-
-
 def route(method: str, path: str, query: str, bearer_only: bool, body: bytes) -> Route:
     """Route one request (see api_for_path for `bearer_only`). Raises RouteError."""
     query, _ = split_query(query)
@@ -128,7 +177,7 @@ def route(method: str, path: str, query: str, bearer_only: bool, body: bytes) ->
     if found is None:
         raise RouteError(
             404,
-            f"unknown path {path!r}: the proxy serves Gemini's /v1/, /v1beta/ "
+            f"unknown path {path[:200]!r}: the proxy serves Gemini's /v1/, /v1beta/ "
             "and /v1beta/openai/ APIs",
             "unknown_path",
         )
@@ -137,8 +186,21 @@ def route(method: str, path: str, query: str, bearer_only: bool, body: bytes) ->
         raise RouteError(400, "path traversal is not allowed", "bad_path")
     if api is Api.OPENAI:
         model, streaming = openai_body_fields(body) if method == "POST" else (None, False)
-        return Route(api, upstream, query, model, None, streaming)
-    m = _MODEL_RE.search(upstream)
-    model, rpc = (m.group(1), m.group(2)) if m else (None, None)
-    streaming = rpc == "streamGenerateContent"
-    return Route(api, upstream, query, model, rpc, streaming)
+        rpc = None
+        rest = upstream[len(OPENAI_PREFIX) :]
+        repeatable = method in ("GET", "HEAD") or (method == "POST" and rest in REPEATABLE_OPENAI)
+    else:
+        m = _MODEL_RE.search(upstream)
+        model, rpc = (m.group(1), m.group(2)) if m else (None, None)
+        streaming = rpc == "streamGenerateContent"
+        repeatable = method in ("GET", "HEAD") or (
+            method == "POST" and rpc in REPEATABLE_RPCS and not upstream.startswith("/upload/")
+        )
+    if model is not None and not valid_model(model):
+        raise RouteError(
+            400,
+            f"invalid model name {model[:80]!r}: a model id is 1-128 letters, digits, '.', '_' "
+            "or '-' (e.g. gemini-2.5-flash)",
+            "invalid_model",
+        )
+    return Route(api, upstream, query, model, rpc, streaming, repeatable)

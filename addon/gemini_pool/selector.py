@@ -10,6 +10,7 @@ breakers and dead-key disables are per key.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -20,6 +21,8 @@ from .config import Config, KeySpec
 from .health import HealthWindow
 
 HALF_OPEN_RETRY = 1.0  # seconds to wait when the only keys left are probing
+RETIRED_TTL = 7 * 86400  # a removed key's state is kept this long, by fingerprint
+INCONCLUSIVE_RETRY = 30.0  # a key check that got no verdict is tried again after this
 BACKOFF_BASE = 2.0  # first backoff after a 429 without quota details; doubles, reset by a success
 BACKOFF_MAX = 60.0
 
@@ -29,6 +32,8 @@ class PoolPolicy:
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     health_window: int = 20
     health_threshold: float = 0.5
+    recheck_base: float = 60.0  # first re-check of a dead key; doubles per failed check
+    recheck_max: float = 4 * 3600.0
 
 
 @dataclass
@@ -42,7 +47,11 @@ class KeyState:
     spec: KeySpec
     breaker: CircuitBreaker
     health: HealthWindow
-    disabled_reason: str | None = None  # set by a dead-key verdict
+    disabled_reason: str | None = None  # set when a key check confirmed a dead-key verdict
+    suspect: str | None = None  # a dead-key answer, not confirmed yet: out of rotation meanwhile
+    next_check: float | None = None  # when to check the key (suspect: at once; dead: backoff)
+    check_backoff: float = 0.0
+    checking: bool = False  # a check is in flight
     operator_enabled: bool | None = None  # operator override of the YAML `enabled`
     operator_weight: int | None = None
     last_error: str | None = None
@@ -65,8 +74,8 @@ class KeyState:
 
     @property
     def usable_ever(self) -> bool:
-        """Enabled and not disabled as dead: could serve once cooldowns pass."""
-        return self.enabled and self.disabled_reason is None
+        """Enabled, not dead and not suspected dead: could serve once cooldowns pass."""
+        return self.enabled and self.disabled_reason is None and self.suspect is None
 
 
 @dataclass(frozen=True)
@@ -89,22 +98,33 @@ class KeyPool:
     # (project, model) -> cooldown; model "*" means every model of the project
     cooldowns: dict[tuple[str, str], Cooldown] = field(default_factory=dict)
     backoff_level: dict[str, int] = field(default_factory=dict)  # project -> consecutive bare 429s
+    # state of keys no longer configured, by fingerprint: (snapshot, removed at); a key that comes
+    # back (a half-written key file, a key moved between files) returns as it left
+    retired: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
 
     # --- configuration
 
-    def apply_config(self, config: Config) -> None:
-        """Swap in a new key set. Keys that stay (same name and secret) keep their state."""
+    def apply_config(self, config: Config, now: float | None = None) -> None:
+        """Swap in a new key set. Keys that stay (same secret) keep their state; keys that come
+        back within RETIRED_TTL get theirs back; cooldowns stay (they expire by themselves)."""
+        now = time.time() if now is None else now
+        self.retired = {fp: r for fp, r in self.retired.items() if now - r[1] < RETIRED_TTL}
+        by_secret = {s.spec.secret: s for s in self.keys.values()}
         new: dict[str, KeyState] = {}
         for spec in config.keys:
-            old = self.keys.get(spec.name)
-            if old is not None and old.spec.secret == spec.secret:
+            old = by_secret.pop(spec.secret, None)
+            if old is not None:
                 old.spec = spec
                 new[spec.name] = old
-            else:
-                new[spec.name] = self._fresh(spec)
+                continue
+            state = self._fresh(spec)
+            saved = self.retired.pop(spec.fingerprint, None)
+            if saved is not None:
+                self._restore_key(state, saved[0])
+            new[spec.name] = state
+        for gone in by_secret.values():
+            self.retired[gone.spec.fingerprint] = (self.snapshot_key(gone), now)
         self.keys = new
-        projects = {k.project for k in config.keys}
-        self.cooldowns = {pm: c for pm, c in self.cooldowns.items() if pm[0] in projects}
 
     def _fresh(self, spec: KeySpec) -> KeyState:
         return KeyState(
@@ -180,6 +200,9 @@ class KeyPool:
             candidates.remove(chosen)
         return self._no_key(model, now, project)
 
+    def keys_of_project(self, project: str) -> set[str]:
+        return {n for n, s in self.keys.items() if s.spec.project == project}
+
     def peek(self, model: str, now: float, project: str | None = None) -> NoKey | None:
         """Without picking anything: None if some key could serve `model` now, else why not."""
         if self._candidates(model, now, (), project):
@@ -197,7 +220,7 @@ class KeyPool:
                 )
             return NoKey(True, now, "no API keys are configured")
         if not any(s.usable_ever for s in states):
-            reasons = sorted({s.disabled_reason or "disabled by configuration" for s in states})
+            reasons = sorted({_why_unusable(s) for s in states})
             return NoKey(True, now, "every API key is disabled: " + "; ".join(reasons))
         times = [self._blocked_until(s, model, now) for s in states if s.usable_ever]
         retry_at = min(times)
@@ -251,7 +274,9 @@ class KeyPool:
                 reason=f"{verdict.reason} (backoff {delay:.0f}s)",
             )
         if o is Outcome.DEAD_KEY:
-            state.disabled_reason = verdict.reason
+            if state.disabled_reason is None and state.suspect is None:
+                state.suspect = verdict.reason  # out of rotation until a check confirms it
+                state.next_check = now
             state.breaker.record_neutral()
         elif o is Outcome.PROJECT_CAPPED or o is Outcome.QUOTA_UNKNOWN:
             self._cool(project, "*", verdict, now)
@@ -276,11 +301,11 @@ class KeyPool:
         state = self.keys[name]
         state.operator_enabled = enabled
         if enabled:
-            state.disabled_reason = None
+            self._revive(state)
 
     def reset(self, name: str) -> None:
         state = self.keys[name]
-        state.disabled_reason = None
+        self._revive(state)
         state.operator_enabled = None
         state.operator_weight = None
         state.breaker.record_success()
@@ -292,6 +317,55 @@ class KeyPool:
             if pm[0] != state.spec.project
             or any(s.spec.project == pm[0] for s in self.keys.values() if s is not state)
         }
+
+    @staticmethod
+    def _revive(state: KeyState) -> None:
+        state.disabled_reason = state.suspect = state.next_check = None
+        state.check_backoff = 0.0
+
+    # --- key checks: confirm a dead-key answer, and find out when a dead key works again
+
+    def due_checks(self, now: float) -> list[KeyState]:
+        return [
+            s
+            for s in self.keys.values()
+            if s.next_check is not None
+            and s.next_check <= now
+            and not s.checking
+            and s.enabled
+            and (s.suspect is not None or s.disabled_reason is not None)
+        ]
+
+    def check_result(self, name: str, verdict: Verdict | None, now: float) -> str | None:
+        """Apply a key check's result: the key's new condition, or None if nothing changed.
+
+        `verdict`: OK (Google accepts the key), DEAD_KEY (confirmed), None (no verdict).
+        """
+        state = self.keys.get(name)
+        if state is None:
+            return None
+        state.checking = False
+        if state.suspect is None and state.disabled_reason is None:
+            return None  # an operator revived it meanwhile
+        if verdict is None:
+            state.next_check = now + INCONCLUSIVE_RETRY
+            return None
+        if verdict.outcome is not Outcome.DEAD_KEY:
+            was_dead = state.disabled_reason is not None
+            self._revive(state)
+            state.health.results.clear()
+            return "recovered" if was_dead else "cleared"
+        confirmed = state.suspect is not None
+        if confirmed:
+            state.disabled_reason, state.suspect = state.suspect, None
+        p = self.policy
+        state.check_backoff = (
+            p.recheck_base
+            if confirmed
+            else min(p.recheck_max, state.check_backoff * 2 or p.recheck_base)
+        )
+        state.next_check = now + state.check_backoff
+        return "dead" if confirmed else None
 
     def set_weight(self, name: str, weight: int | None) -> None:
         self.keys[name].operator_weight = weight
@@ -314,6 +388,8 @@ class KeyPool:
             return "disabled"
         if state.disabled_reason:
             return "dead"
+        if state.suspect:
+            return "suspect"
         if state.breaker.state is BreakerState.OPEN and not state.breaker.available(now):
             return "open"
         if self.cooldowns_of(state.spec.project, now):
@@ -333,6 +409,10 @@ class KeyPool:
             "enabled_override": state.operator_enabled,
             "status": self.status(state, now),
             "disabled_reason": state.disabled_reason,
+            "suspect": state.suspect,
+            "next_check_in": None
+            if state.next_check is None
+            else round(max(0.0, state.next_check - now), 1),
             "breaker": {
                 "state": str(state.breaker.state),
                 "failures": state.breaker.failures,
@@ -366,6 +446,9 @@ class KeyPool:
             "breaker": state.breaker.snapshot(),
             "health": state.health.snapshot(),
             "disabled_reason": state.disabled_reason,
+            "suspect": state.suspect,
+            "next_check": state.next_check,
+            "check_backoff": state.check_backoff,
             "operator_enabled": state.operator_enabled,
             "operator_weight": state.operator_weight,
             "last_error": state.last_error,
@@ -381,22 +464,50 @@ class KeyPool:
     def restore(
         self, keys: dict[str, dict[str, Any]], cooldowns: Iterable[dict[str, Any]], now: float
     ) -> None:
-        """Restore saved state for keys that still exist with the same secret (by fingerprint)."""
+        """Restore saved state by fingerprint (a renamed key keeps its state); saved state of
+        keys not configured now is kept aside in case they come back."""
+        by_fp: dict[Any, dict[str, Any]] = {}
         for name, data in keys.items():
-            state = self.keys.get(name)
-            if state is None or data.get("fingerprint") != state.spec.fingerprint:
+            if not isinstance(data, dict):
                 continue
-            state.breaker.restore(data.get("breaker") or {})
-            state.health.restore(data.get("health") or [])
-            state.disabled_reason = data.get("disabled_reason")
-            state.operator_enabled = data.get("operator_enabled")
-            weight = data.get("operator_weight")
-            state.operator_weight = int(weight) if weight else None
-            state.last_error = data.get("last_error")
-            state.last_error_at = data.get("last_error_at")
-        projects = {s.spec.project for s in self.keys.values()}
+            fp = data.get("fingerprint")
+            state = self.keys.get(name)
+            if fp not in by_fp or (state is not None and state.spec.fingerprint == fp):
+                by_fp[fp] = data  # a key saved under its own name wins over a rename
+        for state in self.keys.values():
+            saved = by_fp.pop(state.spec.fingerprint, None)
+            if saved is not None:
+                self._restore_key(state, saved)
+        for fp, data in by_fp.items():
+            if isinstance(fp, str) and fp not in self.retired:
+                self.retired[fp] = (data, now)
         for c in cooldowns:
-            if c["project"] in projects and float(c["until"]) > now:
+            if float(c["until"]) > now:
                 self.cooldowns[(c["project"], c["model"])] = Cooldown(
                     float(c["until"]), c["reason"]
                 )
+
+    @staticmethod
+    def _restore_key(state: KeyState, data: dict[str, Any]) -> None:
+        state.breaker.restore(data.get("breaker") or {})
+        state.health.restore(data.get("health") or [])
+        state.disabled_reason = data.get("disabled_reason")
+        state.suspect = data.get("suspect")
+        next_check = data.get("next_check")
+        state.next_check = float(next_check) if next_check is not None else None
+        if (state.suspect or state.disabled_reason) and state.next_check is None:
+            state.next_check = 0.0  # saved before checks existed: check soon
+        state.check_backoff = float(data.get("check_backoff") or 0.0)
+        state.operator_enabled = data.get("operator_enabled")
+        weight = data.get("operator_weight")
+        state.operator_weight = int(weight) if weight else None
+        state.last_error = data.get("last_error")
+        state.last_error_at = data.get("last_error_at")
+
+
+def _why_unusable(state: KeyState) -> str:
+    if state.disabled_reason:
+        return state.disabled_reason
+    if state.suspect:
+        return f"{state.suspect} (being checked)"
+    return "disabled by configuration"

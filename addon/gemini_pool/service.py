@@ -5,7 +5,6 @@ No mitmproxy import: the addon translates flows into calls here.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
@@ -18,6 +17,8 @@ from .breaker import BreakerState
 from .classify import Outcome, pacific_day
 from .config import EMPTY, Config, ConfigError, load_config
 from .dispatch import Dispatcher, DispatchPolicy
+from .gate import Gate, digest
+from .keycheck import KeyChecker
 from .pins import ResourcePins
 from .records import RequestRecord
 from .selector import KeyPool, PoolPolicy
@@ -41,7 +42,6 @@ def install_access_log(stream: Any, level: int) -> None:
     access_log.setLevel(level)
 
 
-LOOPBACK = ("127.", "::1", "::ffff:127.")
 BREAKER_CODE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
@@ -54,12 +54,6 @@ class Settings:
     log_json: bool = False
 
 
-class AuthError(Exception):
-    def __init__(self, status: int, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.reason = status, message, reason
-
-
 @dataclass
 class ProxyService:
     settings: Settings = field(default_factory=Settings)
@@ -70,7 +64,8 @@ class ProxyService:
     store: Store | None = None
     state_dirty: bool = False
     inflight: int = 0
-    _clients: dict[bytes, str] = field(default_factory=dict)
+    gate: Gate = field(default_factory=Gate)
+    models: metrics.ModelLabels = field(default_factory=metrics.ModelLabels)
     _db_errors_seen: int = 0
     _projects: dict[str, str] = field(default_factory=dict)  # key name -> project
 
@@ -78,7 +73,16 @@ class ProxyService:
         self.dispatcher = Dispatcher(
             self.pool, self.upstream, self.settings.dispatch, on_wait=self._on_wait
         )
+        self.checker = KeyChecker(self.pool, self.upstream, on_change=self._mark_dirty)
+        self.gate.upload_lookup = self._upload_key
         metrics.set_state_source(self.gauge_rows)
+
+    def _mark_dirty(self) -> None:
+        self.state_dirty = True
+
+    def _upload_key(self, upload_id: str, method: str, path: str, now: float) -> str | None:
+        pin = self.pins.upload_session(upload_id, method, path, now)
+        return pin.key if pin is not None else None
 
     @staticmethod
     def _on_wait(delta: int) -> None:
@@ -86,6 +90,7 @@ class ProxyService:
 
     def apply_settings(self, settings: Settings) -> None:
         self.settings = settings
+        self.gate.max_body = settings.max_body
         self.dispatcher.policy = settings.dispatch
         self.pool.policy = settings.pool
         for state in self.pool.keys.values():
@@ -108,7 +113,7 @@ class ProxyService:
         before = set(self.pool.keys)
         self.pool.apply_config(config)
         self.config = config
-        self._clients = {_digest(c.token): c.name for c in config.clients}
+        self.gate.clients = {digest(c.token): c.name for c in config.clients}
         self._projects = {k.name: k.project for k in config.keys}
         after = set(self.pool.keys)
         log.info(
@@ -129,12 +134,23 @@ class ProxyService:
     def attach_store(self, store: Store) -> None:
         self.store = store
         self._db_errors_seen = 0
+        now = time.time()
         keys, cooldowns = store.load_state()
-        self.pool.restore(keys, cooldowns, time.time())
+        self.pool.restore(keys, cooldowns, now)
+        self.pins.restore(store.load_pins(now), now)
+        self.pins.on_pin = store.save_pin
         store.start()
         restored = [n for n, s in keys.items() if n in self.pool.keys]
         if restored:
             log.info("gemini-proxy: restored state of %d keys from %s", len(restored), store.path)
+
+    def close_store(self) -> None:
+        if self.store is None:
+            return
+        self.save_state()
+        self.pins.on_pin = None
+        self.store.close()
+        self.store = None
 
     def save_state(self) -> None:
         if self.store is None:
@@ -151,31 +167,6 @@ class ProxyService:
             metrics.DB_WRITE_ERRORS.inc(self.store.write_errors - self._db_errors_seen)
             self._db_errors_seen = self.store.write_errors
 
-    # --- callers
-
-    def authenticate(self, credential: str | None, peer: str) -> str:
-        """The caller's client name. Raises AuthError (401 / 403)."""
-        if not self._clients:
-            if peer.startswith(LOOPBACK) or peer == "localhost":
-                return "local"
-            raise AuthError(
-                403,
-                "this gemini-proxy serves loopback callers only: add a client token under "
-                "'clients:' in the key file to let other hosts in",
-                "no_clients_configured",
-            )
-        if not credential:
-            raise AuthError(
-                401,
-                "missing client token: send it where your SDK sends its API key "
-                "(x-goog-api-key, ?key= or Authorization: Bearer)",
-                "missing_token",
-            )
-        name = self._clients.get(_digest(credential))
-        if name is None:
-            raise AuthError(401, "client token not recognised", "invalid_token")
-        return name
-
     # --- outcomes
 
     def finish(self, rec: RequestRecord) -> None:
@@ -184,12 +175,16 @@ class ProxyService:
             return
         rec.finished = True
         rec.tap.finish()
-        model = rec.model or "*"
+        model = self.models.label(rec.model, 200 <= rec.status < 300 and rec.key is not None)
         for a in rec.attempts:
             metrics.ATTEMPTS.labels(a.key, model, str(a.verdict.outcome), str(a.status or 0)).inc()
             metrics.LATENCY.labels(a.key, model).observe(a.seconds)
             if a.verdict.outcome is Outcome.DEAD_KEY:
-                log.warning("gemini-proxy: key %s disabled: %s", a.key, a.verdict.reason)
+                log.warning(
+                    "gemini-proxy: key %s answered %s: out of rotation until a check confirms it",
+                    a.key,
+                    a.verdict.reason,
+                )
         for a in rec.attempts[:-1]:
             metrics.RETRIES.labels(str(a.verdict.outcome)).inc()
         metrics.REQUESTS.labels(rec.client or "-", rec.api, str(rec.status)).inc()
@@ -206,7 +201,7 @@ class ProxyService:
             self.state_dirty = True
         self._log(rec)
         if self.store is not None:
-            self.store.record(rec.row(), rec.usage(self._projects))
+            self.store.record(rec.row(), rec.usage(self._projects, model))
 
     def _log(self, rec: RequestRecord) -> None:
         level = logging.WARNING if rec.status >= 500 or rec.stream_error else logging.INFO
@@ -261,7 +256,7 @@ class ProxyService:
 
     def health(self) -> dict[str, Any]:
         now = time.time()
-        counts = {"active": 0, "cooling": 0, "open": 0, "dead": 0, "disabled": 0}
+        counts = {"active": 0, "cooling": 0, "open": 0, "suspect": 0, "dead": 0, "disabled": 0}
         errors = {}
         for s in self.pool.keys.values():
             status = self.pool.status(s, now)
@@ -351,10 +346,6 @@ class _RequestLine:
             )
         text = "gemini " + " ".join(f"{k}={'-' if v is None else v}" for k, v in fields.items())
         return f"{text} | {detail}" if detail else text
-
-
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
 
 
 def constant_time_equal(a: str, b: str) -> bool:

@@ -37,7 +37,7 @@ def test_dead_key_stays_disabled_across_a_restart(fake: Fake, make_proxy: Any) -
     fake.configure({a: "dead", b: "ok"})
     proxy = make_proxy([key_entry("a", a, weight=10), key_entry("b", b)])
     assert gen(proxy).status_code == 200
-    assert proxy.keys_state()["a"]["status"] == "dead"
+    proxy.wait_key("a", "dead")
     proxy.restart()
     fake.configure({a: "dead", b: "ok"})
     for _ in range(5):
@@ -55,6 +55,7 @@ def test_kill9_under_load_keeps_the_database_intact_and_state_restored(
     proxy = make_proxy([key_entry("a", a), key_entry("b", b), key_entry("c", c)])
     for _ in range(3):
         gen(proxy)
+    proxy.wait_key("b", "dead")
     time.sleep(1.2)  # key state older than a second is never lost: this is the second
     for _round in range(3):
         stop = threading.Event()
@@ -124,7 +125,7 @@ def test_outcome_rows_and_daily_usage(fake: Fake, make_proxy: Any) -> None:
     assert (
         stream_row["stream"] is True and stream_row["tokens_out"] == 4 and stream_row["ttfb_ms"] > 0
     )
-    assert stream_row["bytes"] > 500
+    assert stream_row["bytes"] > 250  # on the wire: the fake gzips, as Google does
     filtered = proxy.admin.get("/admin/requests?key=a").json()["requests"]
     assert filtered == []  # a never served a request in the end
     usage = proxy.keys_state()
@@ -407,6 +408,7 @@ def test_state_script_moves_a_deployment(fake: Fake, make_proxy: Any, tmp_path: 
     fake.configure({a: "dead", b: "minute:300"})
     old = make_proxy([key_entry("a", a), key_entry("b", b)])
     gen(old)
+    old.wait_key("a", "dead")
     old.stop()
     script = str(ROOT / "scripts" / "state.py")
     exported = subprocess.run(

@@ -86,11 +86,8 @@ def test_both_sdks_unary_and_streaming_succeed_past_a_dead_and_an_exhausted_key(
     assert seen.count(trio["dead"]) <= 1, "the dead key was used again after it was found dead"
     assert seen.count(trio["quota"]) <= 1, "the exhausted project was retried before its cooldown"
     assert seen.count(trio["good"]) == 6
+    assert proxy.wait_key("dead", "dead")["disabled_reason"] == "400 API key invalid"
     state = proxy.keys_state()
-    assert (
-        state["dead"]["status"] == "dead"
-        and state["dead"]["disabled_reason"] == "400 API key invalid"
-    )
     assert state["quota"]["status"] == "cooling"
     assert 55 < state["quota"]["cooldowns"][FLASH]["seconds_left"] <= 60
     assert state["good"]["status"] == "active"
@@ -224,7 +221,7 @@ def test_all_cooling_gives_429_with_retry_after_and_all_dead_gives_503(
     assert len(fake.log()) == 2  # the second request never went upstream
 
     c, d = new_secret(), new_secret()
-    fake.configure({c: "dead", d: "unauth"})
+    fake.configure({c: "dead", d: "leaked"})
     proxy2 = make_proxy([key_entry("c", c), key_entry("d", d)])
     first = gen(proxy2)  # discovers both keys dead, one attempt each
     assert (
@@ -453,11 +450,11 @@ def test_sighup_and_admin_reload_and_key_state_survives_reload(fake: Fake, make_
     proxy = make_proxy([key_entry("a", a), key_entry("b", b)], options={"gemini_watch_ms": 0})
     gen(proxy)
     gen(proxy)
-    assert proxy.keys_state()["a"]["status"] == "dead"
+    proxy.wait_key("a", "dead")
     proxy.write_keys([key_entry("a", a), key_entry("b", b), key_entry("c", c)])
     proxy.send_signal(signal.SIGHUP)
     wait_for(lambda: "c" in proxy.keys_state(), timeout=5)
-    assert proxy.keys_state()["a"]["status"] == "dead"  # kept its state across the reload
+    proxy.wait_key("a", "dead")  # kept its state across the reload
     proxy.write_keys([key_entry("b", b)])
     assert proxy.admin.post("/admin/reload").json()["reloaded"] is True
     assert set(proxy.keys_state()) == {"b"}
@@ -482,7 +479,7 @@ def test_a_broken_key_file_at_start_is_a_clear_error(make_proxy: Any) -> None:
 
 def test_v1_models_answers_each_sdk_in_its_own_format(fake: Fake, make_proxy: Any) -> None:
     a = new_secret()
-    fake.configure({a: "ok"})
+    fake.configure({a: "ok"}, served_models=["gemini-2.5-flash"])
     proxy = make_proxy([key_entry("a", a)])
     listed = [m.id for m in openai_client(proxy).models.list()]
     assert listed == ["models/gemini-2.5-flash"]  # OpenAI's list format, via /v1beta/openai/models

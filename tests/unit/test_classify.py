@@ -6,6 +6,7 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,10 +35,13 @@ def verdict(behaviour: str, openai: bool = False):
     ("behaviour", "outcome", "retry", "key_fault"),
     [
         ("dead", Outcome.DEAD_KEY, True, True),
-        ("unauth", Outcome.DEAD_KEY, True, True),
+        ("expired", Outcome.DEAD_KEY, True, True),
+        ("unauth", Outcome.CALLER_ERROR, False, False),
         ("leaked", Outcome.DEAD_KEY, True, True),
         ("suspended", Outcome.DEAD_KEY, True, True),
         ("blocked", Outcome.DEAD_KEY, True, True),
+        ("service_disabled", Outcome.DEAD_KEY, True, True),
+        ("referrer", Outcome.DEAD_KEY, True, True),
         ("minute", Outcome.QUOTA_MINUTE, True, True),
         ("day", Outcome.QUOTA_DAY, True, True),
         ("limit0", Outcome.MODEL_UNAVAILABLE, True, True),
@@ -100,7 +104,59 @@ def test_resource_of_another_project_is_a_routing_error() -> None:
         "You do not have permission to access the File abc or it may not exist.",
     )
     v = classify(403, json.dumps(body).encode(), MODEL, NOW)
-    assert v.outcome is Outcome.WRONG_PROJECT and not v.retry and not v.key_fault
+    # retried on a key of another project when the owner is unknown; never the key's fault
+    assert v.outcome is Outcome.WRONG_PROJECT and v.retry and not v.key_fault
+    assert v.not_this_key and not v.processed
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (
+            401,
+            _status(
+                401,
+                "UNAUTHENTICATED",
+                "API keys are not supported by this API. Expected OAuth2 access token or other "
+                "authentication credentials that assert a principal.",
+                [
+                    {
+                        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                        "reason": "CREDENTIALS_MISSING",
+                    }
+                ],
+            ),
+        ),
+        (
+            403,
+            _status(
+                403,
+                "PERMISSION_DENIED",
+                "You do not have permission to access tuned model tunedModels/x.",
+            ),
+        ),
+        (403, _status(403, "PERMISSION_DENIED", "Permission denied.")),
+        (401, b"<html>Unauthorized</html>"),
+        (403, b""),
+        (404, _status(404, "NOT_FOUND", "models/made-up is not found for API version v1beta")),
+    ],
+)
+def test_answers_a_caller_can_provoke_never_make_a_key_dead(status: int, body: Any) -> None:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    v = classify(status, raw, MODEL, NOW)
+    assert v.outcome is Outcome.CALLER_ERROR and not v.retry and not v.key_fault
+
+
+def test_hostile_error_bodies_give_a_verdict() -> None:
+    for raw in (
+        b"[" * 100_000,
+        b'{"error": {"details": 5}}',
+        b'{"error": {"details": [{"violations": 7}], "message": 3}}',
+        b'{"error": []}',
+        b"\xff\xfe",
+    ):
+        assert classify(429, raw, MODEL, NOW).outcome is Outcome.QUOTA_UNKNOWN
+        assert classify(403, raw, MODEL, NOW).outcome is Outcome.CALLER_ERROR
 
 
 def test_garbage_bodies_do_not_crash() -> None:

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from gemini_pool.errors import error_body
 from gemini_pool.routing import (
     Api,
     RouteError,
-    client_credential,
-    is_bearer_only,
+    query_credentials,
     route,
     split_query,
 )
@@ -20,7 +21,13 @@ def r(
     body: bytes = b"",
     method: str = "POST",
 ):
-    return route(method, path, query, is_bearer_only(headers or {}, split_query(query)[1]), body)
+    h = headers or {}
+    bearer_only = (
+        h.get("authorization", "").lower().startswith("bearer ")
+        and "x-goog-api-key" not in h
+        and split_query(query)[1] is None
+    )
+    return route(method, path, query, bearer_only, body)
 
 
 def test_native_paths_pass_through_with_model_and_method() -> None:
@@ -73,12 +80,48 @@ def test_invalid_openai_json_is_a_400() -> None:
         r("/v1/chat/completions", body=b"{nope")
 
 
-def test_credentials() -> None:
-    assert client_credential({"x-goog-api-key": "a", "authorization": "Bearer b"}, "c") == "a"
-    assert client_credential({"authorization": "Bearer b"}, "c") == "c"
-    assert client_credential({"authorization": "Bearer b"}, None) == "b"
-    assert client_credential({"authorization": "Basic zz"}, None) is None
+def test_credentials_leave_the_query_however_they_are_spelled() -> None:
     assert split_query("a=1&key=s&b=2") == ("a=1&b=2", "s")
+    assert split_query("%6Bey=s&alt=sse") == ("alt=sse", "s")  # an encoded name is still `key`
+    assert split_query("KEY=s&access_token=t&x=%2F") == ("x=%2F", "s")  # others kept verbatim
+    assert split_query("alt=sse") == ("alt=sse", None)
+    found = query_credentials("key=a&key=b&key=%FF")
+    assert found.keys == ("a", "b") and found.malformed and found.query == ""
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "repeatable"),
+    [
+        ("POST", "/v1beta/models/gemini-2.5-flash:generateContent", True),
+        ("POST", "/v1beta/models/gemini-2.5-flash:streamGenerateContent", True),
+        ("POST", "/v1beta/models/text-embedding-004:batchEmbedContents", True),
+        ("GET", "/v1beta/files/abc", True),
+        ("POST", "/v1beta/cachedContents", False),
+        ("DELETE", "/v1beta/files/abc", False),
+        ("PATCH", "/v1beta/cachedContents/abc", False),
+        ("POST", "/v1beta/models/gemini-2.5-flash:batchGenerateContent", False),
+        ("POST", "/v1beta/tunedModels", False),
+        ("POST", "/upload/v1beta/files", False),
+        ("POST", "/v1beta/batches/abc:cancel", False),
+        ("POST", "/v1/chat/completions", True),
+        ("POST", "/v1beta/openai/files", False),
+    ],
+)
+def test_what_may_be_sent_twice(method: str, path: str, repeatable: bool) -> None:
+    body = b'{"model": "gemini-2.5-flash"}' if "openai" in path or "/v1/chat" in path else b""
+    assert r(path, body=body, method=method).repeatable is repeatable
+
+
+@pytest.mark.parametrize(
+    "model", ["x" * 129, "gemini 2.5", "a/b", "../x", "%2e%2e", "gemini\u2028", "-lead", "ü"]
+)
+def test_made_up_model_names_are_refused(model: str) -> None:
+    with pytest.raises(RouteError) as e:
+        r("/v1/chat/completions", body=json.dumps({"model": model}).encode())
+    assert e.value.status == 400 and e.value.reason == "invalid_model"
+    if "/" not in model:
+        with pytest.raises(RouteError):
+            r(f"/v1beta/models/{model}:generateContent")
 
 
 def test_error_shapes() -> None:

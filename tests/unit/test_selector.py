@@ -49,9 +49,41 @@ def test_quota_cooldown_is_per_project_and_model() -> None:
     assert set(picks(p, 6, "pro", now=61)) == {"a1", "a2", "b"}
 
 
+def dead(p: KeyPool, name: str, now: float = 0) -> None:
+    """A dead-key answer, then a check that confirms it."""
+    p.record(name, "m", Verdict(Outcome.DEAD_KEY, "400 API key invalid"), now)
+    assert p.check_result(name, Verdict(Outcome.DEAD_KEY, "400 API key invalid"), now) == "dead"
+
+
+def test_a_dead_key_answer_takes_the_key_out_until_a_check_decides() -> None:
+    p = pool(k("a"), k("b"), recheck_base=60, recheck_max=200)
+    p.record("a", "m", Verdict(Outcome.DEAD_KEY, "400 API key invalid"), 0)
+    assert set(picks(p, 4)) == {"b"} and p.status(p.keys["a"], 0) == "suspect"
+    assert [s.name for s in p.due_checks(0)] == ["a"]
+    # the check says Google accepts the key: it was not the key's fault, nothing is disabled
+    assert p.check_result("a", Verdict(Outcome.OK, "check: 200"), 1) == "cleared"
+    assert set(picks(p, 4)) == {"a", "b"} and p.keys["a"].disabled_reason is None
+    # confirmed: dead, re-checked with a backoff that doubles up to its cap
+    p.record("a", "m", Verdict(Outcome.DEAD_KEY, "400 API key invalid"), 2)
+    assert p.check_result("a", Verdict(Outcome.DEAD_KEY, "400 API key invalid"), 2) == "dead"
+    assert p.status(p.keys["a"], 2) == "dead" and p.due_checks(61) == []
+    waits = []
+    now = 2.0
+    for _ in range(4):
+        now = p.keys["a"].next_check or 0
+        assert [s.name for s in p.due_checks(now)] == ["a"]
+        p.check_result("a", Verdict(Outcome.DEAD_KEY, "still"), now)
+        waits.append(p.keys["a"].check_backoff)
+    assert waits == [120, 200, 200, 200]
+    p.check_result("a", None, now)  # no verdict (Google unreachable): try again soon
+    assert p.status(p.keys["a"], now) == "dead"
+    assert p.check_result("a", Verdict(Outcome.OK, "check: 200"), now) == "recovered"
+    assert set(picks(p, 4, now=now)) == {"a", "b"}
+
+
 def test_dead_key_stays_out_until_operator_or_reload() -> None:
     p = pool(k("a"), k("b"))
-    p.record("a", "m", Verdict(Outcome.DEAD_KEY, "400 API key invalid"), 0)
+    dead(p, "a")
     assert set(picks(p, 4)) == {"b"}
     p.apply_config(Config((k("a"), k("b")), (), "reload"))  # same secret: state kept
     assert set(picks(p, 4)) == {"b"}
@@ -117,7 +149,7 @@ def test_rotation_preview_does_not_disturb_selection() -> None:
 
 def test_state_snapshot_restores_by_fingerprint() -> None:
     p = pool(k("a"), k("b"))
-    p.record("a", "m", Verdict(Outcome.DEAD_KEY, "400 API key invalid"), 0)
+    dead(p, "a")
     p.record("b", "m", Verdict(Outcome.QUOTA_DAY, "day", cooldown_until=500), 0)
     keys = {n: p.snapshot_key(s) for n, s in p.keys.items()}
     q = pool(k("a"), k("b"))
@@ -145,3 +177,20 @@ def test_bare_429s_back_off_exponentially_per_project_and_a_success_resets() -> 
     assert isinstance(p.select("x", 10), NoKey)
     assert {picks(p, 1, "x", now=12)[0]} <= {"a", "b"}
     assert all(s.usable_ever for s in p.keys.values())
+
+
+def test_a_key_that_leaves_and_comes_back_returns_as_it_left() -> None:
+    p = pool(k("a"), k("b"))
+    dead(p, "a")
+    p.set_weight("b", 9)
+    p.apply_config(Config((), (), "half-written file"), now=10)
+    assert p.keys == {}
+    p.apply_config(Config((k("a"), k("b")), (), "whole file"), now=20)
+    assert p.keys["a"].disabled_reason == "400 API key invalid" and p.keys["b"].weight == 9
+    # renamed (same secret): the state follows the secret
+    p.apply_config(Config((KeySpec("a2", "secret-a", "a"), k("b")), (), "renamed"), now=30)
+    assert p.keys["a2"].disabled_reason == "400 API key invalid"
+    # gone for longer than RETIRED_TTL: forgotten
+    p.apply_config(Config((k("b"),), (), "x"), now=40)
+    p.apply_config(Config((k("a"), k("b")), (), "y"), now=40 + 8 * 86400)
+    assert p.keys["a"].disabled_reason is None

@@ -1,11 +1,16 @@
-"""Caller authentication and the operator actions shared by the admin API and the commands."""
+"""The gate as the service configures it, and the operator actions shared by the admin API and the commands."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
 from gemini_pool.config import ClientSpec, Config, KeySpec
-from gemini_pool.service import AuthError, ProxyService
+from gemini_pool.gate import Admit, Arrival, Refuse, Target
+from gemini_pool.service import ProxyService
+
+GOOGLE = Target("https", "generativelanguage.googleapis.com", 443)
 
 
 def service(*clients: ClientSpec) -> ProxyService:
@@ -14,22 +19,27 @@ def service(*clients: ClientSpec) -> ProxyService:
     return s
 
 
-def test_without_clients_only_loopback_callers_are_served() -> None:
+def test_the_service_gate_follows_the_key_file() -> None:
     s = service()
-    assert s.authenticate(None, "127.0.0.1") == "local"
-    assert s.authenticate("anything", "::1") == "local"
-    with pytest.raises(AuthError) as e:
-        s.authenticate("anything", "10.1.2.3")
-    assert e.value.status == 403 and "clients:" in e.value.message
+    a = Arrival("POST", "/v1beta/models/m:generateContent", "", (), "127.0.0.1", GOOGLE, GOOGLE)
+    assert isinstance(d := s.gate.decide(a, 0), Admit) and d.client == "local"
+    s.apply_config(
+        Config((KeySpec("a", "secret-a", "p"),), (ClientSpec("web", "tok-web"),), "test")
+    )
+    assert isinstance(d := s.gate.decide(a, 0), Refuse) and d.reason == "missing_token"
+    with_token = replace(a, fields=((b"x-goog-api-key", b"tok-web"),))
+    assert isinstance(d := s.gate.decide(with_token, 0), Admit) and d.client == "web"
 
 
-def test_with_clients_every_caller_needs_a_known_token() -> None:
-    s = service(ClientSpec("web", "tok-web"), ClientSpec("batch", "tok-batch"))
-    assert s.authenticate("tok-batch", "10.1.2.3") == "batch"
-    for token, reason in ((None, "missing_token"), ("nope", "invalid_token")):
-        with pytest.raises(AuthError) as e:
-            s.authenticate(token, "127.0.0.1")  # loopback is no exception once clients exist
-        assert (e.value.status, e.value.reason) == (401, reason)
+def test_upload_sessions_open_the_gate_only_for_their_own_requests() -> None:
+    s = service(ClientSpec("web", "tok-web"))
+    s.pins.remember_upload("up-1", "a", "/upload/v1beta/files", 0)
+    follow = Arrival(
+        "PUT", "/upload/v1beta/files", "upload_id=up-1", (), "10.0.0.1", GOOGLE, GOOGLE
+    )
+    assert isinstance(d := s.gate.decide(follow, 1), Admit) and d.upload_key == "a"
+    assert isinstance(s.gate.decide(replace(follow, path="/v1beta/files"), 1), Refuse)
+    assert isinstance(s.gate.decide(follow, 2 * 86400), Refuse)  # sessions expire
 
 
 def test_operator_actions_and_unknown_keys() -> None:
