@@ -1,12 +1,15 @@
 """The pooled aiohttp client that talks to Google (every attempt, first or retry, goes through it).
 
-Bodies pass through untouched (no decompression), hop-by-hop headers are dropped.
+Bodies pass through untouched (no decompression), hop-by-hop headers are dropped. The caller's
+Accept-Encoding is narrowed to the codings the proxy itself can read (gzip, deflate, identity):
+the proxy reads usage, resource names and in-band errors out of answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from dataclasses import dataclass
 
 import aiohttp
@@ -32,7 +35,47 @@ HOP_BY_HOP = frozenset(
 
 
 class UpstreamError(Exception):
-    """No HTTP answer: connect failure, timeout, dropped connection."""
+    """No HTTP answer: connect failure, timeout, dropped connection.
+
+    `sent` is False only when the request provably never reached the server (no connection could
+    be made: refused, DNS, TLS handshake, connect timeout); a request that is not safe to repeat
+    may be retried only then.
+    """
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+READABLE_CODINGS = frozenset({"gzip", "deflate", "identity"})
+
+
+def accept_encoding(value: str) -> str:
+    """The caller's Accept-Encoding narrowed to gzip, deflate and identity, q-values kept.
+
+    Codings the caller refuses (q=0), repeats and malformed entries are left out; when nothing is
+    left, "identity". Other parameters than q are dropped.
+    """
+    kept: dict[str, str] = {}
+    for item in value.split(","):
+        coding, _, params = item.partition(";")
+        coding = coding.strip().lower()
+        if coding not in READABLE_CODINGS or coding in kept:
+            continue
+        q = "1"
+        for param in params.split(";"):
+            name, _, val = param.partition("=")
+            if name.strip().lower() == "q":
+                q = val.strip()
+        if not _QVALUE.fullmatch(q):
+            continue
+        if not q.strip("0."):
+            continue  # q=0: "not this one"
+        kept[coding] = coding if q[0] == "1" else f"{coding};q={q}"
+    return ", ".join(kept.values()) or "identity"
+
+
+_QVALUE = re.compile(r"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")  # RFC 9110 qvalue, ASCII digits only
 
 
 @dataclass
@@ -102,37 +145,53 @@ class UpstreamClient:
         skip = [
             h for h in ("User-Agent", "Accept-Encoding", "Content-Type") if h.lower() not in lower
         ]
+        out = forwardable(headers)
+        if "accept-encoding" in lower:  # only codings the proxy can read in the answer
+            accepted = ", ".join(v for k, v in out if k.lower() == "accept-encoding")
+            out = [(k, v) for k, v in out if k.lower() != "accept-encoding"]
+            out.append(("Accept-Encoding", accept_encoding(accepted)))
         t = self._timeout(stream, timeout)
         try:
             resp = await self.session.request(
                 method,
                 yarl.URL(url, encoded=True),  # forward the path exactly as routed
-                headers=forwardable(headers),
+                headers=out,
                 data=body or None,
                 skip_auto_headers=skip,
                 allow_redirects=False,
                 timeout=t,
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise UpstreamError(_describe(e)) from None
+            raise UpstreamError(_describe(e), sent=not _never_connected(e)) from None
         out_headers = forwardable(list(resp.headers.items()))
         if stream and 200 <= resp.status < 300:
             try:
                 first = await resp.content.readany()
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
                 resp.close()
-                raise UpstreamError(f"{_describe(e)} before the first byte") from None
+                raise UpstreamError(f"{_describe(e)} before the first byte", sent=True) from None
             return UpstreamAnswer(resp.status, resp.reason or "", out_headers, first, resp)
         try:
             body_out = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise UpstreamError(_describe(e)) from None
+            raise UpstreamError(_describe(e), sent=True) from None
         finally:
             resp.release()
         return UpstreamAnswer(resp.status, resp.reason or "", out_headers, body_out)
 
 
+def _never_connected(e: BaseException) -> bool:
+    """No connection was made, so no byte of the request left: refused, DNS, TLS, connect timeout.
+
+    aiohttp writes the request only on an established connection; a failure after that (a dropped
+    or reset connection, a read timeout) leaves open whether the server got and acted on it.
+    """
+    return isinstance(e, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+
+
 def _describe(e: BaseException) -> str:
+    if isinstance(e, aiohttp.ConnectionTimeoutError):
+        return "cannot connect to upstream: timed out"
     if isinstance(e, TimeoutError | asyncio.TimeoutError):
         return "upstream timed out"
     if isinstance(e, aiohttp.ClientConnectorError):

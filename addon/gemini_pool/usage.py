@@ -4,34 +4,160 @@ Gemini's usageMetadata is cumulative and comes last in each answer or event (the
 wins); OpenAI-compat sends `usage` in the last chunk; an in-band stream error is the last event.
 So the tap only keeps the tail of the bytes and reads it once, at the end: per chunk it costs a
 slice, not a scan (scanning every chunk cost more than relaying it, measured with 64 KiB events).
+
+Google gzips answers, streamed ones too, whenever the caller accepts it: the tap then inflates
+as the bytes pass and keeps the tail of the decoded text. Inflating is bounded: at most PIECE
+bytes of output exist at a time, and a stream that inflates past MAX_RATIO times its wire size
+(beyond a floor) is a bomb, not an answer: the tap stops decoding and only counts bytes.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 
 _TOKENS_IN = re.compile(rb'"(?:promptTokenCount|prompt_tokens)"\s*:\s*(\d+)')
 _TOKENS_OUT = re.compile(rb'"(?:candidatesTokenCount|completion_tokens)"\s*:\s*(\d+)')
 _STREAM_ERROR = re.compile(rb'(?:^|\n)data:\s*\{\s*"error"')
 TAIL = 8192
+PIECE = 64 * 1024  # most decoded bytes produced by one inflate step
+WINDOW = 16 * 1024  # most encoded bytes handed to one run of inflate steps
+MAX_RATIO = 100  # decoded bytes per wire byte before the tap calls it a bomb ...
+RATIO_FLOOR = 64 * 1024 * 1024  # ... once past this much decoded output
+
+_GZIP_OR_ZLIB = 47  # wbits: auto-detect a gzip or zlib header
+_RAW_DEFLATE = -15
+
+
+def _coding(encoding: str) -> str | None:
+    """The one coding to undo: "" for none, None for what the proxy cannot decode."""
+    codings = [c for c in (t.strip().lower() for t in encoding.split(",")) if c and c != "identity"]
+    if not codings:
+        return ""
+    if len(codings) == 1 and codings[0] in ("gzip", "x-gzip", "deflate"):
+        return codings[0]
+    return None  # br, zstd, layered codings, nonsense
+
+
+def _wbits(coding: str, head: bytes) -> int:
+    """gzip is gzip (or a mislabelled zlib stream); "deflate" is zlib, or raw deflate in the wild."""
+    if coding != "deflate" or head[:2] == b"\x1f\x8b":
+        return _GZIP_OR_ZLIB
+    cmf, flg = head[0], head[1]
+    if cmf & 0x0F == 8 and (cmf << 8 | flg) % 31 == 0:
+        return _GZIP_OR_ZLIB  # a valid zlib header
+    return _RAW_DEFLATE
+
+
+def decoded(body: bytes, encoding: str, limit: int) -> bytes | None:
+    """A whole answer body with its Content-Encoding undone.
+
+    None when it cannot be decoded (unknown coding, corrupt or truncated data) or when the result
+    would be longer than `limit` (never more than `limit` + 1 bytes are inflated).
+    """
+    coding = _coding(encoding)
+    if coding is None:
+        return None
+    if not coding:
+        return body if len(body) <= limit else None
+    if len(body) < 2:
+        return None
+    out: list[bytes] = []
+    room = limit
+    rest = body
+    try:
+        while rest:  # concatenated gzip members decode to the concatenation
+            inflate = zlib.decompressobj(_wbits(coding, rest))
+            piece = inflate.decompress(rest, room + 1)
+            if len(piece) > room:
+                return None
+            if not inflate.eof:
+                return None  # truncated
+            out.append(piece)
+            room -= len(piece)
+            rest = inflate.unused_data
+    except zlib.error:
+        return None
+    return b"".join(out)
 
 
 class UsageTap:
-    """Feed it chunks; `finish()` reads token counts and an in-band stream error from the tail."""
+    """Feed it chunks; `finish()` reads token counts and an in-band stream error from the tail.
 
-    def __init__(self) -> None:
+    `encoding` is the answer's Content-Encoding: gzip and deflate are decoded as they pass,
+    anything else it cannot decode makes the tap count bytes only. `bytes` counts wire bytes.
+    """
+
+    def __init__(self, encoding: str = "") -> None:
         self.tokens_in: int | None = None
         self.tokens_out: int | None = None
         self.bytes = 0
         self.stream_error = False
         self._tail = b""
+        self._coding: str | None = _coding(encoding) if encoding else ""
+        self._inflate: zlib._Decompress | None = None
+        self._pending = b""  # the first bytes of a deflate answer, until its header is known
+        self._decoded = 0  # bytes inflated so far
 
     def feed(self, chunk: bytes) -> None:
         self.bytes += len(chunk)
-        if len(chunk) >= TAIL:
-            self._tail = chunk[-TAIL:]
-        elif chunk:
-            self._tail = (self._tail + chunk)[-TAIL:]
+        if self._coding:
+            self._feed_encoded(chunk)
+        elif self._coding is not None:  # identity
+            if len(chunk) >= TAIL:
+                self._tail = chunk[-TAIL:]
+            elif chunk:
+                self._tail = (self._tail + chunk)[-TAIL:]
+
+    def _feed_encoded(self, data: bytes) -> None:
+        try:
+            # a window at a time: decompress(data, max_length) copies the input it has not
+            # consumed into unconsumed_tail on every step, which must stay small
+            for at in range(0, len(data), WINDOW):
+                if not self._inflate_window(data[at : at + WINDOW]):
+                    return
+        except zlib.error:
+            self._give_up()  # corrupt: what was decoded so far stays readable
+
+    def _inflate_window(self, data: bytes) -> bool:
+        """Inflate a little input, PIECE bytes of output at a time; False once given up."""
+        coding = self._coding
+        assert coding
+        while data:
+            if self._inflate is None:  # the first bytes, or the next gzip member
+                if len(self._pending) + len(data) < 2:
+                    self._pending += data
+                    return True
+                data, self._pending = self._pending + data, b""
+                self._inflate = zlib.decompressobj(_wbits(coding, data))
+            inflate = self._inflate
+            while True:
+                piece = inflate.decompress(data, PIECE)
+                if piece:
+                    self._keep(piece)
+                data = inflate.unconsumed_tail
+                if inflate.eof or (not data and len(piece) < PIECE):
+                    break
+                if self._decoded > max(RATIO_FLOOR, MAX_RATIO * self.bytes):
+                    self._give_up()  # a bomb: stop inflating, keep counting bytes
+                    return False
+            if inflate.eof:
+                data = inflate.unused_data
+                self._inflate = None
+        return True
+
+    def _give_up(self) -> None:
+        if self._coding:
+            self._coding = None
+            self._inflate = None
+            self._pending = b""
+
+    def _keep(self, piece: bytes) -> None:
+        self._decoded += len(piece)
+        if len(piece) >= TAIL:
+            self._tail = piece[-TAIL:]
+        else:
+            self._tail = (self._tail + piece)[-TAIL:]
 
     def finish(self) -> None:
         tail = self._tail
