@@ -370,7 +370,7 @@ class GeminiProxy:
         status, headers, body = self._error_answer(rec, d.status, d.message, d.reason)
         rec.status, rec.proxy_reason, rec.proxy_message = d.status, d.reason, d.message
         rec.refused = True
-        ticket = self.rt.relay.refuse(status, "", headers, body)
+        ticket = self.rt.relay.refuse(status, "", headers, body, after_body=True)
         self._detour(flow, rec, ticket, keep_body=True)
         flow.request.stream = True
 

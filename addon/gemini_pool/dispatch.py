@@ -162,8 +162,7 @@ class Dispatcher:
                 timeout=max(math.ceil(time_left), 1),  # whole seconds: timeouts get reused
             )
         except UpstreamError as e:
-            reached = getattr(e, "sent", True)
-            return None, network_verdict(str(e), reached), time.perf_counter() - t0
+            return None, network_verdict(str(e), e.sent), time.perf_counter() - t0
         seconds = time.perf_counter() - t0
         if 200 <= answer.status < 300:
             return answer, Verdict(Outcome.OK, str(answer.status)), seconds
