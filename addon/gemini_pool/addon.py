@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import sys
 import time
 from typing import Any
@@ -21,21 +20,22 @@ from typing import Any
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http.url import hostport
-from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from mitmproxy.utils import human
 
+from . import inbound
+from .answers import error_parts, error_response, s, upstream_response
 from .breaker import BreakerPolicy
 from .classify import network_verdict
 from .config import ConfigError
+from .detour import point_at_relay, restore_request
 from .dispatch import DispatchPolicy, ProxyRequest
-from .errors import error_body
-from .gate import STRIPPED_FIELDS, Admit, Arrival, Refuse, Target
+from .gate import STRIPPED_FIELDS, Admit, Refuse
 from .lifecycle import Runtime, raise_fd_limit
 from .metrics import GATE_REFUSALS, INFLIGHT
 from .pins import UPLOAD_URL_HEADERS, rewrite_upload_headers
-from .records import Detour, RequestRecord
-from .relay import TICKET_FIELD, Held
-from .routing import Api, RouteError, query_credentials, route
+from .records import RequestRecord
+from .relay import Held
+from .routing import Api, RouteError, route
 from .selector import PoolPolicy
 from .service import ProxyService, Settings, install_access_log
 from .store import Store, StoreError
@@ -44,10 +44,6 @@ from .usage import UsageTap, decoded
 
 log = logging.getLogger("gemini_proxy")
 
-# request headers that frame a body (the relay hop of a stream carries none)
-_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
-_TICKET_ONLY = frozenset({TICKET_FIELD})
-_RELAY_ONLY = _FRAMING | _TICKET_ONLY
 _DROPPED = STRIPPED_FIELDS | {b"host"}
 # answers that can name a project-bound resource (files, cached contents, batches, operations)
 RESOURCE_PATHS = (
@@ -60,7 +56,6 @@ RESOURCE_PATHS = (
     ":async",
 )
 MAX_RESOURCE_ANSWER = 4 << 20
-_HOSTPORT = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
 _RUNTIME: Runtime | None = None
 
@@ -85,14 +80,6 @@ def parse_hostport(value: str) -> tuple[str, int]:
             f"gemini_admin must be host:port (e.g. 127.0.0.1:8090), got {value!r}"
         )
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def reverse_target(spec: str | ProxyMode) -> Target | None:
-    """The upstream of a reverse-mode listener; None for modes where callers pick the host."""
-    mode = ProxyMode.parse(spec) if isinstance(spec, str) else spec
-    if isinstance(mode, ReverseMode) and mode.scheme in ("http", "https"):
-        return Target(mode.scheme, mode.address[0], mode.address[1])
-    return None
 
 
 OPTIONS: list[tuple[str, type, Any, str]] = [
@@ -177,8 +164,10 @@ class GeminiProxy:
             install_access_log(sys.stdout, level if isinstance(level, int) else logging.INFO)
         if "mode" in updated:
             self._check_modes(o.mode)
-        if "body_size_limit" in updated and self.rt.started is not None:
-            self._limit_bodies()
+        if self.rt.started is not None and (
+            {"body_size_limit", "keep_host_header", "connection_strategy"} & updated
+        ):
+            self._force_options()
         if not any(opt.startswith("gemini_") for opt in updated):
             return
         _positive("gemini_max_body", o.gemini_max_body)
@@ -236,7 +225,7 @@ class GeminiProxy:
             self.service.store.retention_days = o.gemini_retention_days
             self.service.store.retention_rows = o.gemini_retention_rows
         if "gemini_max_body" in updated and self.rt.started is not None:
-            self._limit_bodies()
+            self._force_options()
         bind = (admin[0], admin[1], o.gemini_admin_token) if admin else None
         if self.rt.started is not None and bind != self.rt.admin_bind:
             asyncio.get_running_loop().create_task(self.rt.restart_admin(bind))
@@ -246,7 +235,7 @@ class GeminiProxy:
         targets = []
         for spec in specs:
             try:
-                target = reverse_target(spec)
+                target = inbound.reverse_target(spec)
             except ValueError:
                 continue  # mitmproxy reports invalid modes itself
             if target is None:
@@ -260,16 +249,29 @@ class GeminiProxy:
                 targets.append(target)
         self.service.checker.base = targets[0].base if targets else None
 
-    def _limit_bodies(self) -> None:
-        """mitmproxy's own limit backs ours up: it stops reading a body without a Content-Length
-        (chunked) past it instead of buffering whatever comes, and refuses a Content-Length over
-        it before any hook runs (in HTML). Set above gemini_max_body so that the gate's JSON 413
-        answers the ordinary case."""
+    def _force_options(self) -> None:
+        """mitmproxy options the proxy relies on, set again if someone changes them.
+
+        connection_strategy=lazy: eager would open a pointless connection to Google per client
+        connection. keep_host_header: the gate reads the Host the caller used (DNS rebinding,
+        upload URLs). body_size_limit backs gemini_max_body up: mitmproxy stops reading a body
+        without a Content-Length (chunked) past it instead of buffering whatever comes, and
+        refuses a Content-Length over it before any hook runs (in HTML); set above
+        gemini_max_body so that the gate's JSON 413 answers the ordinary case.
+        """
+        o = ctx.options
         max_body = self.service.settings.max_body
         limit = max_body + min(max(max_body, 1 << 20), 64 << 20)
-        current = human.parse_size(ctx.options.body_size_limit)
+        current = human.parse_size(o.body_size_limit)
+        wanted: dict[str, Any] = {}
+        if o.connection_strategy != "lazy":
+            wanted["connection_strategy"] = "lazy"
+        if not o.keep_host_header:
+            wanted["keep_host_header"] = True
         if current is None or current > limit:
-            ctx.options.update(body_size_limit=str(limit))
+            wanted["body_size_limit"] = str(limit)
+        if wanted:
+            o.update(**wanted)
 
     def _open_db(self, path: str) -> None:
         store = None
@@ -287,11 +289,7 @@ class GeminiProxy:
 
     def running(self) -> None:
         raise_fd_limit()
-        # eager would open a pointless connection to Google per client connection;
-        # keep_host_header: the gate reads the Host the caller used (DNS rebinding, upload URLs)
-        if ctx.options.connection_strategy != "lazy" or not ctx.options.keep_host_header:
-            ctx.options.update(connection_strategy="lazy", keep_host_header=True)
-        self._limit_bodies()
+        self._force_options()
         if self.rt.started is None:
             self.rt.started = asyncio.Event()
             o = ctx.options
@@ -317,7 +315,7 @@ class GeminiProxy:
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         """CONNECT lets a caller pick the destination: never, with our keys."""
-        if reverse_target(flow.client_conn.proxy_mode) is None:
+        if inbound.reverse_target(flow.client_conn.proxy_mode) is None:
             flow.response = http.Response.make(
                 403,
                 b"gemini-proxy serves only reverse-mode listeners",
@@ -330,7 +328,7 @@ class GeminiProxy:
         self.service.inflight += 1
         INFLIGHT.inc()
         try:
-            decision = self.service.gate.decide(_arrival(flow), time.time())
+            decision = self.service.gate.decide(inbound.arrival(flow), time.time())
             if isinstance(decision, Admit):
                 self._admit(flow, rec, decision)
                 return
@@ -345,8 +343,7 @@ class GeminiProxy:
         rec.client, rec.api, rec.bearer_only = d.client, str(d.api), d.bearer_only
         rec.upload_id, rec.upload_key, rec.upstream = d.upload_id, d.upload_key, d.upstream
         req = flow.request
-        origin = req.host_header or ""
-        rec.origin_host = origin if _HOSTPORT.fullmatch(origin) else ""
+        rec.origin_host = inbound.client_host(req)
         # credentials and the headers Google checks key restrictions against go no further
         # (nor show in mitmweb or dumps); Host becomes the upstream's, as mitmproxy would set it
         fields = tuple(kv for kv in req.headers.fields if kv[0].lower() not in _DROPPED)
@@ -363,15 +360,15 @@ class GeminiProxy:
         GATE_REFUSALS.labels(d.reason).inc()
         if d.error:  # a warning, not an error: mitmdump exits on an error logged at startup
             log.warning("gemini-proxy: request %s refused: %s", rec.request_id, d.error)
-        _strip_credentials(flow.request)
+        inbound.strip_credentials(flow.request)
         if not (d.body_expected and self.rt.relay.port):
             self._reply(flow, rec, d.status, d.message, d.reason, close=d.body_expected)
             return
-        status, headers, body = self._error_answer(rec, d.status, d.message, d.reason)
+        headers, body = error_parts(d.api, rec.request_id, d.status, d.message, d.reason)
         rec.status, rec.proxy_reason, rec.proxy_message = d.status, d.reason, d.message
         rec.refused = True
-        ticket = self.rt.relay.refuse(status, "", headers, body, after_body=True)
-        self._detour(flow, rec, ticket, keep_body=True)
+        rec.relay_ticket = self.rt.relay.refuse(d.status, "", headers, body, after_body=True)
+        rec.detour = point_at_relay(flow, self.rt.relay.port, rec.relay_ticket, keep_body=True)
         flow.request.stream = True
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -423,7 +420,7 @@ class GeminiProxy:
             project = pins.project_for(r.path, body, now)
         if r.streaming and self.rt.started is not None:
             await self.rt.started.wait()
-        headers = [(_s(k), _s(v)) for k, v in req.headers.fields]
+        headers = [(s(k), s(v)) for k, v in req.headers.fields]
         proxy_req = ProxyRequest(req.method, rec.upstream.base, r, headers, body, project)
         result = await self.service.dispatcher.dispatch(proxy_req)
         rec.attempts, rec.waited = result.attempts, result.waited
@@ -448,7 +445,7 @@ class GeminiProxy:
             answer.stream.release()
         if any(k.lower() in UPLOAD_URL_HEADERS for k, _ in answer.headers):
             answer.headers, started = rewrite_upload_headers(
-                answer.headers, rec.upstream.host, _proxy_origin(flow, rec)
+                answer.headers, rec.upstream.host, inbound.proxy_origin(flow, rec.origin_host)
             )
             for upload_id, upload_path in started if rec.upload_id is None else ():
                 pins.remember_upload(upload_id, key.name, upload_path, now)
@@ -456,7 +453,7 @@ class GeminiProxy:
             plain = decoded(answer.body, encoding, MAX_RESOURCE_ANSWER)
             if plain is not None:
                 pins.remember_resources(plain, key.project, now)
-        flow.response = _make_response(answer, extra)
+        flow.response = upstream_response(answer, extra)
 
     def _relay(
         self,
@@ -491,53 +488,18 @@ class GeminiProxy:
             on_chunk,
             on_end,
         )
-        self._detour(flow, rec, self.rt.relay.hold(held), keep_body=False)
+        rec.relay_ticket = self.rt.relay.hold(held)
+        rec.detour = point_at_relay(flow, self.rt.relay.port, rec.relay_ticket, keep_body=False)
         self._annotate(flow, rec)  # a stream may run for minutes: show it in mitmweb now
-
-    def _detour(
-        self, flow: http.HTTPFlow, rec: RequestRecord, ticket: str, keep_body: bool
-    ) -> None:
-        """Point the flow's request at the relay (`keep_body`: the body still streams there)."""
-        rec.relay_ticket = ticket
-        data = flow.request.data  # the target, set directly: the Host header stays as it is
-        fields = data.headers.fields
-        framing = tuple(kv for kv in fields if kv[0].lower() in _FRAMING)
-        if keep_body:
-            rec.detour = Detour(data.scheme, data.host, data.port, None, (), streamed=True)
-        else:
-            rec.detour = Detour(data.scheme, data.host, data.port, data.content, framing)
-            if data.content or framing:  # the relay needs no body: do not copy it again
-                fields = tuple(kv for kv in fields if kv[0].lower() not in _FRAMING)
-                fields += ((b"content-length", b"0"),)
-                data.content = b""
-        data.headers.fields = (*fields, (TICKET_FIELD, ticket.encode()))
-        data.scheme, data.host, data.port = b"http", "127.0.0.1", self.rt.relay.port
-
-    def _restore_request(self, flow: http.HTTPFlow, rec: RequestRecord) -> None:
-        """Show in mitmweb and dumps the request as it went to Google, not to the relay."""
-        detour, rec.detour = rec.detour, None
-        if detour is None:
-            return
-        data = flow.request.data
-        data.scheme, data.host, data.port = detour.scheme, detour.host, detour.port
-        if detour.streamed:
-            data.headers.fields = tuple(
-                kv for kv in data.headers.fields if kv[0].lower() not in _TICKET_ONLY
-            )
-            return
-        drop = _RELAY_ONLY if (detour.body or detour.framing) else _TICKET_ONLY
-        fields = tuple(kv for kv in data.headers.fields if kv[0].lower() not in drop)
-        data.headers.fields = fields + detour.framing
-        data.content = detour.body
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         rec = self.rt.records.get(flow.id)
         if rec is None or rec.detour is None:
             return
-        refused = rec.detour.streamed
-        self._restore_request(flow, rec)
+        detour, rec.detour = rec.detour, None
+        restore_request(flow, detour)
         assert flow.response is not None
-        flow.response.stream = not refused
+        flow.response.stream = not detour.streamed
 
     def response(self, flow: http.HTTPFlow) -> None:
         rec = self.rt.records.pop(flow.id, None)
@@ -554,7 +516,9 @@ class GeminiProxy:
         rec = self.rt.records.pop(flow.id, None)
         if rec is None:
             return
-        self._restore_request(flow, rec)
+        if rec.detour is not None:
+            restore_request(flow, rec.detour)
+            rec.detour = None
         if rec.relay_ticket and rec.first_byte is None:
             self.rt.relay.cancel(rec.relay_ticket, "flow failed before the stream started")
         msg = flow.error.msg if flow.error else "unknown error"
@@ -585,23 +549,6 @@ class GeminiProxy:
             close=True,
         )
 
-    @staticmethod
-    def _error_answer(
-        rec: RequestRecord,
-        status: int,
-        message: str,
-        reason: str,
-        retry_after: float | None = None,
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
-        headers = [
-            ("content-type", "application/json; charset=UTF-8"),
-            ("x-request-id", rec.request_id),
-            ("x-gemini-proxy-reason", reason),
-        ]
-        if retry_after is not None:
-            headers.append(("retry-after", str(max(1, round(retry_after)))))
-        return status, headers, error_body(Api(rec.api), status, message, reason)
-
     def _reply(
         self,
         flow: http.HTTPFlow,
@@ -612,11 +559,8 @@ class GeminiProxy:
         retry_after: float | None = None,
         close: bool = False,
     ) -> None:
-        status, headers, body = self._error_answer(rec, status, message, reason, retry_after)
-        if close:
-            headers.append(("connection", "close"))
-        flow.response = http.Response.make(
-            status, body, http.Headers([(_b(k), _b(v)) for k, v in headers])
+        flow.response = error_response(
+            Api(rec.api), rec.request_id, status, message, reason, retry_after, close
         )
         rec.status, rec.proxy_reason, rec.proxy_message = status, reason, message
 
@@ -672,72 +616,3 @@ class GeminiProxy:
         """Re-read the key file now."""
         if not self.rt.reload_keys("gemini.reload command"):
             raise exceptions.CommandError("reload failed; the old config stays (see the log)")
-
-
-def _arrival(flow: http.HTTPFlow) -> Arrival:
-    req = flow.request
-    path, _, query = req.path.partition("?")
-    peer = flow.client_conn.peername
-    return Arrival(
-        method=req.method,
-        path=path,
-        query=query,
-        fields=tuple(req.headers.fields),
-        peer=str(peer[0]) if peer else "",
-        listener=reverse_target(flow.client_conn.proxy_mode),
-        destination=Target(req.scheme, req.host, req.port),
-        authority=req.authority,
-    )
-
-
-def _strip_credentials(req: http.Request) -> None:
-    """A refused request keeps no credential either (mitmweb, dumps); this cannot raise."""
-    try:
-        req.headers.fields = tuple(
-            kv for kv in req.headers.fields if kv[0].lower() not in STRIPPED_FIELDS
-        )
-        path, sep, query = req.path.partition("?")
-        if sep:
-            clean = query_credentials(query).query
-            req.path = f"{path}?{clean}" if clean else path
-    except Exception:
-        req.headers.fields = ()
-        req.data.path = b"/"
-
-
-def _proxy_origin(flow: http.HTTPFlow, rec: RequestRecord) -> str:
-    fwd = flow.request.headers.get("x-forwarded-host")
-    if fwd:
-        proto = flow.request.headers.get("x-forwarded-proto", "http")
-        return f"{proto}://{fwd}"
-    scheme = "https" if flow.client_conn.tls else "http"
-    if rec.origin_host:  # the address the caller used (through forwarders, NAT, a Service)
-        return f"{scheme}://{rec.origin_host}"
-    host, port = flow.client_conn.sockname[:2]
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{scheme}://{host}:{port}"
-
-
-def _s(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")  # as mitmproxy and aiohttp decode headers
-
-
-def _b(text: str) -> bytes:
-    return text.encode("utf-8", "surrogateescape")
-
-
-def _make_response(answer: UpstreamAnswer, extra: list[tuple[str, str]]) -> http.Response:
-    fields = [(_b(k), _b(v)) for k, v in answer.headers + extra]
-    fields.append((b"content-length", str(len(answer.body)).encode()))
-    now = time.time()
-    return http.Response(
-        b"HTTP/1.1",
-        answer.status,
-        (answer.reason or "").encode(),
-        http.Headers(fields),
-        answer.body,
-        None,
-        now,
-        now,
-    )

@@ -26,7 +26,7 @@ class Detour:
     scheme: bytes
     host: str
     port: int
-    body: bytes | None  # the relay hop carries no body
+    body: bytes | None  # the relay hop of a held stream carries no body
     framing: tuple[tuple[bytes, bytes], ...]  # content-length / transfer-encoding header fields
     streamed: bool = False  # a refused request whose body streams into the relay's sink
 

@@ -1,0 +1,73 @@
+"""What a caller sent, read off a mitmproxy flow for the gate, and what of it goes no further."""
+
+from __future__ import annotations
+
+import re
+
+from mitmproxy import http
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
+
+from .gate import STRIPPED_FIELDS, Arrival, Target
+from .routing import query_credentials
+
+_HOSTPORT = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
+
+
+def reverse_target(spec: str | ProxyMode) -> Target | None:
+    """The upstream of a reverse-mode listener; None for modes where callers pick the host."""
+    mode = ProxyMode.parse(spec) if isinstance(spec, str) else spec
+    if isinstance(mode, ReverseMode) and mode.scheme in ("http", "https"):
+        return Target(mode.scheme, mode.address[0], mode.address[1])
+    return None
+
+
+def arrival(flow: http.HTTPFlow) -> Arrival:
+    req = flow.request
+    path, _, query = req.path.partition("?")
+    peer = flow.client_conn.peername
+    return Arrival(
+        method=req.method,
+        path=path,
+        query=query,
+        fields=tuple(req.headers.fields),
+        peer=str(peer[0]) if peer else "",
+        listener=reverse_target(flow.client_conn.proxy_mode),
+        destination=Target(req.scheme, req.host, req.port),
+        authority=req.authority,
+    )
+
+
+def strip_credentials(req: http.Request) -> None:
+    """A refused request keeps no credential either (mitmweb, dumps); this cannot raise."""
+    try:
+        req.headers.fields = tuple(
+            kv for kv in req.headers.fields if kv[0].lower() not in STRIPPED_FIELDS
+        )
+        path, sep, query = req.path.partition("?")
+        if sep:
+            clean = query_credentials(query).query
+            req.path = f"{path}?{clean}" if clean else path
+    except Exception:
+        req.headers.fields = ()
+        req.data.path = b"/"
+
+
+def client_host(req: http.Request) -> str:
+    """The host[:port] the caller addressed (with keep_host_header), if it looks like one."""
+    host = req.host_header or ""
+    return host if _HOSTPORT.fullmatch(host) else ""
+
+
+def proxy_origin(flow: http.HTTPFlow, host: str) -> str:
+    """Where the caller reaches this proxy: upload URLs handed back point there."""
+    fwd = flow.request.headers.get("x-forwarded-host")
+    if fwd:
+        proto = flow.request.headers.get("x-forwarded-proto", "http")
+        return f"{proto}://{fwd}"
+    scheme = "https" if flow.client_conn.tls else "http"
+    if host:  # the address the caller used (through forwarders, NAT, a Service)
+        return f"{scheme}://{host}"
+    ip, port = flow.client_conn.sockname[:2]
+    if ":" in ip:
+        ip = f"[{ip}]"
+    return f"{scheme}://{ip}:{port}"
