@@ -112,12 +112,13 @@ class Proxy:
         clients: list[dict[str, Any]] | None = None,
         options: dict[str, Any] | None = None,
         tool: str = "mitmdump",
+        admin_token: str | None = None,
     ) -> None:
         self.dir = workdir
         self.upstream = upstream
         self.port = free_port()
         self.admin_port = free_port()
-        self.admin_token = "admin-" + secrets.token_hex(8)
+        self.admin_token = "admin-" + secrets.token_hex(8) if admin_token is None else admin_token
         self.keys_file = workdir / "keys.yaml"
         self.db = workdir / "state.db"
         self.dump = workdir / "flows.mitm"
@@ -151,7 +152,6 @@ class Proxy:
             "gemini_keys": str(self.keys_file),
             "gemini_db": str(self.db),
             "gemini_admin": f"127.0.0.1:{self.admin_port}",
-            "gemini_admin_token": self.admin_token,
             "gemini_watch_ms": 200,
             **self.options,
         }
@@ -176,6 +176,7 @@ class Proxy:
         self.log_handle = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             self.command(),
+            env={**os.environ, "GEMINI_ADMIN_TOKEN": self.admin_token},
             stdout=self.log_handle,
             stderr=subprocess.STDOUT,
             cwd=self.dir,

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
@@ -73,6 +74,19 @@ def _positive(name: str, value: int, low: int = 1, high: int | None = None) -> N
         raise exceptions.OptionsError(f"{name} must be {bound}, got {value}")
 
 
+def admin_token(path: str) -> str:
+    """The admin token: from `gemini_admin_token_file`, else $GEMINI_ADMIN_TOKEN."""
+    if not path:
+        return os.environ.get("GEMINI_ADMIN_TOKEN", "").strip()
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise exceptions.OptionsError(f"gemini_admin_token_file: cannot read {path}: {e}") from None
+    if not token:
+        raise exceptions.OptionsError(f"gemini_admin_token_file: {path} is empty")
+    return token
+
+
 def parse_hostport(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -97,10 +111,11 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
         'Admin/metrics listen address host:port; "" turns it off.',
     ),
     (
-        "gemini_admin_token",
+        "gemini_admin_token_file",
         str,
-        os.environ.get("GEMINI_ADMIN_TOKEN", ""),
-        "Bearer token for /admin/ (default: $GEMINI_ADMIN_TOKEN). Empty: /admin/ is off.",
+        "",
+        "File holding the bearer token for /admin/ (default: $GEMINI_ADMIN_TOKEN). No token: "
+        "/admin/ answers 403. The token itself is never an option (mitmweb shows options).",
     ),
     ("gemini_max_body", int, 10 * 1024 * 1024, "Largest request body in bytes (413 above)."),
     (
@@ -226,7 +241,7 @@ class GeminiProxy:
             self.service.store.retention_rows = o.gemini_retention_rows
         if "gemini_max_body" in updated and self.rt.started is not None:
             self._force_options()
-        bind = (admin[0], admin[1], o.gemini_admin_token) if admin else None
+        bind = (admin[0], admin[1], admin_token(o.gemini_admin_token_file)) if admin else None
         if self.rt.started is not None and bind != self.rt.admin_bind:
             asyncio.get_running_loop().create_task(self.rt.restart_admin(bind))
 
@@ -294,7 +309,9 @@ class GeminiProxy:
             self.rt.started = asyncio.Event()
             o = ctx.options
             bind = (
-                (*parse_hostport(o.gemini_admin), o.gemini_admin_token) if o.gemini_admin else None
+                (*parse_hostport(o.gemini_admin), admin_token(o.gemini_admin_token_file))
+                if o.gemini_admin
+                else None
             )
             asyncio.get_running_loop().create_task(
                 self.rt.start(bind, lambda: int(ctx.options.gemini_watch_ms))

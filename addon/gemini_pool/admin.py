@@ -1,6 +1,6 @@
 """The admin HTTP server (aiohttp): /healthz, /readyz, /metrics and the /admin/ API.
 
-Everything under /admin/ needs `Authorization: Bearer <gemini_admin_token>` (constant-time
+Everything under /admin/ needs `Authorization: Bearer <admin token>` (constant-time
 compare). Bad input answers 4xx JSON and changes nothing.
 """
 
@@ -76,8 +76,8 @@ class AdminServer:
             if not self.token:
                 return _error(
                     403,
-                    "the admin API is off: set a token with --set gemini_admin_token=... "
-                    "(or GEMINI_ADMIN_TOKEN for ./scripts/run)",
+                    "the admin API is off: give it a token in the environment "
+                    "(GEMINI_ADMIN_TOKEN=...) or in a file (--set gemini_admin_token_file=PATH)",
                 )
             auth = request.headers.get("Authorization", "")
             given = auth[7:] if auth.lower().startswith("bearer ") else ""

@@ -205,9 +205,9 @@ def test_admin_api_auth_endpoints_and_bad_input(fake: Fake, make_proxy: Any) -> 
 def test_admin_without_a_token_is_off_and_says_how(fake: Fake, make_proxy: Any) -> None:
     a = new_secret()
     fake.configure({a: "ok"})
-    proxy = make_proxy([key_entry("a", a)], options={"gemini_admin_token": ""})
+    proxy = make_proxy([key_entry("a", a)], admin_token="")
     r = httpx.get(f"{proxy.admin_url}/admin/keys", headers={"Authorization": "Bearer anything"})
-    assert r.status_code == 403 and "gemini_admin_token" in r.json()["error"]["message"]
+    assert r.status_code == 403 and "GEMINI_ADMIN_TOKEN" in r.json()["error"]["message"]
 
 
 def test_metrics_after_known_traffic(fake: Fake, make_proxy: Any) -> None:
