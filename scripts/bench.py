@@ -1,12 +1,20 @@
 #!/usr/bin/env python3
-"""Benchmark gemini-proxy against bare mitmdump and a direct connection, in one run.
+"""Benchmark gemini-proxy against mitmdump as users run it and a direct connection, in one run.
 
-All three sit in front of the project's fake Gemini on loopback:
-  direct  - the client talks to the fake (the floor)
-  bare    - mitmdump in reverse mode, streaming on, no addon (the floor for any mitmproxy addon)
-  proxy   - mitmdump + gemini-proxy, 10 keys, SQLite on
-Prints a markdown table with ratios to bare mitmdump and writes bench/RESULTS.md; a last pass
-(`hooks`) times mitmproxy's dispatch of each hook at concurrency 1 (scripts/hook_timer.py).
+All sit in front of the project's fake Gemini on loopback:
+  direct            - the client talks to the fake
+  mitmdump          - mitmdump in reverse mode, default options (bodies buffered): the floor of
+                      the unary workloads
+  mitmdump+stream   - the same with scripts/bench_stream_floor.py, which streams 2xx
+                      text/event-stream answers and streamed JSON arrays: the floor of the stream
+                      workloads
+  gemini-proxy      - mitmdump + gemini-proxy, 10 keys, SQLite on
+  (--old-floor adds mitmdump with stream_large_bodies=1, which streams every body: the floor
+  earlier runs used, slower than users' mitmdump, shown as an extra row only)
+The client sends `Accept-Encoding: gzip, deflate` as the Gemini SDKs do, so the fake answers
+gzip (streams flushed per event), as Google does for them. Prints a markdown table with ratios to
+each workload's floor and writes bench/RESULTS.md; a last pass (`hooks`) times mitmproxy's
+dispatch of each hook at concurrency 1 (scripts/hook_timer.py).
 Not part of the test suite: numbers depend on the machine.
 """
 
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -40,6 +49,12 @@ GEN_BODY = b'{"contents": [{"role": "user", "parts": [{"text": "Hello there"}]}]
 CHAT_BODY = (
     b'{"model": "gemini-2.5-flash", "messages": [{"role": "user", "content": "Hello there"}]}'
 )
+# what the Gemini SDKs (httpx, requests) send: the fake then gzips its answers, as Google does
+CLIENT_HEADERS = {"accept-encoding": "gzip, deflate"}
+UNARY_FLOOR = "mitmdump"
+STREAM_FLOOR = "mitmdump+stream"
+OLD_FLOOR = "mitmdump, every body streamed"
+PROXY = "gemini-proxy"
 
 
 def free_port() -> int:
@@ -81,9 +96,11 @@ class Stats:
     rss_peak: float = 0.0
     rss_start: float = 0.0
     rss_end: float = 0.0
-    # paired with bare mitmdump's run of the same repeat (the runs are interleaved)
+    # paired with the floor's run of the same repeat (the runs are interleaved)
     added_p50: list[float] = field(default_factory=list)
     added_ttfb: list[float] = field(default_factory=list)
+    rps_ratio: list[float] = field(default_factory=list)
+    ttfb_ratio: list[float] = field(default_factory=list)
     bytes: int = 0
 
     @property
@@ -109,9 +126,11 @@ Request = Callable[[aiohttp.ClientSession, str], Awaitable[tuple[float, float, i
 
 
 def unary(path: str, body: bytes, headers: dict[str, str]) -> Request:
+    h = {**CLIENT_HEADERS, **headers}
+
     async def go(session: aiohttp.ClientSession, base: str) -> tuple[float, float, int]:
         t0 = time.perf_counter()
-        async with session.post(base + path, data=body, headers=headers) as r:
+        async with session.post(base + path, data=body, headers=h) as r:
             first = await r.content.readany()
             t1 = time.perf_counter()
             rest = await r.read()
@@ -122,8 +141,14 @@ def unary(path: str, body: bytes, headers: dict[str, str]) -> Request:
     return go
 
 
-def stream(events: int, event_bytes: int, headers: dict[str, str]) -> Request:
-    h = {**headers, "x-fake-events": str(events), "x-fake-event-bytes": str(event_bytes)}
+def stream(events: int, event_bytes: int, headers: dict[str, str], delay_ms: int = 0) -> Request:
+    h = {
+        **CLIENT_HEADERS,
+        **headers,
+        "x-fake-events": str(events),
+        "x-fake-event-bytes": str(event_bytes),
+        "x-fake-delay-ms": str(delay_ms),
+    }
     path = f"/v1beta/models/{MODEL}:streamGenerateContent?alt=sse"
 
     async def go(session: aiohttp.ClientSession, base: str) -> tuple[float, float, int]:
@@ -254,12 +279,36 @@ def machine() -> str:
     )
 
 
+@dataclass
+class Workload:
+    name: str
+    desc: str
+    concurrency: int
+    count: int
+    factory: Callable[[dict[str, str]], Request]
+    stream: bool = False
+
+    @property
+    def floor(self) -> str:
+        return STREAM_FLOOR if self.stream else UNARY_FLOOR
+
+
+def _unused(h: dict[str, str]) -> Request:
+    raise NotImplementedError("main() gives FAULTY its request")
+
+
+# gemini-proxy only (a bare mitmdump cannot skip a dead key): compared with unary-c16's floor
+FAULTY = Workload(
+    "faulty-30%", "generateContent c16, 3 of 10 keys dead / out of quota", 16, 3000, _unused
+)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
-        "--scale", type=float, default=1.0, help="multiply request counts (0.2 for a quick look)"
+        "--scale", type=float, default=1.0, help="multiply request counts (0.3 for a quick look)"
     )
     ap.add_argument(
         "--repeats",
@@ -273,7 +322,17 @@ def main() -> None:
         default="",
         help="comma list of workload names to run (unary-c1, ..., faulty-30%%, hooks)",
     )
+    ap.add_argument(
+        "--old-floor",
+        action="store_true",
+        help="also run mitmdump with stream_large_bodies=1 (every body streamed), as an extra row",
+    )
     args = ap.parse_args()
+    print(
+        "client sends Accept-Encoding: gzip, deflate (as the Gemini SDKs do): "
+        "answers are gzipped as in production",
+        flush=True,
+    )
 
     tmp = Path(tempfile.mkdtemp(prefix="gemini-bench-"))
     good = [f"bench-{secrets.token_hex(12)}" for _ in range(10)]
@@ -301,35 +360,27 @@ def main() -> None:
             "/v1beta/openai/chat/completions", CHAT_BODY, {**h, "content-type": "application/json"}
         )
 
-    workloads: list[tuple[str, str, int, int, Callable[[dict[str, str]], Request]]] = [
-        # name, description, concurrency, requests, request factory
-        ("unary-c1", "generateContent, concurrency 1", 1, s(600), gen_req),
-        ("unary-c16", "generateContent, concurrency 16", 16, s(3000), gen_req),
-        ("unary-c64", "generateContent, concurrency 64", 64, s(3000), gen_req),
-        ("openai-chat", "OpenAI-compat chat, concurrency 16", 16, s(2000), chat_req),
-        (
-            "sse-c1",
-            "SSE stream of 20 events, concurrency 1 (time to first byte)",
-            1,
-            s(300),
-            lambda h: stream(20, 200, h),
-        ),
-        (
-            "sse-20",
-            "SSE stream of 20 events, concurrency 8",
-            8,
-            s(600),
-            lambda h: stream(20, 200, h),
-        ),
+    def sse(h: dict[str, str]) -> Request:  # the issue's stream: 20 events, 5 ms apart
+        return stream(20, 200, h, delay_ms=5)
+
+    workloads = [
+        Workload("unary-c1", "generateContent, concurrency 1", 1, s(600), gen_req),
+        Workload("unary-c16", "generateContent, concurrency 16", 16, s(3000), gen_req),
+        Workload("unary-c64", "generateContent, concurrency 64", 64, s(3000), gen_req),
+        Workload("openai-chat", "OpenAI-compat chat, concurrency 16", 16, s(2000), chat_req),
+        Workload("sse-c1", "SSE, 20 events 5 ms apart, concurrency 1", 1, s(80), sse, True),
+        Workload("sse-c16", "SSE, 20 events 5 ms apart, concurrency 16", 16, s(800), sse, True),
+        Workload("sse-c64", "SSE, 20 events 5 ms apart, concurrency 64", 64, s(1600), sse, True),
         # RSS is read before and after: it must stay flat while 1 GB streams through
-        (
+        Workload(
             "sse-1gb",
             "1 GB of SSE (800 streams x 20 x 64 KiB), concurrency 8",
             8,
             s(800),
             lambda h: stream(20, 64 * 1024, h),
+            True,
         ),
-        (
+        Workload(
             "body-5mb",
             "5 MB request bodies, concurrency 4",
             4,
@@ -337,9 +388,9 @@ def main() -> None:
             lambda h: unary(gen_path, big_body, h),
         ),
     ]
-    if args.only:
-        wanted = set(args.only.split(","))
-        workloads = [w for w in workloads if w[0] in wanted]
+    only = set(args.only.split(",")) if args.only else set()
+    if only:
+        workloads = [w for w in workloads if w.name in only]
 
     addon = ["-s", str(ROOT / "addon" / "gemini_proxy.py"), "--set", f"gemini_keys={keys_file}"]
 
@@ -364,66 +415,56 @@ def main() -> None:
             tmp / f"{db}.log",
             env,
         )
-        return Setup("gemini-proxy", f"http://127.0.0.1:{port}", {"x-goog-api-key": "client"}, proc)
+        return Setup(PROXY, f"http://127.0.0.1:{port}", {"x-goog-api-key": "client"}, proc)
 
-    def bare(timed: bool = False) -> Setup:
+    def bare(name: str, options: list[str], timed: bool = False) -> Setup:
+        """mitmdump in reverse mode, no key handling: the client sends a real key itself."""
         extra, env = timer("bare") if timed else ([], {})
-        proc, port = start_mitmdump(
-            [
-                *extra,
-                "--mode",
-                f"reverse:{upstream}",
-                "--set",
-                "stream_large_bodies=1",
-                "--set",
-                "connection_strategy=lazy",
-            ],
-            tmp / "bare.log",
-            env,
-        )
-        return Setup("bare mitmdump", f"http://127.0.0.1:{port}", {"x-goog-api-key": good[0]}, proc)
+        log = tmp / f"{name.replace(' ', '_').replace(',', '')}.log"
+        proc, port = start_mitmdump([*extra, "--mode", f"reverse:{upstream}", *options], log, env)
+        return Setup(name, f"http://127.0.0.1:{port}", {"x-goog-api-key": good[0]}, proc)
 
     def direct() -> Setup:
         return Setup("direct", upstream, {"x-goog-api-key": good[0]}, None)
 
     def headers_for(setup: Setup, name: str) -> dict[str, str]:
         if name.startswith("openai"):  # the OpenAI way of sending the credential
-            token = good[0] if setup.name != "gemini-proxy" else "client"
+            token = good[0] if setup.name != PROXY else "client"
             return {"authorization": f"Bearer {token}"}
         return setup.headers
 
-    def run(
-        setups: list[Setup],
-        name: str,
-        conc: int,
-        count: int,
-        factory: Callable[[dict[str, str]], Request],
-    ) -> None:
-        """Run one workload `repeats` times on every setup, interleaved (direct, bare, proxy,
-        direct, ...): a machine that gets slower or faster during the run moves all of them."""
+    def run(setups: list[Setup], wl: Workload) -> None:
+        """Run one workload `repeats` times on every setup, interleaved (direct, floor, proxy,
+        direct, proxy, floor, ...): a machine that gets slower or faster during the run moves all
+        of them, and no setup always runs right after another."""
         runs: dict[str, list[Stats]] = {setup.name: [] for setup in setups}
-        for _ in range(args.repeats):
-            for setup in setups:
-                req = factory(headers_for(setup, name))
-                runs[setup.name].append(asyncio.run(drive(setup.base, req, conc, count, setup.pid)))
-        bare_runs = runs.get("bare mitmdump")
+        for i in range(args.repeats):
+            order = setups if i % 2 == 0 else [*setups[:1], *reversed(setups[1:])]
+            for setup in order:
+                req = wl.factory(headers_for(setup, wl.name))
+                stats = asyncio.run(drive(setup.base, req, wl.concurrency, wl.count, setup.pid))
+                runs[setup.name].append(stats)
+        floor_runs = runs.get(wl.floor)
         for setup in setups:
             done = runs[setup.name]
             st = sorted(done, key=lambda r: r.rps)[len(done) // 2]  # the median run by throughput
             st.rss_start, st.rss_end = done[0].rss_start, done[-1].rss_end  # over all runs
             st.rss_peak = max(r.rss_peak for r in done)
-            if bare_runs and setup.name != "bare mitmdump":
-                for mine, theirs in zip(done, bare_runs, strict=True):
-                    st.added_p50.append(
-                        mine.pct(mine.latencies, 50) - theirs.pct(theirs.latencies, 50)
-                    )
-                    st.added_ttfb.append(mine.pct(mine.ttfbs, 50) - theirs.pct(theirs.ttfbs, 50))
-            results[(setup.name, name)] = st
+            if floor_runs and setup.name != wl.floor:
+                for mine, theirs in zip(done, floor_runs, strict=True):
+                    p50, floor_p50 = mine.pct(mine.latencies, 50), theirs.pct(theirs.latencies, 50)
+                    ttfb, floor_ttfb = mine.pct(mine.ttfbs, 50), theirs.pct(theirs.ttfbs, 50)
+                    st.added_p50.append(p50 - floor_p50)
+                    st.added_ttfb.append(ttfb - floor_ttfb)
+                    st.rps_ratio.append(mine.rps / theirs.rps if theirs.rps else float("nan"))
+                    st.ttfb_ratio.append(ttfb / floor_ttfb if floor_ttfb else float("nan"))
+            results[(setup.name, wl.name)] = st
+            vs = f"  vs floor {ratio_spread(st.rps_ratio)}" if st.rps_ratio else ""
             print(
-                f"{setup.name:14} {name:12} {st.rps:8.1f} req/s  p50 {st.pct(st.latencies, 50):7.2f} ms  "
+                f"{setup.name:30} {wl.name:12} {st.rps:8.1f} req/s  p50 {st.pct(st.latencies, 50):7.2f} ms  "
                 f"p99 {st.pct(st.latencies, 99):7.2f} ms  ttfb p50 {st.pct(st.ttfbs, 50):6.2f} ms  "
                 f"cpu {st.cpu_ms:6.2f} ms/req  rss {st.rss_start:.0f}->{st.rss_end:.0f} "
-                f"(peak {st.rss_peak:.0f}) MiB  errors {st.errors}",
+                f"(peak {st.rss_peak:.0f}) MiB  errors {st.errors}{vs}",
                 flush=True,
             )
 
@@ -431,24 +472,31 @@ def main() -> None:
     hook_times: dict[str, dict[str, dict[str, float]]] = {}
     setups: list[Setup] = []
     try:
-        setups = [direct(), bare(), gemini_proxy(upstream, "bench.db")]
-        for name, _desc, conc, count, factory in workloads:
-            run(setups, name, conc, count, factory)
+        setups = [
+            direct(),
+            bare(UNARY_FLOOR, []),
+            bare(STREAM_FLOOR, ["-s", str(ROOT / "scripts" / "bench_stream_floor.py")]),
+            gemini_proxy(upstream, "bench.db"),
+        ]
+        if args.old_floor:
+            setups.append(bare(OLD_FLOOR, ["--set", "stream_large_bodies=1"]))
+        by_name = {setup.name: setup for setup in setups}
+        for wl in workloads:
+            chosen = [by_name["direct"], by_name[wl.floor]]
+            chosen += [by_name[OLD_FLOOR]] if args.old_floor else []
+            run([*chosen, by_name[PROXY]], wl)
         for setup in setups:
             setup.stop()
-        if not args.only or "faulty-30%" in args.only.split(","):
+        if not only or "faulty-30%" in only:
             # 3 of 10 keys dead or out of quota: only meaningful for gemini-proxy
             setups = [gemini_proxy(f"http://127.0.0.1:{fake_bad_port}", "bench-faulty.db")]
-            run(
-                setups,
-                "faulty-30%",
-                16,
-                s(3000),
-                lambda h: unary(f"/v1beta/models/{MODEL}:generateContent", GEN_BODY, h),
-            )
-        if not args.only or "hooks" in args.only.split(","):
+            run(setups, dataclasses.replace(FAULTY, count=s(FAULTY.count), factory=gen_req))
+        if not only or "hooks" in only:
             # where the c1 latency goes: mitmproxy's dispatch of each hook, bare vs the addon
-            setups = [bare(timed=True), gemini_proxy(upstream, "bench-hooks.db", timed=True)]
+            setups = [
+                bare(UNARY_FLOOR, [], timed=True),
+                gemini_proxy(upstream, "bench-hooks.db", timed=True),
+            ]
             for setup in setups:
                 asyncio.run(drive(setup.base, gen_req(setup.headers), 1, s(600), setup.pid))
             for setup in setups:
@@ -463,7 +511,10 @@ def main() -> None:
         fake_proc.terminate()
         fake_bad_proc.terminate()
 
-    table = render(results, workloads)
+    table = render(results, workloads, args.old_floor)
+    goals = render_goals(results)
+    if goals:
+        table += "\n\n" + goals
     if hook_times:
         table += "\n\n" + render_hooks(hook_times)
     print()
@@ -473,45 +524,41 @@ def main() -> None:
     out.write_text(
         "# Benchmark results\n\n"
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `scripts/bench` (scale {args.scale}, "
-        f"median of {args.repeats} runs per workload, the setups interleaved) on: {machine()}.\n\n"
-        "Client, fake Gemini and proxy share the machine's cores, so absolute numbers are low; the ratios "
-        "to bare mitmdump are what to compare. CPU is the proxy process's user+system time per request; "
-        "RSS is the proxy process's resident memory. Each repeat runs direct, bare and proxy back to "
-        "back; *added p50/TTFB* is the median over the repeats of (this setup's p50 − bare's p50 in the "
-        "same repeat), with the range in parentheses: on a shared machine single runs move by ±0.5 ms.\n\n"
-        + table
-        + "\n"
+        f"{args.repeats} runs per workload, the setups interleaved) on: {machine()}.\n\n"
+        "Floors, as users run mitmdump: unary workloads against `mitmdump` in reverse mode with "
+        "default options (bodies buffered); stream workloads against `mitmdump+stream`, the same "
+        "with `scripts/bench_stream_floor.py`, which streams 2xx `text/event-stream` answers and "
+        "streamed JSON arrays. The client sends `Accept-Encoding: gzip, deflate`, as the Gemini "
+        "SDKs do, so the fake Gemini gzips its answers (streams flushed per event), as Google "
+        "does in production.\n\n"
+        "Client, fake Gemini and proxy share the machine's cores (and other work ran on it), so "
+        "absolute numbers are low and move between runs; compare within one run. CPU is the proxy "
+        "process's user+system time per request; RSS is the proxy process's resident memory. "
+        "Each repeat runs direct, the floor and gemini-proxy back to back (the order of the last "
+        "two alternating); the row shows the median run by throughput, and *vs floor*, *added "
+        "p50/TTFB* and *TTFB vs floor* are the median over the repeats of the comparison with the "
+        "floor's run of the same repeat, with their range in parentheses.\n\n" + table + "\n"
     )
     print(f"\nwritten to {out}")
-
-
-# When mitmproxy sends the answer relative to each hook of a unary flow: bare mitmdump streams
-# (the `response` hook runs once the body is out); an answer an addon sets in `request` is sent
-# only after `responseheaders` and `response` have run through every addon.
-HOOK_ORDER = {
-    "requestheaders": ("before", "before"),
-    "request": ("before", "before (includes the upstream call)"),
-    "responseheaders": ("before", "before"),
-    "response": ("**after**", "before"),
-}
 
 
 def render_hooks(times: dict[str, dict[str, dict[str, float]]]) -> str:
     rows = [
         "Where the c1 time goes: mitmproxy's dispatch of each hook of a flow through all its addons"
         " (and its `update` pass after it), median ms, unary generateContent at concurrency 1, both"
-        " with `scripts/hook_timer.py` loaded. *Sent* says whether the caller gets the answer"
-        " before or after the hook runs.",
+        " with `scripts/hook_timer.py` loaded. In both every hook runs before the caller gets the"
+        " answer (default mitmdump buffers it; gemini-proxy sets it in `request`).",
         "",
-        "| hook | bare mitmdump ms | sent | gemini-proxy ms | sent |",
-        "|---|---:|---|---:|---|",
+        "| hook | mitmdump ms | gemini-proxy ms |",
+        "|---|---:|---:|",
     ]
-    for hook, (bare_when, proxy_when) in HOOK_ORDER.items():
+    for hook in ("requestheaders", "request", "responseheaders", "response"):
         b = times.get("bare", {}).get(hook, {}).get("p50_ms")
         p = times.get("proxy", {}).get(hook, {}).get("p50_ms")
         fb = f"{b:.2f}" if b is not None else "-"
         fp = f"{p:.2f}" if p is not None else "-"
-        rows.append(f"| {hook} | {fb} | {bare_when} | {fp} | {proxy_when} |")
+        note = " (includes the upstream call)" if hook == "request" else ""
+        rows.append(f"| {hook}{note} | {fb} | {fp} |")
     return "\n".join(rows)
 
 
@@ -521,30 +568,34 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):+.2f} ({min(values):+.2f}…{max(values):+.2f})"
 
 
+def ratio_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}×"
+    return f"{statistics.median(values):.2f}× ({min(values):.2f}…{max(values):.2f})"
+
+
 def render(
-    results: dict[tuple[str, str], Stats], workloads: Sequence[tuple[str, str, int, int, object]]
+    results: dict[tuple[str, str], Stats], workloads: Sequence[Workload], old_floor: bool
 ) -> str:
     rows = [
-        "| workload | setup | req/s | p50 ms | p99 ms | TTFB p50 ms | CPU ms/req | RSS start→end (peak) MiB | errors | req/s vs bare | added p50 ms | added TTFB ms |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| workload | setup | req/s | p50 ms | p99 ms | TTFB p50 ms | CPU ms/req | RSS start→end (peak) MiB | errors | req/s vs floor | added p50 ms | added TTFB ms | TTFB vs floor |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
-    names = [w[0] for w in workloads] + ["faulty-30%"]
-    descs = {w[0]: w[1] for w in workloads} | {
-        "faulty-30%": "generateContent c16, 3 of 10 keys dead / out of quota"
-    }
-    for name in names:
-        bare = results.get(("bare mitmdump", name)) or results.get(("bare mitmdump", "unary-c16"))
-        for setup in ("direct", "bare mitmdump", "gemini-proxy"):
-            st = results.get((setup, name))
+    for wl in [*workloads, FAULTY]:
+        setups = ["direct", wl.floor, *([OLD_FLOOR] if old_floor else []), PROXY]
+        for setup in setups:
+            st = results.get((setup, wl.name))
             if st is None:
                 continue
-            ratio = f"{st.rps / bare.rps:.2f}×" if bare and bare.rps else ""
-            added = added_ttfb = ""
-            if st.added_p50:  # the median of the paired differences, and their range
+            ratio = added = added_ttfb = ttfb_ratio = ""
+            label = setup
+            if setup == wl.floor:
+                label, ratio = f"**{setup}** (floor)", "1.00×"
+            elif st.rps_ratio:  # paired with the floor's run of the same repeat
+                ratio, ttfb_ratio = ratio_spread(st.rps_ratio), ratio_spread(st.ttfb_ratio)
                 added, added_ttfb = spread(st.added_p50), spread(st.added_ttfb)
-            elif bare and setup != "bare mitmdump":
-                added = f"{st.pct(st.latencies, 50) - bare.pct(bare.latencies, 50):+.2f}"
-                added_ttfb = f"{st.pct(st.ttfbs, 50) - bare.pct(bare.ttfbs, 50):+.2f}"
+            elif (base := results.get((UNARY_FLOOR, "unary-c16"))) and base.rps:
+                ratio = f"{st.rps / base.rps:.2f}× of unary-c16's floor"
             rss = (
                 f"{st.rss_start:.0f}→{st.rss_end:.0f} ({st.rss_peak:.0f})"
                 if setup != "direct"
@@ -552,10 +603,56 @@ def render(
             )
             cpu = f"{st.cpu_ms:.2f}" if setup != "direct" else "-"
             rows.append(
-                f"| {name}: {descs[name]} | {setup} | {st.rps:.0f} | {st.pct(st.latencies, 50):.2f} | {st.pct(st.latencies, 99):.2f} | "
-                f"{st.pct(st.ttfbs, 50):.2f} | {cpu} | {rss} | {st.errors} | {ratio} | {added} | {added_ttfb} |"
+                f"| {wl.name}: {wl.desc} | {label} | {st.rps:.0f} | {st.pct(st.latencies, 50):.2f} | {st.pct(st.latencies, 99):.2f} | "
+                f"{st.pct(st.ttfbs, 50):.2f} | {cpu} | {rss} | {st.errors} | {ratio} | {added} | {added_ttfb} | {ttfb_ratio} |"
             )
     return "\n".join(rows)
+
+
+RSS_FLAT_MIB = 16  # "flat": RSS after 1 GB of SSE within this of RSS before
+
+
+def render_goals(results: dict[tuple[str, str], Stats]) -> str:
+    """The goals of issue 10, against the floors, from the medians above."""
+    rows = ["| goal (issue 10) | measured (median, range over repeats) | met |", "|---|---|---|"]
+
+    def proxy(name: str) -> Stats | None:
+        return results.get((PROXY, name))
+
+    for name in ("unary-c16", "unary-c64", "sse-c16", "sse-c64"):
+        st = proxy(name)
+        if st and st.rps_ratio:
+            m = statistics.median(st.rps_ratio)
+            kind = "stream" if name.startswith("sse") else "unary"
+            rows.append(
+                f"| {kind} throughput ≥ 0.9× at {name} | {ratio_spread(st.rps_ratio)} | {'yes' if m >= 0.9 else '**no**'} |"
+            )
+    for name in ("sse-c1", "sse-c16"):
+        st = proxy(name)
+        if st and st.added_ttfb:
+            m = statistics.median(st.added_ttfb)
+            rows.append(
+                f"| stream TTFB within 2 ms of the floor at {name} | {spread(st.added_ttfb)} ms | {'yes' if m <= 2 else '**no**'} |"
+            )
+    st = proxy("sse-c64")
+    if st and st.ttfb_ratio:
+        m = statistics.median(st.ttfb_ratio)
+        rows.append(
+            f"| stream TTFB within 25 % of the floor at sse-c64 | {ratio_spread(st.ttfb_ratio)} ({spread(st.added_ttfb)} ms) | {'yes' if m <= 1.25 else '**no**'} |"
+        )
+    st = proxy("sse-1gb")
+    if st:
+        grew = st.rss_end - st.rss_start
+        rows.append(
+            f"| RSS flat over 1 GB of SSE (grows < {RSS_FLAT_MIB} MiB) | {st.rss_start:.0f} → {st.rss_end:.0f} MiB (peak {st.rss_peak:.0f}) | {'yes' if grew < RSS_FLAT_MIB else '**no**'} |"
+        )
+    st = proxy("unary-c1")
+    if st and st.added_p50:
+        m = statistics.median(st.added_p50)
+        rows.append(
+            f"| unary c1 added p50 ≤ 1.5 ms | {spread(st.added_p50)} ms | {'yes' if m <= 1.5 else '**no**'} |"
+        )
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 if __name__ == "__main__":
