@@ -126,9 +126,11 @@ def pacific_day(now: float) -> str:
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+# Google's own wording for a dead key, at the start of the message: Google echoes parts of the
+# request in other messages (`Unknown name "..."`), so a caller could put these words there
 _DEAD_MESSAGE_RE = re.compile(
-    r"API key (not valid|expired)|API Key not found|reported as leaked|"
-    r"Consumer '[^']*' has been suspended",
+    r"\s*(API key (not valid|expired)|API Key not found|Your API key was reported as leaked|"
+    r"Permission denied: Consumer '[^']*' has been suspended)",
     re.I,
 )
 _WRONG_PROJECT_RE = re.compile(
@@ -197,7 +199,7 @@ def classify(status: int, body: bytes, model: str | None, now: float) -> Verdict
     m = model or "?"
 
     key_reason = next((r for r in sorted(reasons) if r in KEY_REASONS), None)
-    if status in (400, 401, 403) and (key_reason or _DEAD_MESSAGE_RE.search(message)):
+    if status in (400, 401, 403) and (key_reason or _DEAD_MESSAGE_RE.match(message)):
         why = (
             _dead_message_reason(message)
             if key_reason in (None, "API_KEY_INVALID", "API_KEY_EXPIRED")

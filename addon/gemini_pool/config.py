@@ -142,6 +142,8 @@ def _load_yaml(data: bytes, source: str) -> Any:
         raise ConfigError(source, f"YAML error: {e}") from None
     except RecursionError:
         raise ConfigError(source, "YAML nested too deeply") from None
+    except Exception as e:  # a tagged scalar PyYAML cannot construct (!!timestamp nope, ...)
+        raise ConfigError(source, f"YAML error: {type(e).__name__}: {e}") from None
 
 
 # --- validation

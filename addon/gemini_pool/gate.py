@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ STRIPPED_FIELDS = CREDENTIAL_FIELDS | {
     b"x-goog-user-project",
     b"x-forwarded-for",
 }
+# a header name as HTTP defines it (RFC 9110 token); anything else is refused, not guessed at
+_TOKEN_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # what a browser sends with a request another site made it send
 _SAME_SITE = frozenset({"same-origin", "none"})
 
@@ -139,7 +142,7 @@ class Gate:
     def __init__(
         self,
         clients: Mapping[bytes, str] | None = None,
-        max_body: int = 10 * 1024 * 1024,
+        max_body: int = 128 * 1024 * 1024,
         upload_lookup: UploadLookup | None = None,
     ) -> None:
         self.clients: Mapping[bytes, str] = clients or {}
@@ -187,6 +190,8 @@ class Gate:
         lengths: set[bytes] = set()
         chunked = False
         for raw_name, raw_value in a.fields:
+            if not _TOKEN_NAME.fullmatch(raw_name):
+                return Refuse(400, "invalid header name", "bad_request", api, True)
             lname = raw_name.lower()
             if lname == b"x-goog-api-key":
                 api_keys.append(raw_value)

@@ -41,7 +41,7 @@ def strip_credentials(req: http.Request) -> None:
     """A refused request keeps no credential either (mitmweb, dumps); this cannot raise."""
     try:
         req.headers.fields = tuple(
-            kv for kv in req.headers.fields if kv[0].lower() not in STRIPPED_FIELDS
+            kv for kv in req.headers.fields if kv[0].strip().lower() not in STRIPPED_FIELDS
         )
         path, sep, query = req.path.partition("?")
         if sep:

@@ -93,7 +93,10 @@ def parse_rfc3339(value: str) -> float | None:
     y, mo, d, h, mi, s, frac, z, sign, oh, om = m.groups()
     if not (1 <= int(mo) <= 12 and 1 <= int(d) <= 31 and int(h) <= 23 and int(mi) <= 59):
         return None
-    t = calendar.timegm((int(y), int(mo), int(d), int(h), int(mi), int(s), 0, 0, 0))
+    try:
+        t = calendar.timegm((int(y), int(mo), int(d), int(h), int(mi), int(s), 0, 0, 0))
+    except (ValueError, OverflowError):  # year 0, and the like
+        return None
     offset = 0 if z else (int(oh) * 3600 + int(om) * 60) * (1 if sign == "+" else -1)
     return t - offset + (float(frac) if frac else 0.0)
 

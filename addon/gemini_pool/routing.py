@@ -107,7 +107,7 @@ class QueryCredentials:
 
 def query_credentials(query: str) -> QueryCredentials:
     """Take every credential parameter out of a query string, however its name is encoded."""
-    if "=" not in query:
+    if not query:
         return QueryCredentials(query, (), False)
     kept: list[str] = []
     keys: list[str] = []

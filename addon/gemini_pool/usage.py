@@ -41,7 +41,7 @@ def _coding(encoding: str) -> str | None:
 
 def _wbits(coding: str, head: bytes) -> int:
     """gzip is gzip (or a mislabelled zlib stream); "deflate" is zlib, or raw deflate in the wild."""
-    if coding != "deflate" or head[:2] == b"\x1f\x8b":
+    if coding != "deflate" or head[:2] == b"\x1f\x8b" or len(head) < 2:
         return _GZIP_OR_ZLIB
     cmf, flg = head[0], head[1]
     if cmf & 0x0F == 8 and (cmf << 8 | flg) % 31 == 0:

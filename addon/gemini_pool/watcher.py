@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 Signature = tuple[float, int, int] | None  # (mtime, size, inode); None: no such file
+_NOTHING = (-1.0, -1, -1)  # no change pending (distinct from None, a file that is gone)
 
 
 def file_signature(path: str) -> Signature:
@@ -25,25 +26,25 @@ class FileWatcher:
         self.settle = settle
         self.path = path
         self.seen: Signature = file_signature(path) if path else None
-        self._pending: Signature = None
+        self._pending: Signature = _NOTHING
         self._pending_since = 0.0
 
     def reset(self, path: str) -> None:
         """The file at `path` was just loaded: its current state is the one in use."""
         self.path = path
         self.seen = file_signature(path)
-        self._pending = None
+        self._pending = _NOTHING
 
     def poll(self, now: float) -> bool:
         """True when the file changed and has not changed again for `settle` seconds."""
         sig = file_signature(self.path)
         if sig == self.seen:
-            self._pending = None
+            self._pending = _NOTHING
             return False
         if sig != self._pending:
             self._pending, self._pending_since = sig, now
             return False
         if now - self._pending_since < self.settle:
             return False
-        self.seen, self._pending = sig, None
+        self.seen, self._pending = sig, _NOTHING
         return True

@@ -310,3 +310,13 @@ def test_what_raises_inside_is_a_refusal() -> None:
         and isinstance(d, Refuse)
         and "lookup failed" in (d.error or "")
     )
+
+
+@pytest.mark.parametrize(
+    "name", [b"x-goog-api-key ", b" x-goog-api-key", b"x-goog-api-key\x00", b"", b"a b", b"\xff"]
+)
+def test_a_header_name_that_is_no_http_token_is_refused(name: bytes) -> None:
+    """mitmproxy keeps `x-goog-api-key : tok`; guessing what it means would be failing open."""
+    for clients in (TOKENS, None):
+        d = gate(clients).decide(arrive([(b"host", b"localhost"), (name, b"tok-web")]), 0)
+        assert refused(d, 400, "bad_request"), (name, d)
