@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,12 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
         "File holding the bearer token for /admin/ (default: $GEMINI_ADMIN_TOKEN). No token: "
         "/admin/ answers 403. The token itself is never an option (mitmweb shows options).",
     ),
-    ("gemini_max_body", int, 10 * 1024 * 1024, "Largest request body in bytes (413 above)."),
+    (
+        "gemini_max_body",
+        int,
+        128 * 1024 * 1024,
+        "Largest request body in bytes (413 above). Google takes inline data up to 100 MB.",
+    ),
     (
         "gemini_max_attempts",
         int,
@@ -305,6 +311,14 @@ class GeminiProxy:
     def running(self) -> None:
         raise_fd_limit()
         self._force_options()
+        o = ctx.options
+        if (
+            "web_columns" in o
+            and not o.has_changed("web_columns")
+            and "comment" not in o.web_columns
+        ):
+            # mitmweb's flow list then says which key served each flow (the comment leads with it)
+            o.update(web_columns=[*o.web_columns, "comment"])
         if self.rt.started is None:
             self.rt.started = asyncio.Event()
             o = ctx.options
@@ -548,6 +562,8 @@ class GeminiProxy:
     def _finish(self, flow: http.HTTPFlow, rec: RequestRecord) -> None:
         self.service.inflight -= 1
         INFLIGHT.dec()
+        rec.ended = True
+        rec.tap.finish()  # token counts and stream errors, for the comment
         self._annotate(flow, rec)  # now: mitmweb and `-w` dumps take the flow after this hook
         # mitmproxy sends the answer only after the `response` hook returns: count, log and
         # store once it is on its way (this took ~1 ms off every request's latency)
@@ -582,7 +598,7 @@ class GeminiProxy:
         rec.status, rec.proxy_reason, rec.proxy_message = status, reason, message
 
     def _annotate(self, flow: http.HTTPFlow, rec: RequestRecord) -> None:
-        flow.comment = rec.comment() or (f"{rec.key}: {rec.status}" if rec.key else "")
+        flow.comment = rec.comment()
         flow.metadata["gemini"] = rec.metadata()
         if rec.proxy_reason or rec.stream_error or rec.status >= 400:
             flow.marked = ":warning:"
@@ -592,44 +608,71 @@ class GeminiProxy:
     # ------------------------------------------------------------------ commands
 
     @command.command("gemini.keys")
-    def keys_cmd(self) -> str:
-        """Show every key: status, breaker, cooldowns, health, last error."""
-        lines = []
-        for k in self.service.describe_keys():
-            cool = ", ".join(f"{m} {c['seconds_left']:.0f}s" for m, c in k["cooldowns"].items())
-            lines.append(
-                f"{k['name']} ({k['key']}) project={k['project']} weight={k['weight']} "
-                f"status={k['status']} breaker={k['breaker']['state']} health={k['health']}"
-                + (f" cooling=[{cool}]" if cool else "")
-                + (f" last_error={k['last_error']}" if k["last_error"] else "")
-            )
-        text = "\n".join(lines) or "no keys configured"
-        log.info("gemini-proxy keys:\n%s", text)
-        return text
+    def keys_cmd(self) -> Sequence[str]:
+        """Every key, one line each: status, breaker, cooldowns, health, last error."""
+        lines = [describe_line(k) for k in self.service.describe_keys()]
+        return lines or ["no keys configured"]
 
-    def _operate(self, name: str, action: str) -> None:
-        try:
-            self.service.operator(name, action)
-        except KeyError:
-            raise exceptions.CommandError(f"no key named {name!r}") from None
+    def _operate(self, name: str, action: str) -> str:
+        before = next((k for k in self.service.describe_keys() if k["name"] == name), None)
+        if before is None:
+            raise exceptions.CommandError(f"no key named {name!r}")
+        after = self.service.operator(name, action)
+        return f"{action}: {name} was {_condition(before)}, now {_condition(after)}"
 
     @command.command("gemini.enable")
-    def enable_cmd(self, name: str) -> None:
+    def enable_cmd(self, name: str) -> str:
         """Enable a key (overrides the YAML and a dead-key disable)."""
-        self._operate(name, "enable")
+        return self._operate(name, "enable")
 
     @command.command("gemini.disable")
-    def disable_cmd(self, name: str) -> None:
+    def disable_cmd(self, name: str) -> str:
         """Disable a key until enabled again (survives restarts)."""
-        self._operate(name, "disable")
+        return self._operate(name, "disable")
 
     @command.command("gemini.reset")
-    def reset_cmd(self, name: str) -> None:
-        """Forget a key's failures, cooldowns and operator overrides."""
-        self._operate(name, "reset")
+    def reset_cmd(self, name: str) -> str:
+        """Forget a key's failures, cooldowns, dead mark and operator overrides."""
+        return self._operate(name, "reset")
 
     @command.command("gemini.reload")
-    def reload_cmd(self) -> None:
+    def reload_cmd(self) -> str:
         """Re-read the key file now."""
+        before = set(self.service.pool.keys)
         if not self.rt.reload_keys("gemini.reload command"):
             raise exceptions.CommandError("reload failed; the old config stays (see the log)")
+        after = set(self.service.pool.keys)
+        added, removed = sorted(after - before), sorted(before - after)
+        return (
+            f"reloaded {self.service.settings.keys_path}: {len(after)} keys"
+            f"; added: {', '.join(added) or '-'}; removed: {', '.join(removed) or '-'}"
+        )
+
+
+def describe_line(k: dict[str, Any]) -> str:
+    """One key as one line, for the command bar and the log."""
+    cool = ", ".join(f"{m} {c['seconds_left']:.0f}s" for m, c in k["cooldowns"].items())
+    return (
+        f"{k['name']} ({k['key']}) {k['status']}"
+        + (
+            f" ({k['disabled_reason'] or k['suspect']})"
+            if k["disabled_reason"] or k["suspect"]
+            else ""
+        )
+        + f" project={k['project']} weight={k['weight']} breaker={k['breaker']['state']}"
+        + f" health={k['health']}"
+        + (f" cooling=[{cool}]" if cool else "")
+        + (f" next_check={k['next_check_in']:.0f}s" if k["next_check_in"] is not None else "")
+        + (f" last_error={k['last_error']}" if k["last_error"] else "")
+    )
+
+
+def _condition(k: dict[str, Any]) -> str:
+    why = k["disabled_reason"] or k["suspect"]
+    cool = ", ".join(f"{m} cooling {c['seconds_left']:.0f}s" for m, c in k["cooldowns"].items())
+    return (
+        str(k["status"])
+        + (f" ({why})" if why else "")
+        + f", weight {k['weight']}"
+        + (f", {cool}" if cool else "")
+    )

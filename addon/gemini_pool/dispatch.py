@@ -39,6 +39,22 @@ class ProxyRequest:
     project: str | None = None  # pinned: the resource belongs to this project
 
 
+# what a failed attempt says, in words a person searching mitmweb's comments types
+TAGS = {
+    Outcome.OK: "ok",
+    Outcome.DEAD_KEY: "dead key",
+    Outcome.PROJECT_CAPPED: "quota",
+    Outcome.QUOTA_MINUTE: "quota",
+    Outcome.QUOTA_DAY: "quota",
+    Outcome.MODEL_UNAVAILABLE: "quota",
+    Outcome.QUOTA_UNKNOWN: "quota",
+    Outcome.TRANSIENT: "google error",
+    Outcome.NETWORK: "network",
+    Outcome.WRONG_PROJECT: "other project",
+    Outcome.CALLER_ERROR: "caller error",
+}
+
+
 @dataclass
 class Attempt:
     key: str
@@ -47,10 +63,9 @@ class Attempt:
     seconds: float
 
     def describe(self) -> str:
-        answer = (
-            self.verdict.reason if self.status is None or self.status >= 400 else str(self.status)
-        )
-        return f"{self.key}: {answer}"
+        if self.status is not None and self.status < 400:
+            return f"{self.key}: {self.status}"
+        return f"{self.key}: {self.verdict.reason} [{TAGS[self.verdict.outcome]}]"
 
 
 @dataclass

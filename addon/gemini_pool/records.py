@@ -14,6 +14,8 @@ from .gate import Target
 from .store import OutcomeRow, UsageDelta
 from .usage import UsageTap
 
+MESSAGE_CHARS = 300  # of Google's error message kept per failed attempt (already scrubbed)
+
 # request ids: unique per process start (random prefix) and cheap (a counter)
 _ID_PREFIX = os.urandom(4).hex()
 _ID_COUNTER = itertools.count(1)
@@ -58,6 +60,7 @@ class RequestRecord:
     detour: Detour | None = None  # set while the flow points at the relay
     waited: float = 0.0
     finished: bool = False
+    ended: bool = False  # the answer is complete (or failed): the flow's last hook ran
 
     @property
     def latency(self) -> float:
@@ -82,17 +85,44 @@ class RequestRecord:
         return len(self.attempts) > 1
 
     def comment(self) -> str:
-        """One line for mitmweb: every attempt and why it was retried."""
-        parts = [a.describe() for a in self.attempts]
-        line = " → ".join(parts)
+        """For mitmweb: the outcome and the serving key first, then every attempt and why it
+        was retried, what a stream carried; Google's own error of each failed attempt below."""
         if self.proxy_reason:
-            why = f"proxy answered {self.status} ({self.proxy_reason}): {self.proxy_message}"
-            line = f"{line} → {why}" if line else why
-        if self.stream_error:
-            line += f" → stream broke: {self.stream_error}"
+            head = f"proxy answered {self.status} ({self.proxy_reason})"
+        elif self.key:
+            head = f"served by {self.key}: {self.status}"
+        else:
+            head = f"{self.status or 'no answer'}"
+        parts = [head]
+        if self.retried or (self.proxy_reason and self.attempts):
+            parts.append(" → ".join(a.describe() for a in self.attempts))
+        if self.relay_ticket and not self.refused:
+            parts.append(self.stream_summary())
         if self.waited:
-            line += f" (waited {self.waited:.1f}s for a key)"
-        return line
+            parts.append(f"waited {self.waited:.1f}s for a key")
+        lines = [" · ".join(parts)]
+        if self.proxy_message:
+            lines.append(self.proxy_message)
+        lines.extend(
+            f"{a.key}: Google said {a.status}: {a.verdict.message[:MESSAGE_CHARS]}"
+            for a in self.attempts
+            if a.verdict.message and a.status is not None and a.status >= 400
+        )
+        return "\n".join(lines)
+
+    def stream_summary(self) -> str:
+        tokens = (
+            f", tokens {self.tap.tokens_in} in / {self.tap.tokens_out} out"
+            if self.tap.tokens_out is not None
+            else ""
+        )
+        if self.stream_error or self.tap.stream_error:
+            end = f"cut: {self.stream_error or 'error event in the stream'}"
+        elif self.ended:
+            end = "complete"
+        else:
+            end = "streaming"
+        return f"streamed {_size(self.tap.bytes)}{tokens}, {end}"
 
     def attempts_json(self) -> list[dict[str, Any]]:
         return [
@@ -102,6 +132,7 @@ class RequestRecord:
                 "outcome": str(a.verdict.outcome),
                 "reason": a.verdict.reason,
                 "ms": round(a.seconds * 1000, 1),
+                **({"message": a.verdict.message[:MESSAGE_CHARS]} if a.verdict.message else {}),
             }
             for a in self.attempts
         ]
@@ -153,3 +184,11 @@ class RequestRecord:
             out[self.key].tokens_in += self.tap.tokens_in or 0
             out[self.key].tokens_out += self.tap.tokens_out or 0
         return list(out.values())
+
+
+def _size(n: int) -> str:
+    if n < 10_000:
+        return f"{n} B"
+    if n < 10_000_000:
+        return f"{n / 1000:.1f} kB"
+    return f"{n / 1_000_000:.1f} MB"

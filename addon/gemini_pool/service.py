@@ -48,7 +48,7 @@ BREAKER_CODE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.
 @dataclass(frozen=True)
 class Settings:
     keys_path: str = "keys.yaml"
-    max_body: int = 10 * 1024 * 1024
+    max_body: int = 128 * 1024 * 1024
     dispatch: DispatchPolicy = field(default_factory=DispatchPolicy)
     pool: PoolPolicy = field(default_factory=PoolPolicy)
     log_json: bool = False

@@ -357,12 +357,41 @@ def test_mitmweb_shows_comments_and_never_a_key(fake: Fake, make_proxy: Any) -> 
     everything += web.get("/flows/dump").content.decode("latin-1")
     for secret in (a, b, "client-tok-1"):
         assert secret not in everything
-    comments = [f["comment"] for f in flows]
-    assert comments[0] == f"alpha: 429 per-minute quota {FLASH} → beta: 200"
-    assert comments[1] == "beta: 200" and comments[2] == "beta: 200"
+    comments = [f["comment"].splitlines() for f in flows]
+    # the outcome and the serving key first (a cut-off cell still names the right key), then
+    # every attempt with a word people search for, then Google's own error of each failed one
+    assert comments[0][0] == (
+        f"served by beta: 200 · alpha: 429 per-minute quota {FLASH} [quota] → beta: 200"
+    )
+    assert comments[0][1].startswith("alpha: Google said 429: You exceeded your current quota")
+    assert len(comments[1]) == 1 and comments[1][0].startswith("served by beta: 200 · streamed ")
+    assert comments[1][0].endswith(" B, tokens 5 in / 3 out, complete")
+    assert comments[2] == ["served by beta: 200"]
     assert flows[0]["marked"] == "🔁"  # mitmweb renders the :repeat: mark as its emoji
     assert flows[2]["request"]["path"] == "/v1beta/openai/chat/completions"
     assert flows[1]["request"]["host"] == "127.0.0.1" and flows[1]["request"]["port"] == fake.port
+
+    # the flow list shows the comment column, unless the user chose columns
+    options = web.get("/options").json()
+    assert "comment" in options["web_columns"]["value"]
+    assert proxy.admin_token not in json.dumps(options)  # the admin token is no option
+    # the command bar: one line per key; every action says what changed
+    web.cookies.set("_mitmproxy_xsrf", "t0k")  # tornado's XSRF check: cookie == header
+    xsrf = {"X-XSRFToken": "t0k"}
+
+    def command(cmd: str, *args: str) -> Any:
+        r = web.post(f"/commands/{cmd}", json={"arguments": list(args)}, headers=xsrf)
+        return r.json()
+
+    keys = command("gemini.keys")["value"]
+    assert isinstance(keys, list) and len(keys) == 2
+    assert keys[0].startswith("alpha (") and " cooling " in keys[0] and "cooling=[gemini" in keys[0]
+    said = command("gemini.disable", "beta")["value"]
+    assert said == "disable: beta was active, weight 1, now disabled, weight 1"
+    said = command("gemini.enable", "beta")["value"]
+    assert said.startswith("enable: beta was disabled") and said.endswith("now active, weight 1")
+    assert "no key named" in command("gemini.enable", "nope")["error"]
+    assert command("gemini.reload")["value"].startswith("reloaded ")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

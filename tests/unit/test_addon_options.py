@@ -67,17 +67,20 @@ def test_a_broken_key_file_is_refused_and_the_old_config_stays(
 def test_commands(proxy: GeminiProxy, keys_file: Path) -> None:
     with taddons.context(proxy) as tctx:
         tctx.configure(proxy, gemini_keys=str(keys_file), gemini_db="", gemini_admin="")
-        tctx.command(proxy.disable_cmd, "a")
+        said = tctx.command(proxy.disable_cmd, "a")
+        assert said == "disable: a was active, weight 1, now disabled, weight 1"
         assert not proxy.service.pool.keys["a"].enabled
         listing = tctx.command(proxy.keys_cmd)
-        assert "a (AIz…) project=a weight=1 status=disabled" in listing
-        assert "AIzaSy-unit-a" not in listing
-        tctx.command(proxy.enable_cmd, "a")
+        assert listing[0].startswith("a (AIz…) disabled project=a weight=1 breaker=closed")
+        assert "AIzaSy-unit-a" not in "\n".join(listing)
+        said = tctx.command(proxy.enable_cmd, "a")
+        assert said == "enable: a was disabled, weight 1, now active, weight 1"
         assert proxy.service.pool.keys["a"].enabled
         with pytest.raises(exceptions.CommandError, match="no key named"):
             tctx.command(proxy.reset_cmd, "zzz")
         keys_file.write_text("keys:\n  - {name: c, key: AIzaSy-unit-c}\n")
-        tctx.command(proxy.reload_cmd)
+        said = tctx.command(proxy.reload_cmd)
+        assert said.endswith("1 keys; added: c; removed: a, b")
         assert list(proxy.service.pool.keys) == ["c"]
         keys_file.write_text("keys: [")
         with pytest.raises(exceptions.CommandError, match="reload failed"):
