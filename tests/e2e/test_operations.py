@@ -10,10 +10,12 @@ import subprocess
 import sys
 import threading
 import time
+from io import BytesIO
 from typing import Any
 
 import httpx2 as httpx
 import pytest
+from mitmproxy import flowfilter, io
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..conftest import ROOT, Fake, Proxy, free_port, gen_body, key_entry, new_secret, wait_for
@@ -370,6 +372,20 @@ def test_mitmweb_shows_comments_and_never_a_key(fake: Fake, make_proxy: Any) -> 
     assert flows[0]["marked"] == "🔁"  # mitmweb renders the :repeat: mark as its emoji
     assert flows[2]["request"]["path"] == "/v1beta/openai/chat/completions"
     assert flows[1]["request"]["host"] == "127.0.0.1" and flows[1]["request"]["port"] == fake.port
+
+    # the README's mitmweb filters, on the flows mitmweb exports (mitmproxy's filter grammar;
+    # mitmweb's search box has the same, without ~meta)
+    dumped = list(io.FlowReader(BytesIO(web.get("/flows/dump").content)).stream())
+
+    def matching(expr: str) -> list[int]:
+        f = flowfilter.parse(expr)
+        return [i for i, flow in enumerate(dumped) if f(flow)]
+
+    assert matching('~comment "served by beta:"') == [0, 1, 2]
+    assert matching('~comment "served by alpha:"') == []  # alpha only failed
+    assert matching('~hs "x-gemini-proxy-key: beta"') == [0, 1, 2]
+    assert matching("~comment quota") == [0] and matching("~marked") == [0]
+    assert matching('~comment "dead key"') == []
 
     # the flow list shows the comment column, unless the user chose columns
     options = web.get("/options").json()
