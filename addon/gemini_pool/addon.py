@@ -11,8 +11,10 @@ and the key never enters a flow (mitmweb, `-w` dumps) at all. Unary answers beco
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -157,6 +159,19 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
         "Keys under this success percentage serve only when nothing better is left.",
     ),
     ("gemini_log_json", bool, False, "One JSON object per request log line."),
+    (
+        "gemini_public_url",
+        str,
+        "",
+        "The URL callers reach this proxy at (e.g. https://gemini.example.com), for the upload "
+        "URLs it hands back. Empty: the Host the caller used.",
+    ),
+    (
+        "gemini_trusted_proxies",
+        str,
+        "",
+        "Comma-separated IPs of front proxies whose X-Forwarded-Host/-Proto are believed.",
+    ),
     ("gemini_retention_days", int, 30, "Keep request outcome rows this many days."),
     ("gemini_retention_rows", int, 1_000_000, "Keep at most this many outcome rows."),
     ("gemini_watch_ms", int, 1_000, "How often to check the key file for changes; 0: never."),
@@ -211,6 +226,20 @@ class GeminiProxy:
         _positive("gemini_recheck_ms", o.gemini_recheck_ms, 100)
         _positive("gemini_recheck_max_ms", o.gemini_recheck_max_ms, o.gemini_recheck_ms)
         admin = parse_hostport(o.gemini_admin) if o.gemini_admin else None
+        public = o.gemini_public_url.strip()
+        if public and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[^?#\s]*)?", public):
+            raise exceptions.OptionsError(
+                f"gemini_public_url must be http(s)://host[:port][/path], got {public!r}"
+            )
+        trusted = {p.strip() for p in o.gemini_trusted_proxies.split(",") if p.strip()}
+        for ip in trusted:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise exceptions.OptionsError(
+                    f"gemini_trusted_proxies: {ip!r} is not an IP address"
+                ) from None
+        self.rt.public_url, self.rt.trusted_proxies = public, frozenset(trusted)
 
         settings = Settings(
             keys_path=o.gemini_keys,
@@ -476,7 +505,11 @@ class GeminiProxy:
             answer.stream.release()
         if any(k.lower() in UPLOAD_URL_HEADERS for k, _ in answer.headers):
             answer.headers, started = rewrite_upload_headers(
-                answer.headers, rec.upstream.host, inbound.proxy_origin(flow, rec.origin_host)
+                answer.headers,
+                rec.upstream.host,
+                inbound.proxy_origin(
+                    flow, rec.origin_host, self.rt.public_url, self.rt.trusted_proxies
+                ),
             )
             for upload_id, upload_path in started if rec.upload_id is None else ():
                 pins.remember_upload(upload_id, key.name, upload_path, now)

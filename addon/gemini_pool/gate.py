@@ -138,6 +138,27 @@ def is_loopback_origin(origin: str) -> bool:
     return is_loopback_host(rest)
 
 
+_VERSIONLESS = ("/models", "/tunedModels", "/files", "/cachedContents", "/batches", "/operations")
+
+
+def unknown_path_message(path: str) -> str:
+    shown = repr(path[:200])
+    if path.startswith(_VERSIONLESS):
+        return (
+            f"unknown path {shown}: Gemini's paths start with an API version; add /v1beta to "
+            "the base URL (e.g. api_base=http://HOST:PORT/v1beta, or /v1)"
+        )
+    if path.startswith(("/chat/completions", "/embeddings", "/completions")):
+        return (
+            f"unknown path {shown}: OpenAI-style paths live under /v1/ or /v1beta/openai/; use "
+            "base_url=http://HOST:PORT/v1"
+        )
+    return (
+        f"unknown path {shown}: the proxy serves Gemini's /v1/, /v1beta/ and /v1beta/openai/ "
+        "APIs (with an OpenAI-style client, use base_url=http://HOST:PORT/v1)"
+    )
+
+
 class Gate:
     def __init__(
         self,
@@ -293,15 +314,7 @@ class Gate:
 
         # 6. a path the proxy serves
         if found is None:
-            return Refuse(
-                404,
-                f"unknown path {a.path[:200]!r}: the proxy serves Gemini's /v1/, /v1beta/ and "
-                "/v1beta/openai/ APIs (with an OpenAI-style client, use base_url=http://HOST:PORT/v1 "
-                "or /v1beta/openai)",
-                "unknown_path",
-                api,
-                body_expected,
-            )
+            return Refuse(404, unknown_path_message(a.path), "unknown_path", api, body_expected)
         return Admit(
             client,
             api,

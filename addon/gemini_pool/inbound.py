@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
@@ -58,14 +59,27 @@ def client_host(req: http.Request) -> str:
     return host if _HOSTPORT.fullmatch(host) else ""
 
 
-def proxy_origin(flow: http.HTTPFlow, host: str) -> str:
-    """Where the caller reaches this proxy: upload URLs handed back point there."""
-    fwd = flow.request.headers.get("x-forwarded-host")
-    if fwd:
-        proto = flow.request.headers.get("x-forwarded-proto", "http")
-        return f"{proto}://{fwd}"
+def proxy_origin(
+    flow: http.HTTPFlow, host: str, public_url: str = "", trusted: Collection[str] = ()
+) -> str:
+    """Where the caller reaches this proxy: upload URLs handed back point there.
+
+    The configured public URL wins; then X-Forwarded-Host/-Proto, but only from a trusted front
+    proxy (anyone else could point an upload at a host of their choosing); then the Host the
+    caller used (through a TCP forwarder, NAT or a Service that is the address it knows); last,
+    the socket it connected to.
+    """
+    if public_url:
+        return public_url.rstrip("/")
+    peer = flow.client_conn.peername
+    if peer and str(peer[0]) in trusted:
+        fwd = flow.request.headers.get("x-forwarded-host", "").split(",")[0].strip()
+        proto = flow.request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+        if fwd and _HOSTPORT.fullmatch(fwd):
+            scheme = proto if proto in ("http", "https") else "https"
+            return f"{scheme}://{fwd}"
     scheme = "https" if flow.client_conn.tls else "http"
-    if host:  # the address the caller used (through forwarders, NAT, a Service)
+    if host:
         return f"{scheme}://{host}"
     ip, port = flow.client_conn.sockname[:2]
     if ":" in ip:

@@ -38,6 +38,8 @@ class Runtime:
     db_path: str | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     started: asyncio.Event | None = None
+    public_url: str = ""  # gemini_public_url
+    trusted_proxies: frozenset[str] = frozenset()  # gemini_trusted_proxies
 
     async def start(self, admin: tuple[str, int, str] | None, watch_ms: Callable[[], int]) -> None:
         assert self.started is not None

@@ -320,3 +320,16 @@ def test_a_header_name_that_is_no_http_token_is_refused(name: bytes) -> None:
     for clients in (TOKENS, None):
         d = gate(clients).decide(arrive([(b"host", b"localhost"), (name, b"tok-web")]), 0)
         assert refused(d, 400, "bad_request"), (name, d)
+
+
+@pytest.mark.parametrize(
+    ("path", "hint"),
+    [
+        ("/models/gemini-2.5-flash:generateContent", "add /v1beta to the base URL"),
+        ("/chat/completions", "base_url=http://HOST:PORT/v1"),
+        ("/admin", "the proxy serves Gemini's"),
+    ],
+)
+def test_an_unknown_path_says_what_to_add(path: str, hint: str) -> None:
+    d = gate().decide(arrive(path=path), 0)
+    assert refused(d, 404, "unknown_path") and isinstance(d, Refuse) and hint in d.message
