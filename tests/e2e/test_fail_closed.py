@@ -115,9 +115,10 @@ def test_half_the_pool_dead_and_listed_first_no_caller_sees_a_failure(
     keys += [key_entry(f"good{i}", s) for i, s in enumerate(good)]
     proxy = make_proxy(keys)
     assert statuses(proxy, 30, 1) == [200] * 30
-    proxy.restart()  # the dead marks survive; now with fresh rotation under concurrency
-    fake.configure({**dict.fromkeys(dead, "dead"), **dict.fromkeys(good, "ok")})
-    assert statuses(proxy, 64, 16) == [200] * 64
+    proxy.stop()
+    cold = make_proxy(keys)  # a fresh database: cold again, now under concurrency
+    assert statuses(cold, 64, 16) == [200] * 64
+    assert {cold.wait_key(f"dead{i}", "dead")["status"] for i in range(10)} == {"dead"}
 
 
 def test_half_the_pool_out_of_minute_quota_no_caller_sees_a_failure(
