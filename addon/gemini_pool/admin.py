@@ -172,11 +172,12 @@ class AdminServer:
             raise web.HTTPBadRequest(reason="limit and status must be integers") from None
         if not 1 <= limit <= 1000:
             raise web.HTTPBadRequest(reason="limit must be from 1 to 1000")
-        key = q.get("key") or None
-        if key is not None and not NAME_RE.match(key):
-            raise web.HTTPBadRequest(reason="invalid key name")
+        key, tried = q.get("key") or None, q.get("tried") or None
+        for name in (key, tried):
+            if name is not None and not NAME_RE.match(name):
+                raise web.HTTPBadRequest(reason="invalid key name")
         await asyncio.to_thread(store.flush, 2.0)  # include what finished a moment ago
-        rows = await asyncio.to_thread(store.recent, limit, key, status)
+        rows = await asyncio.to_thread(store.recent, limit, key, status, tried)
         return web.json_response({"requests": rows})
 
     async def state_export(self, request: web.Request) -> web.Response:

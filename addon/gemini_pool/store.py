@@ -429,12 +429,18 @@ class Store:
         finally:
             conn.close()
 
-    def recent(self, limit: int, key: str | None, status: int | None) -> list[dict[str, Any]]:
+    def recent(
+        self, limit: int, key: str | None, status: int | None, tried: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The newest outcomes: `key` served them, `tried` took part in them (any attempt)."""
         where: list[str] = []
         params: list[Any] = []
         if key:
             where.append("key = ?")
             params.append(key)
+        if tried:  # key names are [A-Za-z0-9_.-]: no quote inside; `_` is escaped for LIKE
+            where.append("attempts LIKE ? ESCAPE '\\'")
+            params.append('%"key": "' + tried.replace("_", "\\_") + '"%')
         if status:
             where.append("status = ?")
             params.append(status)

@@ -512,3 +512,62 @@ def test_a_second_signal_ends_the_drain(fake: Fake, make_proxy: Any) -> None:
     assert time.monotonic() - t0 < 5  # not the 20 s the stream still had to go
     t.join(10)
     assert "still in flight at exit" in proxy.logs()
+
+
+def test_troubleshooting_a_failing_key_as_the_readme_walks_it(fake: Fake, make_proxy: Any) -> None:
+    """README, "Troubleshooting a failing key", step by step, under a real mitmweb."""
+    a, b = new_secret(), new_secret()
+    fake.configure({a: "suspended", b: "ok"})
+    web_port, password = free_port(), "web-pass-456"
+    proxy: Proxy = make_proxy(
+        [key_entry("alpha", a, weight=10), key_entry("beta", b)],
+        tool="mitmweb",
+        options={
+            "web_port": web_port,
+            "web_password": password,
+            "web_open_browser": False,
+            "gemini_recheck_ms": 300,
+        },
+    )
+    assert gen(proxy).status_code == 200
+    # 1. /admin/health: counts by state and each key's last error; /admin/keys/NAME
+    health = wait_for(lambda: (h := proxy.admin.get("/admin/health").json())["dead"] == 1 and h)
+    assert health["active"] == 1 and health["last_errors"]["alpha"] == "403 CONSUMER_SUSPENDED"
+    alpha = proxy.admin.get("/admin/keys/alpha").json()
+    assert alpha["status"] == "dead" and alpha["disabled_reason"] == "403 CONSUMER_SUSPENDED"
+    assert alpha["breaker"]["state"] == "closed" and alpha["next_check_in"] is not None
+    assert alpha["usage_today"]["errors"] == 1
+    # 2. mitmweb: the comment column, the filter, Google's own (scrubbed) error
+    web = httpx.Client(
+        base_url=f"http://127.0.0.1:{web_port}", headers={"Authorization": f"Bearer {password}"}
+    )
+    flows = wait_for(lambda: (f := web.get("/flows").json()) and f)
+    lines = flows[0]["comment"].splitlines()
+    assert lines[0] == "served by beta: 200 · alpha: 403 CONSUMER_SUSPENDED [dead key] → beta: 200"
+    assert lines[1].startswith("alpha: Google said 403: Permission denied: Consumer 'api_key:")
+    assert "[redacted key]" in lines[1] and a not in json.dumps(flows)
+    dumped = list(io.FlowReader(BytesIO(web.get("/flows/dump").content)).stream())
+    assert [f.comment for f in dumped if flowfilter.parse('~comment "dead key"')(f)] == [
+        flows[0]["comment"]
+    ]
+    assert not [f for f in dumped if flowfilter.parse('~comment "served by alpha:"')(f)]
+    # 4. the requests alpha took part in, with every attempt and Google's message
+    rows = proxy.admin.get("/admin/requests?tried=alpha&limit=20").json()["requests"]
+    assert len(rows) == 1 and [t["key"] for t in rows[0]["attempts"]] == ["alpha", "beta"]
+    assert "has been suspended" in rows[0]["attempts"][0]["message"]
+    assert proxy.admin.get("/admin/requests?key=alpha").json()["requests"] == []
+    # 3. fixed in Google Cloud: it comes back by itself, without spending generation quota
+    fake.configure({a: "ok", b: "ok"})
+    proxy.wait_key("alpha", "active")
+    assert "key alpha is accepted by Google again" in proxy.logs()
+    assert fake.log() == [] and {e["key"] for e in fake.checks()} == {a}  # checks only
+    # ... or the operator puts it back at once
+    fake.configure({a: "suspended", b: "ok"})
+    gen(proxy)
+    proxy.wait_key("alpha", "dead")
+    web.cookies.set("_mitmproxy_xsrf", "t0k")
+    said = web.post(
+        "/commands/gemini.enable", json={"arguments": ["alpha"]}, headers={"X-XSRFToken": "t0k"}
+    ).json()["value"]
+    assert said.startswith("enable: alpha was dead (403 CONSUMER_SUSPENDED)")
+    assert said.endswith("now active, weight 10")
