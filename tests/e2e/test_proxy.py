@@ -489,3 +489,16 @@ def test_v1_models_answers_each_sdk_in_its_own_format(fake: Fake, make_proxy: An
     ]  # Gemini's, via /v1/models
     paths = [e["path"] for e in fake.log()]
     assert paths[0] == "/v1beta/openai/models" and paths[1] == "/v1/models"
+
+
+def test_a_large_inline_pdf_goes_through_with_the_default_body_limit(
+    fake: Fake, make_proxy: Any
+) -> None:
+    a = new_secret()
+    fake.configure({a: "ok"})
+    proxy = make_proxy([key_entry("a", a)])
+    pdf = b"%PDF-1.7\n" + bytes(range(256)) * (9 * 4096)  # 9 MiB: 12 MB of JSON once base64'd
+    part = types.Part.from_bytes(data=pdf, mime_type="application/pdf")
+    answer = genai_client(proxy).models.generate_content(model=FLASH, contents=[part, "summarise"])
+    assert answer.text == "Hello from fake Gemini."
+    assert len(fake.log()) == 1
