@@ -499,6 +499,7 @@ def test_a_large_inline_pdf_goes_through_with_the_default_body_limit(
     proxy = make_proxy([key_entry("a", a)])
     pdf = b"%PDF-1.7\n" + bytes(range(256)) * (9 * 4096)  # 9 MiB: 12 MB of JSON once base64'd
     part = types.Part.from_bytes(data=pdf, mime_type="application/pdf")
-    answer = genai_client(proxy).models.generate_content(model=FLASH, contents=[part, "summarise"])
+    client = genai_client(proxy)
+    answer = client.models.generate_content(model=FLASH, contents=[part, "summarise"])
     assert answer.text == "Hello from fake Gemini."
     assert len(fake.log()) == 1
