@@ -491,6 +491,8 @@ def main() -> None:
             # 3 of 10 keys dead or out of quota: only meaningful for gemini-proxy
             setups = [gemini_proxy(f"http://127.0.0.1:{fake_bad_port}", "bench-faulty.db")]
             run(setups, dataclasses.replace(FAULTY, count=s(FAULTY.count), factory=gen_req))
+            for setup in setups:  # before the next pass replaces the list
+                setup.stop()
         if not only or "hooks" in only:
             # where the c1 latency goes: mitmproxy's dispatch of each hook, bare vs the addon
             setups = [
