@@ -385,6 +385,7 @@ class GeminiProxy:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         rec = RequestRecord()
         self.rt.records[flow.id] = rec
+        self.rt.flows_of.setdefault(flow.client_conn.id, set()).add(flow.id)
         self.service.inflight += 1
         INFLIGHT.inc()
         try:
@@ -421,6 +422,8 @@ class GeminiProxy:
         if d.error:  # a warning, not an error: mitmdump exits on an error logged at startup
             log.warning("gemini-proxy: request %s refused: %s", rec.request_id, d.error)
         inbound.strip_credentials(flow.request)
+        # no "100 Continue" for a refused body: the caller gets the refusal instead
+        flow.request.headers.pop("expect", None)
         if not (d.body_expected and self.rt.relay.port):
             self._reply(flow, rec, d.status, d.message, d.reason, close=d.body_expected)
             return
@@ -592,12 +595,27 @@ class GeminiProxy:
             rec.status = 499  # the caller went away before an answer
         self._finish(flow, rec)
 
+    def client_disconnected(self, client: Any) -> None:
+        """Settle flows no hook will end (mitmproxy gave up on them, e.g. request trailers)."""
+        for flow_id in self.rt.flows_of.pop(client.id, ()):
+            rec = self.rt.records.pop(flow_id, None)
+            if rec is not None:
+                rec.stream_error = rec.stream_error or "the connection closed mid-request"
+                rec.status = rec.status or 499
+                self._settle(rec)
+
     def _finish(self, flow: http.HTTPFlow, rec: RequestRecord) -> None:
+        flows = self.rt.flows_of.get(flow.client_conn.id)
+        if flows is not None:
+            flows.discard(flow.id)
+        self._settle(rec)
+        self._annotate(flow, rec)  # now: mitmweb and `-w` dumps take the flow after this hook
+
+    def _settle(self, rec: RequestRecord) -> None:
         self.service.inflight -= 1
         INFLIGHT.dec()
         rec.ended = True
         rec.tap.finish()  # token counts and stream errors, for the comment
-        self._annotate(flow, rec)  # now: mitmweb and `-w` dumps take the flow after this hook
         # mitmproxy sends the answer only after the `response` hook returns: count, log and
         # store once it is on its way (this took ~1 ms off every request's latency)
         asyncio.get_running_loop().call_soon(self.service.finish, rec)

@@ -7,7 +7,6 @@ compare). Bad input answers 4xx JSON and changes nothing.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,9 @@ from .config import MAX_WEIGHT, NAME_RE, ConfigError
 from .service import ProxyService, constant_time_equal
 
 log = logging.getLogger("gemini_proxy")
+# aiohttp logs a malformed request's whole header line (a bearer token with a stray byte would
+# land in the log): the admin API answers those with 400 and says nothing more
+logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
 
 MAX_ADMIN_BODY = 1 << 20
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -199,5 +201,5 @@ class AdminServer:
             raise web.HTTPRequestEntityTooLarge(
                 max_size=MAX_ADMIN_BODY, actual_size=request.content_length or 0
             ) from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # incl. 5000-digit integers
             raise web.HTTPBadRequest(reason="body is not valid JSON") from None

@@ -36,7 +36,7 @@ STRIPPED_FIELDS = CREDENTIAL_FIELDS | {
 # a header name as HTTP defines it (RFC 9110 token); anything else is refused, not guessed at
 _TOKEN_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # what a browser sends with a request another site made it send
-_SAME_SITE = frozenset({"same-origin", "none"})
+_SAME_SITE = frozenset({"same-origin", "same-site", "none"})  # same-site: another localhost port
 
 # (upload_id, method, path, now) -> the key that started that upload session, if it may go on
 UploadLookup = Callable[[str, str, str, float], str | None]
@@ -213,6 +213,9 @@ class Gate:
         for raw_name, raw_value in a.fields:
             if not _TOKEN_NAME.fullmatch(raw_name):
                 return Refuse(400, "invalid header name", "bad_request", api, True)
+            if b"\r" in raw_value or b"\n" in raw_value or b"\0" in raw_value:
+                # a folded (obs-fold) or smuggled line: never passed on, never guessed at
+                return Refuse(400, "invalid header value", "bad_request", api, True)
             lname = raw_name.lower()
             if lname == b"x-goog-api-key":
                 api_keys.append(raw_value)

@@ -32,6 +32,7 @@ class Runtime:
     service: ProxyService = field(default_factory=ProxyService)
     relay: StreamRelay = field(default_factory=StreamRelay)
     records: dict[str, RequestRecord] = field(default_factory=dict)
+    flows_of: dict[str, set[str]] = field(default_factory=dict)  # client connection -> flow ids
     watcher: FileWatcher = field(default_factory=FileWatcher)
     admin: Any = None  # AdminServer, started in `running`
     admin_bind: tuple[str, int, str] | None = None

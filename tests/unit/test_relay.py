@@ -485,6 +485,28 @@ def test_an_after_body_refusal_answers_anyway_at_its_bounds_or_on_broken_framing
     run(go)
 
 
+def test_an_after_body_refusal_answers_a_caller_that_stopped_sending() -> None:
+    """A caller that sent only the head (a Content-Length over the limit, waiting for the
+    answer) gets it once nothing came for `drain_idle`, not after `drain_seconds`."""
+
+    async def go() -> None:
+        async with _session() as (fx, _url):
+            fx.relay.drain_seconds, fx.relay.drain_idle = 30.0, 0.2
+            for sent in (b"", b"x" * 10):
+                ticket = fx.relay.refuse(413, "", [], b"no", after_body=True)
+                reader, writer = await asyncio.open_connection("127.0.0.1", fx.relay.port)
+                head = (
+                    f"POST / HTTP/1.1\r\n{TICKET_HEADER}: {ticket}\r\ncontent-length: 100\r\n\r\n"
+                )
+                writer.write(head.encode() + sent)
+                t0 = time.monotonic()
+                raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\nno"), 2)
+                assert raw.startswith(b"HTTP/1.1 413 ") and time.monotonic() - t0 < 1.5
+                writer.close()
+
+    run(go)
+
+
 @pytest.mark.parametrize("step", [1, 2, 3, 5, 64, 10_000])
 def test_the_chunked_skipper_finds_the_end_at_any_split(step: int) -> None:
     body = (

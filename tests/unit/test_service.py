@@ -8,7 +8,7 @@ import pytest
 
 from gemini_pool.config import ClientSpec, Config, KeySpec
 from gemini_pool.gate import Admit, Arrival, Refuse, Target
-from gemini_pool.service import ProxyService
+from gemini_pool.service import ProxyService, constant_time_equal
 
 GOOGLE = Target("https", "generativelanguage.googleapis.com", 443)
 
@@ -49,3 +49,8 @@ def test_operator_actions_and_unknown_keys() -> None:
     assert s.operator("a", "reset")["weight"] == 1
     with pytest.raises(KeyError):
         s.operator("zz", "enable")
+
+
+def test_secrets_compare_whatever_bytes_arrive() -> None:
+    assert constant_time_equal("tok", "tok") and not constant_time_equal("tok", "tok\udcff")
+    assert not constant_time_equal("\udcff\udcfe", "tok")
