@@ -46,6 +46,17 @@ Compression: when Accept-Encoding allows gzip (and "gzip" is on), every answer w
 OpenAI-compat SSE) are one gzip member flushed with Z_SYNC_FLUSH after each event, so each
 event decodes as it arrives; cuts and in-band error events work the same under gzip.
 
+JSON mode: a generateContent / streamGenerateContent body whose generationConfig has
+responseMimeType "application/json" gets text that is valid JSON: with responseSchema (Gemini's
+Schema: "OBJECT", required, items, enum, anyOf, minItems, ...) or responseJsonSchema (JSON Schema:
+$ref/$defs, const, oneOf/allOf, type lists, prefixItems, bounds), camelCase or snake_case, the
+smallest value that satisfies it (required properties only; numbers 1 where allowed, else 0;
+strings "fake"); without a schema {"text": "Hello from fake Gemini."}. Odd schemas never make it
+fail. "text/x.enum" answers the first enum value. Streams split that text over the events (their
+concatenation parses; x-fake-event-bytes pads only non-JSON streams). OpenAI-compatible chat
+does the same for response_format {"type": "json_object"} and {"type": "json_schema",
+"json_schema": {"schema": ...}}.
+
 Endpoints (native ones under both /v1/ and /v1beta/; {v} is either):
   POST {v}/models/{m}:generateContent, :streamGenerateContent[?alt=sse], :countTokens,
        :embedContent, :batchEmbedContents ({"embeddings": [one per request]})
@@ -60,7 +71,10 @@ Endpoints (native ones under both /v1/ and /v1beta/; {v} is either):
   GET  {v}/files, GET|DELETE {v}/files/{id}
   POST|GET {v}/cachedContents, GET|PATCH|DELETE {v}/cachedContents/{id}
   GET  {v}/batches, GET|DELETE {v}/batches/{id}, POST {v}/batches/{id}:cancel
-  /v1beta/openai/chat/completions (stream or not), /embeddings, GET /models, GET /models/{id}
+  /v1beta/openai/chat/completions (stream or not), /embeddings (one vector per input),
+       GET /models, GET /models/{id}
+Served models: DEFAULT_MODELS (current Gemini, Gemma and embedding ids, and those the Gemini CLI
+asks for by default: its router's flash-lite and its main pro/flash models).
 Files, cached contents and batches belong to the project of the key that created them: another
 project's key (or an unknown id) gets Google's 403 PERMISSION_DENIED without a key reason, also
 when a generateContent / streamGenerateContent / countTokens / cachedContents /
@@ -76,6 +90,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import math
 import random
 import re
 import time
@@ -104,6 +119,14 @@ DEFAULT_MODELS: tuple[str, ...] = (
     "gemini-2.5-flash-preview-tts",
     "gemini-3-pro-preview",
     "gemini-3-flash-preview",
+    # what the Gemini CLI (0.61) asks for: its main model, fallbacks and its routing classifier
+    "gemini-3.1-pro-preview",
+    "gemini-3.1-pro-preview-customtools",
+    "gemini-3-flash",
+    "gemini-3.5-flash",
+    "gemini-3.8-flash",
+    "gemini-3.1-flash-lite",
+    "gemini-3.5-flash-lite",
     "gemma-3-27b-it",
     "gemini-embedding-001",
     "text-embedding-004",
@@ -424,6 +447,14 @@ def field(doc: Any, camel: str) -> Any:
     return doc.get(re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel))
 
 
+def parse_json(body: bytes) -> Any:
+    """A request body as JSON, or None."""
+    try:
+        return json.loads(body) if body else None
+    except ValueError:
+        return None
+
+
 def references(doc: Any) -> tuple[list[str], list[str]]:
     """(file ids, cached-content ids) a request body names, anywhere in it."""
     files: list[str] = []
@@ -470,6 +501,241 @@ def operation_of(method: str, path: str) -> str | None:
         if method == m and re.fullmatch(pattern, rest):
             return name
     return None
+
+
+# --- JSON mode: an answer that parses, and satisfies the caller's schema where one is given
+
+REPLY = "Hello from fake Gemini."
+# What JSON mode answers without a schema (any JSON object would do).
+NO_SCHEMA_REPLY: dict[str, Any] = {"text": REPLY}
+_SCHEMA_DEPTH = 12  # deeper than this (or a $ref cycle), the smallest value of the type
+_MAX_ITEMS = 50  # minItems/minProperties above this are not honoured (a fake, not a validator)
+
+
+def _schema_type(schema: dict[str, Any]) -> str | None:
+    """The one type to produce: Gemini's Schema says "OBJECT", JSON Schema "object" or a list."""
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        names = [k for k in kind if isinstance(k, str)]
+        kind = next((k for k in names if k.lower() != "null"), names[0] if names else None)
+    if isinstance(kind, str):
+        return kind.lower()
+    if isinstance(schema.get("properties"), dict) or "required" in schema:
+        return "object"
+    if "items" in schema or "prefixItems" in schema or "prefix_items" in schema:
+        return "array"
+    return None
+
+
+def _bound(schema: dict[str, Any], *names: str) -> float | None:
+    for name in names:
+        value = field(schema, name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _resolve(ref: Any, root: dict[str, Any]) -> Any:
+    """A local JSON pointer ("#/$defs/X", "#/definitions/X"), or None."""
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        return None
+    node: Any = root
+    for part in filter(None, ref[1:].split("/")):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def example_of(schema: Any, root: Any = None, depth: int = 0) -> Any:
+    """The smallest value that satisfies `schema`: Gemini's Schema (responseSchema: OBJECT,
+    properties, required, items, enum, nullable, anyOf, minItems, format) or a JSON Schema
+    (responseJsonSchema, OpenAI json_schema: $ref/$defs, const, enum, anyOf/oneOf/allOf, type
+    lists, prefixItems, minItems/minLength/minimum). Required properties only. Whatever the
+    schema (odd, recursive, not a dict), this returns a JSON-serialisable value and never raises.
+    """
+    try:
+        return _example(schema, schema if root is None else root, depth, 0)
+    except Exception:  # a fake must answer; an odd schema gets the reply without one
+        return dict(NO_SCHEMA_REPLY)
+
+
+def _example(schema: Any, root: Any, depth: int, refs: int) -> Any:
+    if not isinstance(schema, dict):
+        return None if schema is False else {}
+    if depth > _SCHEMA_DEPTH:
+        return None
+    target = _resolve(schema.get("$ref"), root) if "$ref" in schema else None
+    if isinstance(target, dict) and refs < _SCHEMA_DEPTH:
+        merged = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+        return _example(merged, root, depth, refs + 1)
+    if "const" in schema:
+        return schema["const"]
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return enum[0]
+    for combo in ("anyOf", "any_of", "oneOf", "one_of"):
+        options = schema.get(combo)
+        if isinstance(options, list) and options:
+            dicts = [o for o in options if isinstance(o, dict)]
+            pick = next((o for o in dicts if _schema_type(o) != "null"), options[0])
+            rest = {k: v for k, v in schema.items() if k != combo}
+            if isinstance(pick, dict):
+                return _example({**rest, **pick}, root, depth + 1, refs)
+            return _example(rest, root, depth + 1, refs)
+    parts = schema.get("allOf", schema.get("all_of"))
+    if isinstance(parts, list) and parts:
+        merged = {k: v for k, v in schema.items() if k not in ("allOf", "all_of")}
+        own_props, own_required = merged.get("properties"), merged.get("required")
+        props: dict[str, Any] = dict(own_props) if isinstance(own_props, dict) else {}
+        required: list[Any] = list(own_required) if isinstance(own_required, list) else []
+        for part in parts:
+            if isinstance(part, dict):
+                part = _resolve(part["$ref"], root) if "$ref" in part else part
+            if isinstance(part, dict):
+                merged = {**part, **merged}
+                if isinstance(part.get("properties"), dict):
+                    props.update(part["properties"])
+                if isinstance(part.get("required"), list):
+                    required += part["required"]
+        merged.update(properties=props, required=required)
+        return _example(merged, root, depth + 1, refs)
+    kind = _schema_type(schema)
+    if kind == "object":
+        declared = schema.get("properties")
+        shapes = declared if isinstance(declared, dict) else {}
+        wanted = schema.get("required")
+        names = [n for n in wanted if isinstance(n, str)] if isinstance(wanted, list) else []
+        out: dict[str, Any] = {}
+        for name in names:
+            out[name] = _example(shapes.get(name, {"type": "string"}), root, depth + 1, refs)
+        extra = _bound(schema, "minProperties")
+        i = 0
+        while extra is not None and len(out) < min(extra, _MAX_ITEMS):
+            out.setdefault(f"p{i}", "")
+            i += 1
+        return out
+    if kind == "array":
+        prefix = schema.get("prefixItems", schema.get("prefix_items"))
+        items = [
+            _example(s, root, depth + 1, refs) for s in (prefix if isinstance(prefix, list) else [])
+        ]
+        want = int(min(_bound(schema, "minItems") or 0, _MAX_ITEMS))
+        item = schema.get("items")
+        while len(items) < want:
+            items.append(_example(item if isinstance(item, dict) else {}, root, depth + 1, refs))
+        return items
+    if kind == "string":
+        fmt = str(schema.get("format") or "").lower()
+        text = {
+            "date-time": "2025-01-01T00:00:00Z",
+            "date": "2025-01-01",
+            "time": "00:00:00Z",
+            "email": "fake@example.com",
+            "uri": "https://example.com/",
+            "uuid": "00000000-0000-4000-8000-000000000000",
+        }.get(fmt, "fake")
+        shortest = int(min(_bound(schema, "minLength") or 0, 10_000))
+        longest = _bound(schema, "maxLength")
+        text = text.ljust(shortest, "x")
+        return text[: int(longest)] if longest is not None and longest >= shortest else text
+    if kind in ("integer", "number"):
+        return _number(schema, kind == "integer")
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return "" if depth else {}
+
+
+def _number(schema: dict[str, Any], integer: bool) -> int | float:
+    """1 if the bounds allow it (scores, counts and ratings often start at 1: the Gemini CLI's
+    router rejects a complexity score of 0 its schema does not forbid), else 0, else the first
+    bound-derived candidate they allow."""
+    low, high = _bound(schema, "minimum"), _bound(schema, "maximum")
+    x_low, x_high = _bound(schema, "exclusiveMinimum"), _bound(schema, "exclusiveMaximum")
+
+    def allowed(v: float) -> bool:
+        return (
+            (low is None or v >= low)
+            and (high is None or v <= high)
+            and (x_low is None or v > x_low)
+            and (x_high is None or v < x_high)
+        )
+
+    floor = max((b for b in (low, x_low) if b is not None), default=None)
+    ceiling = min((b for b in (high, x_high) if b is not None), default=None)
+    candidates: list[float] = [1.0, 0.0]
+    for b in (low, x_low):
+        if b is not None:
+            candidates += [math.ceil(b), math.floor(b) + 1] if integer else [b, b + 1]
+    for b in (high, x_high):
+        if b is not None:
+            candidates += [math.floor(b), math.ceil(b) - 1] if integer else [b, b - 1]
+    if floor is not None and ceiling is not None:
+        middle = (floor + ceiling) / 2
+        candidates.append(math.floor(middle) if integer else middle)
+    value = next((v for v in candidates if allowed(v)), 0.0)
+    return int(value) if integer or value == int(value) else value
+
+
+def _json_mime(mime: Any) -> bool:
+    return isinstance(mime, str) and mime.split(";")[0].strip().lower() == "application/json"
+
+
+def structured_text(doc: Any) -> str | None:
+    """The text a native generate request in JSON mode (or enum mode) gets, or None.
+
+    `generationConfig.responseMimeType: application/json` answers JSON: with `responseSchema` or
+    `responseJsonSchema` (snake_case too) the smallest value that satisfies it, without one
+    `NO_SCHEMA_REPLY`. `text/x.enum` answers the schema's first enum value.
+    """
+    config = field(doc, "generationConfig")
+    if not isinstance(config, dict):
+        return None
+    mime = field(config, "responseMimeType")
+    schema = field(config, "responseJsonSchema")
+    if schema is None:
+        schema = field(config, "responseSchema")
+    if isinstance(mime, str) and mime.strip().lower() == "text/x.enum":
+        enum = schema.get("enum") if isinstance(schema, dict) else None
+        return str(enum[0]) if isinstance(enum, list) and enum else REPLY
+    if not _json_mime(mime):
+        return None
+    value = NO_SCHEMA_REPLY if schema is None else example_of(schema)
+    return json.dumps(value)
+
+
+def openai_structured_text(doc: Any) -> str | None:
+    """The content an OpenAI-compatible chat request with `response_format` json_object /
+    json_schema gets (like `structured_text`), or None."""
+    fmt = doc.get("response_format") if isinstance(doc, dict) else None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return json.dumps(NO_SCHEMA_REPLY)
+    if kind == "json_schema":
+        assert isinstance(fmt, dict)
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        return json.dumps(NO_SCHEMA_REPLY if schema is None else example_of(schema))
+    return None
+
+
+def split_text(text: str, parts: int) -> list[str]:
+    """`text` in `parts` consecutive pieces (empty ones only if it is shorter than `parts`)."""
+    parts = max(parts, 1)
+    size, extra = divmod(len(text), parts)
+    out: list[str] = []
+    start = 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        out.append(text[start:end])
+        start = end
+    return out
 
 
 def cut_after(behaviour: str) -> int | None:
@@ -723,7 +989,7 @@ class FakeGemini:
         if path.startswith("/upload/"):
             return await self.upload_start(request, key, body)
         if openai:
-            return await self.openai_answer(request, path, model, stream, behaviour)
+            return await self.openai_answer(request, path, model, stream, behaviour, doc)
         resource = self.resource_answer(request.method, path, doc, key, model)
         if resource is not None:
             return resource
@@ -933,11 +1199,13 @@ class FakeGemini:
             return web.json_response({"models": [self.model_doc(m) for m in self.served]})
         if re.search(r"/models/[^/:]+$", path):
             return web.json_response(self.model_doc(model or ""))
+        structured = structured_text(parse_json(body))
         if not stream:
-            return web.json_response(self.candidate(model, "Hello from fake Gemini.", True, 5, 4))
+            return web.json_response(self.candidate(model, structured or REPLY, True, 5, 4))
         events = int(request.headers.get("x-fake-events", "3"))
         delay = float(request.headers.get("x-fake-delay-ms", "0")) / 1000
         pad = "x" * int(request.headers.get("x-fake-event-bytes", "0"))
+        pieces = split_text(structured, events) if structured is not None else None
         sse = request.query.get("alt") == "sse"
         out = await EventStream.open(
             request, "text/event-stream" if sse else "application/json", self.compress(request)
@@ -956,7 +1224,8 @@ class FakeGemini:
                     + b"\r\n\r\n"
                 )
                 break
-            doc = self.candidate(model, f"chunk {i} " + pad, i == events - 1, 5, i + 1)
+            text = pieces[i] if pieces is not None else f"chunk {i} " + pad
+            doc = self.candidate(model, text, i == events - 1, 5, i + 1)
             data = json.dumps(doc).encode()
             if sse:
                 await out.write(b"data: " + data + b"\r\n\r\n")
@@ -1021,7 +1290,13 @@ class FakeGemini:
 
     # --- OpenAI-compatible answers
     async def openai_answer(
-        self, request: web.Request, path: str, model: str | None, stream: bool, behaviour: str
+        self,
+        request: web.Request,
+        path: str,
+        model: str | None,
+        stream: bool,
+        behaviour: str,
+        doc: Any = None,
     ) -> web.StreamResponse:
         now = int(time.time())
 
@@ -1035,15 +1310,22 @@ class FakeGemini:
                 {"object": "list", "data": [model_object(m) for m in self.served]}
             )
         if path.endswith("/embeddings"):
+            inputs = doc.get("input") if isinstance(doc, dict) else None
+            many = isinstance(inputs, list) and not all(isinstance(x, int) for x in inputs)
+            n = len(inputs) if many and isinstance(inputs, list) else 1
             return web.json_response(
                 {
                     "object": "list",
                     "model": model,
-                    "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
-                    "usage": {"prompt_tokens": 3, "total_tokens": 3},
+                    "data": [
+                        {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+                        for i in range(n)
+                    ],
+                    "usage": {"prompt_tokens": 3 * n, "total_tokens": 3 * n},
                 }
             )
         cid = "chatcmpl-" + uuid.uuid4().hex[:12]
+        structured = openai_structured_text(doc)
         if not stream:
             return web.json_response(
                 {
@@ -1054,7 +1336,7 @@ class FakeGemini:
                     "choices": [
                         {
                             "index": 0,
-                            "message": {"role": "assistant", "content": "Hello from fake Gemini."},
+                            "message": {"role": "assistant", "content": structured or REPLY},
                             "finish_reason": "stop",
                         }
                     ],
@@ -1065,6 +1347,7 @@ class FakeGemini:
         delay = float(request.headers.get("x-fake-delay-ms", "0")) / 1000
         out = await EventStream.open(request, "text/event-stream", self.compress(request))
         cut = cut_after(behaviour)
+        pieces = split_text(structured, events) if structured is not None else None
         for i in range(events):
             if i == cut:
                 await cut_connection(request)
@@ -1078,7 +1361,10 @@ class FakeGemini:
                 "choices": [
                     {
                         "index": 0,
-                        "delta": {"role": "assistant", "content": f"chunk {i} "},
+                        "delta": {
+                            "role": "assistant",
+                            "content": pieces[i] if pieces is not None else f"chunk {i} ",
+                        },
                         "finish_reason": "stop" if last else None,
                     }
                 ],
