@@ -23,3 +23,7 @@ lint:
 # benchmark against bare mitmdump and a direct connection; writes bench/RESULTS.md
 bench *ARGS:
     ./scripts/bench {{ARGS}}
+
+# LiteLLM, LangChain and the Gemini CLI through the proxy (installs them into .cache/clients first)
+check-clients *ARGS:
+    ./scripts/check_clients {{ARGS}}
