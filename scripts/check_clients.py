@@ -654,11 +654,11 @@ def orchestrate(args: argparse.Namespace) -> int:
     if secrets_seen:
         print("\nFAIL  a pool key appears in the proxy's log")
     failed = [o.client for o in outcomes if not o.ok] + (["proxy log"] if secrets_seen else [])
-    print(
-        f"\n{'FAIL: ' + ', '.join(failed) if failed else 'all clients PASS'} (logs and client output in {work})"
-    )
-    if not failed and not args.keep:
+    keep = bool(failed) or args.keep
+    if not keep:
         shutil.rmtree(work, ignore_errors=True)
+    verdict = "FAIL: " + ", ".join(failed) if failed else "all clients PASS"
+    print(f"\n{verdict}" + (f" (logs and client output in {work})" if keep else ""))
     return 1 if failed else 0
 
 
