@@ -398,7 +398,10 @@ class GeminiProxy:
             decision = Refuse(
                 401, "the request could not be read", "invalid_token", Api.NATIVE, True, error
             )
-        self._refuse(flow, rec, decision)
+        try:
+            self._refuse(flow, rec, decision)
+        except Exception as e:  # still refused: the `request` hook answers a flow without client
+            log.warning("gemini-proxy: refusing request %s failed: %s", rec.request_id, e)
 
     def _admit(self, flow: http.HTTPFlow, rec: RequestRecord, d: Admit) -> None:
         rec.client, rec.api, rec.bearer_only = d.client, str(d.api), d.bearer_only

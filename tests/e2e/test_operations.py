@@ -561,13 +561,20 @@ def test_troubleshooting_a_failing_key_as_the_readme_walks_it(fake: Fake, make_p
     proxy.wait_key("alpha", "active")
     assert "key alpha is accepted by Google again" in proxy.logs()
     assert fake.log() == [] and {e["key"] for e in fake.checks()} == {a}  # checks only
+    # replaying the flow from mitmweb sends it through the pool again (loopback-only mode)
+    mark = len(fake.log())
+    web.cookies.set("_mitmproxy_xsrf", "t0k")
+    xsrf = {"X-XSRFToken": "t0k"}
+    assert web.post(f"/flows/{flows[0]['id']}/replay", headers=xsrf).status_code == 200
+    wait_for(lambda: len(fake.log()) > mark)
+    replayed = wait_for(lambda: (f := web.get("/flows").json()) and f[0].get("response") and f[0])
+    assert replayed["response"]["status_code"] == 200 and a not in json.dumps(replayed)
     # ... or the operator puts it back at once
     fake.configure({a: "suspended", b: "ok"})
     gen(proxy)
     proxy.wait_key("alpha", "dead")
-    web.cookies.set("_mitmproxy_xsrf", "t0k")
-    said = web.post(
-        "/commands/gemini.enable", json={"arguments": ["alpha"]}, headers={"X-XSRFToken": "t0k"}
-    ).json()["value"]
+    said = web.post("/commands/gemini.enable", json={"arguments": ["alpha"]}, headers=xsrf).json()[
+        "value"
+    ]
     assert said.startswith("enable: alpha was dead (403 CONSUMER_SUSPENDED)")
     assert said.endswith("now active, weight 10")

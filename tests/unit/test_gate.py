@@ -350,3 +350,9 @@ def test_a_credential_hidden_behind_a_semicolon_is_not_passed_on() -> None:
 def test_a_page_on_another_localhost_port_is_same_site() -> None:
     h = [(b"host", b"localhost:8080"), (b"origin", b"http://localhost:3000")]
     assert isinstance(gate().decide(arrive([*h, (b"sec-fetch-site", b"same-site")]), 0), Admit)
+
+
+def test_a_flow_replayed_from_mitmweb_carries_the_upstreams_host_and_is_served() -> None:
+    host = [(b"host", b"generativelanguage.googleapis.com")]
+    assert isinstance(gate().decide(arrive(host), 0), Admit)
+    assert refused(gate().decide(arrive([(b"host", b"googleapis.com")]), 0), 403, "foreign_host")
