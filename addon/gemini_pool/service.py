@@ -339,13 +339,15 @@ class _RequestLine:
             "latency_ms": self.latency_ms,
             "outcome": rec.outcome,
         }
-        detail = rec.comment() if rec.retried or rec.proxy_reason or rec.stream_error else None
+        noteworthy = rec.retried or rec.proxy_reason or rec.stream_error
+        lines = rec.comment().splitlines() if noteworthy else []
         if self.as_json:
-            return json.dumps(
-                {"event": "request", **fields, **({"detail": detail} if detail else {})}
-            )
+            extra: dict[str, Any] = {"detail": lines[0]} if lines else {}
+            if lines[1:]:
+                extra["upstream_errors"] = lines[1:]
+            return json.dumps({"event": "request", **fields, **extra})
         text = "gemini " + " ".join(f"{k}={'-' if v is None else v}" for k, v in fields.items())
-        return f"{text} | {detail}" if detail else text
+        return " | ".join([text, *lines])  # one line per request, Google's messages included
 
 
 def constant_time_equal(a: str, b: str) -> bool:

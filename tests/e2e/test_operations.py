@@ -300,7 +300,10 @@ def test_json_logs_carry_the_request_fields(fake: Fake, make_proxy: Any) -> None
         and doc["attempts"] == 2
     )
     assert doc["client"] == "local" and doc["model"] == FLASH and doc["outcome"] == "ok"
-    assert "a: 503 UNAVAILABLE → b: 200" in doc["detail"]
+    assert "a: 503 UNAVAILABLE [google error] → b: 200" in doc["detail"]
+    assert doc["upstream_errors"] == [
+        "a: Google said 503: The model is overloaded. Please try again later."
+    ]
     assert doc["latency_ms"] > 0
 
 
