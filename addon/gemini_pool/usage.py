@@ -76,6 +76,8 @@ def decoded(body: bytes, encoding: str, limit: int) -> bytes | None:
             out.append(piece)
             room -= len(piece)
             rest = inflate.unused_data
+            if rest and rest[:2] != b"\x1f\x8b":
+                return None  # only gzip members may follow one another; anything else is junk
     except zlib.error:
         return None
     return b"".join(out)
