@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 import re
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http.url import hostport
 from mitmproxy.utils import human
 
-from . import inbound
+from . import inbound, metrics
 from .answers import error_parts, error_response, s, upstream_response
 from .breaker import BreakerPolicy
 from .classify import network_verdict
@@ -160,6 +161,15 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
     ),
     ("gemini_log_json", bool, False, "One JSON object per request log line."),
     (
+        "gemini_redis",
+        str,
+        "",
+        "redis:// or rediss:// URL of the Redis (or Valkey) the workers of one pool share key "
+        "state on (password: $GEMINI_REDIS_PASSWORD). Empty: this process alone.",
+    ),
+    ("gemini_redis_prefix", str, "gemini-proxy", "Namespace of this pool's keys in Redis."),
+    ("gemini_worker", str, "", "This worker's name in logs and metrics (default: host:pid)."),
+    (
         "gemini_public_url",
         str,
         "",
@@ -240,6 +250,22 @@ class GeminiProxy:
                     f"gemini_trusted_proxies: {ip!r} is not an IP address"
                 ) from None
         self.rt.public_url, self.rt.trusted_proxies = public, frozenset(trusted)
+        redis_url = o.gemini_redis.strip()
+        if redis_url and not re.fullmatch(r"(rediss?|unix)://[^\s@]+", redis_url):
+            raise exceptions.OptionsError(
+                "gemini_redis must be redis://HOST:PORT/DB or rediss://... without a password "
+                f"(give it in $GEMINI_REDIS_PASSWORD), got {redis_url.split('@')[-1]!r}"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", o.gemini_redis_prefix):
+            raise exceptions.OptionsError("gemini_redis_prefix: 1-64 of A-Z a-z 0-9 _ . : -")
+        worker = o.gemini_worker.strip() or f"{socket.gethostname()}:{os.getpid()}"
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", worker):
+            raise exceptions.OptionsError("gemini_worker: 1-128 of A-Z a-z 0-9 _ . : -")
+        self.rt.sharing = (redis_url, o.gemini_redis_prefix, worker)
+        metrics.WORKER.clear()
+        metrics.WORKER.labels(worker).set(1)
+        if self.rt.started is not None:
+            self.service.share(*self.rt.sharing)
 
         settings = Settings(
             keys_path=o.gemini_keys,

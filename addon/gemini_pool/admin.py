@@ -98,9 +98,15 @@ class AdminServer:
 
     async def readyz(self, request: web.Request) -> web.Response:
         usable = self.service.pool.usable_count(time.time())
-        return web.json_response(
-            {"ready": usable > 0, "usable_keys": usable}, status=200 if usable else 503
-        )
+        doc: dict[str, Any] = {"ready": usable > 0, "usable_keys": usable}
+        shared = self.service.shared
+        if shared is not None:  # a worker serves on its own state while Redis is away
+            doc["shared_state"] = {
+                "up": shared.up,
+                "worker": shared.worker,
+                **({"error": shared.last_error} if shared.last_error else {}),
+            }
+        return web.json_response(doc, status=200 if usable else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")

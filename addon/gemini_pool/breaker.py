@@ -32,6 +32,10 @@ class CircuitBreaker:
         self.trips = 0  # consecutive trips without a success: drives the exponential cooldown
         self.open_until = 0.0
         self.probe_started: float | None = None
+        # shared by several workers: the half-open probe is taken only with this worker's grant
+        # (one worker across the pool wins it); without one the breaker stays open here
+        self.shared = False
+        self.probe_granted = False
 
     def _probe_busy(self, now: float) -> bool:
         return (
@@ -43,12 +47,24 @@ class CircuitBreaker:
         if self.state is BreakerState.CLOSED:
             return True
         if self.state is BreakerState.OPEN:
-            return now >= self.open_until
+            return now >= self.open_until and self._may_probe()
         return not self._probe_busy(now)
+
+    def _may_probe(self) -> bool:
+        return not self.shared or self.probe_granted
+
+    def wants_probe(self, now: float) -> bool:
+        """Open, its cooldown over, waiting for a probe grant (shared mode)."""
+        return (
+            self.shared
+            and self.state is BreakerState.OPEN
+            and now >= self.open_until
+            and not self.probe_granted
+        )
 
     def acquire(self, now: float) -> bool:
         """Admit one request. In half-open state only one probe is admitted at a time."""
-        if self.state is BreakerState.OPEN and now >= self.open_until:
+        if self.state is BreakerState.OPEN and now >= self.open_until and self._may_probe():
             self.state = BreakerState.HALF_OPEN
             self.probe_started = None
         if self.state is BreakerState.CLOSED:
@@ -63,6 +79,7 @@ class CircuitBreaker:
         self.trips = 0
         self.state = BreakerState.CLOSED
         self.probe_started = None
+        self.probe_granted = False
 
     def record_failure(self, now: float) -> None:
         if self.state is BreakerState.HALF_OPEN:
@@ -86,6 +103,7 @@ class CircuitBreaker:
         self.open_until = now + cooldown
         self.failures = 0
         self.probe_started = None
+        self.probe_granted = False
 
     def seconds_left(self, now: float) -> float:
         return max(0.0, self.open_until - now) if self.state is BreakerState.OPEN else 0.0

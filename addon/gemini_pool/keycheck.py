@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from . import metrics
 from .classify import Outcome, Verdict, classify, decode_body
@@ -23,6 +23,7 @@ from .upstream import UpstreamClient, UpstreamError
 log = logging.getLogger("gemini_proxy")
 
 CHECK_PATH = "/v1beta/models?pageSize=1"
+CLAIM_RETRY = 30.0  # another worker holds the check: look again after this (its lock's life)
 CHECK_TIMEOUT = 15.0
 # answers that prove Google accepted the key, though it cannot serve right now
 _ACCEPTED = {
@@ -69,6 +70,8 @@ class KeyChecker:
         self.on_change = on_change
         self.base: str | None = None  # the upstream, once known
         self.tasks: set[asyncio.Task[None]] = set()
+        # with several workers: may this one run the check now? (one worker across the pool)
+        self.claim: Callable[[KeyState], Awaitable[bool]] | None = None
 
     def run_due(self, now: float) -> int:
         """Start the checks that are due (each key at most one at a time)."""
@@ -84,6 +87,11 @@ class KeyChecker:
 
     async def _check(self, state: KeyState, base: str) -> None:
         name, was = state.name, state.suspect or state.disabled_reason
+        if self.claim is not None and not await self.claim(state):
+            # another worker checks it; its verdict arrives with the shared state
+            state.checking = False
+            state.next_check = time.time() + CLAIM_RETRY
+            return
         try:
             verdict = await check_key(self.upstream, base, state.spec.secret)
         except Exception:  # a check must never take the proxy down

@@ -41,11 +41,13 @@ class Runtime:
     started: asyncio.Event | None = None
     public_url: str = ""  # gemini_public_url
     trusted_proxies: frozenset[str] = frozenset()  # gemini_trusted_proxies
+    sharing: tuple[str, str, str] = ("", "", "")  # gemini_redis, its prefix, this worker's name
 
     async def start(self, admin: tuple[str, int, str] | None, watch_ms: Callable[[], int]) -> None:
         assert self.started is not None
         await self.relay.start()
         await self.restart_admin(admin)
+        self.service.share(*self.sharing)
         loop = asyncio.get_running_loop()
         self.tasks.append(loop.create_task(self._housekeeping(watch_ms)))
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -95,6 +97,8 @@ class Runtime:
             await asyncio.sleep(HOUSEKEEPING_TICK)
             try:
                 now = time.monotonic()
+                if self.service.shared is not None:
+                    await self.service.shared.grant_probes(time.time())
                 self.service.checker.run_due(time.time())
                 self.service.save_state_if_dirty()
                 watch = watch_ms() / 1000
@@ -136,6 +140,8 @@ class Runtime:
         for task in self.tasks:
             task.cancel()
         await self.service.checker.close()
+        if self.service.shared is not None:
+            await self.service.shared.stop()
         await self.relay.stop()
         if self.admin is not None:
             await self.admin.stop()

@@ -81,6 +81,18 @@ GATE_REFUSALS = Counter(
     registry=REGISTRY,
 )
 
+SHARED_UP = Gauge(
+    "gemini_proxy_shared_state_up",
+    "1 while the shared key state (gemini_redis) is reachable; 0 when down or not configured",
+    registry=REGISTRY,
+)
+WORKER = Gauge(
+    "gemini_proxy_worker_info",
+    "This worker's name (gemini_worker): sum the other series over workers by it",
+    ["worker"],
+    registry=REGISTRY,
+)
+
 MAX_MODEL_LABELS = 64
 
 

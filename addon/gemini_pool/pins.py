@@ -223,6 +223,20 @@ class ResourcePins:
             n += 1
         return n
 
+    def all_pins(self, now: float) -> list[Pin]:
+        """Every pin still valid, as rows (for another worker or a fresh Redis)."""
+        out = [
+            Pin(KIND_UPLOAD, name, u.key, u.path, u.expires)
+            for name, u in self.uploads.items()
+            if u.expires > now
+        ]
+        out += [
+            Pin(KIND_RESOURCE, name, owner, "", expires)
+            for name, (owner, expires) in self.resources.items()
+            if expires > now
+        ]
+        return out
+
     def prune(self, now: float) -> None:
         """Drop expired entries (lookups ignore them anyway; this frees the memory)."""
         for k in [k for k, u in self.uploads.items() if u.expires <= now]:

@@ -11,7 +11,7 @@ breakers and dead-key disables are per key.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -52,6 +52,8 @@ class KeyState:
     next_check: float | None = None  # when to check the key (suspect: at once; dead: backoff)
     check_backoff: float = 0.0
     checking: bool = False  # a check is in flight
+    marks_at: float = 0.0  # when dead/suspect marks or operator overrides last changed (sharing)
+    breaker_at: float = 0.0  # when the breaker last opened or closed (sharing)
     operator_enabled: bool | None = None  # operator override of the YAML `enabled`
     operator_weight: int | None = None
     last_error: str | None = None
@@ -101,6 +103,17 @@ class KeyPool:
     # state of keys no longer configured, by fingerprint: (snapshot, removed at); a key that comes
     # back (a half-written key file, a key moved between files) returns as it left
     retired: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
+    # told of every change other workers must learn: ("marks" | "breaker", KeyState) or
+    # ("cooldown", (project, model, Cooldown | None)); None: a reset cleared it
+    on_change: Callable[[str, Any], None] | None = None
+
+    def _changed(self, kind: str, what: Any) -> None:
+        if self.on_change is not None:
+            self.on_change(kind, what)
+
+    def _marks_changed(self, state: KeyState) -> None:
+        state.marks_at = time.time()
+        self._changed("marks", state)
 
     # --- configuration
 
@@ -255,9 +268,12 @@ class KeyPool:
         o = verdict.outcome
         project = state.spec.project
         if o is Outcome.OK:
+            was = state.breaker.state
             state.breaker.record_success()
             state.health.add(True)
             self.backoff_level.pop(project, None)
+            if was is not BreakerState.CLOSED:
+                self._breaker_changed(state, now)
             return
         if verdict.key_fault:
             state.health.add(False)
@@ -277,6 +293,7 @@ class KeyPool:
             if state.disabled_reason is None and state.suspect is None:
                 state.suspect = verdict.reason  # out of rotation until a check confirms it
                 state.next_check = now
+                self._marks_changed(state)
             state.breaker.record_neutral()
         elif o is Outcome.PROJECT_CAPPED or o is Outcome.QUOTA_UNKNOWN:
             self._cool(project, "*", verdict, now)
@@ -285,7 +302,10 @@ class KeyPool:
             self._cool(project, model, verdict, now)
             state.breaker.record_neutral()
         elif o is Outcome.NETWORK:
+            before = (state.breaker.state, state.breaker.open_until)
             state.breaker.record_failure(now)
+            if (state.breaker.state, state.breaker.open_until) != before:
+                self._breaker_changed(state, now)
         else:  # transient, caller error, wrong project: nothing about the key
             state.breaker.record_neutral()
 
@@ -293,7 +313,12 @@ class KeyPool:
         until = verdict.cooldown_until or now
         old = self.cooldowns.get((project, model))
         if old is None or old.until < until or old.until <= now:
-            self.cooldowns[(project, model)] = Cooldown(until, verdict.reason)
+            self.cooldowns[(project, model)] = cool = Cooldown(until, verdict.reason)
+            self._changed("cooldown", (project, model, cool))
+
+    def _breaker_changed(self, state: KeyState, now: float) -> None:
+        state.breaker_at = time.time()
+        self._changed("breaker", state)
 
     # --- operator actions
 
@@ -302,21 +327,26 @@ class KeyPool:
         state.operator_enabled = enabled
         if enabled:
             self._revive(state)
+        self._marks_changed(state)
 
     def reset(self, name: str) -> None:
         state = self.keys[name]
         self._revive(state)
         state.operator_enabled = None
         state.operator_weight = None
+        was = state.breaker.state
         state.breaker.record_success()
         state.health.results.clear()
         state.last_error = None
-        self.cooldowns = {
-            pm: c
-            for pm, c in self.cooldowns.items()
-            if pm[0] != state.spec.project
-            or any(s.spec.project == pm[0] for s in self.keys.values() if s is not state)
-        }
+        self._marks_changed(state)
+        if was is not BreakerState.CLOSED:
+            self._breaker_changed(state, time.time())
+        if not any(
+            s.spec.project == state.spec.project for s in self.keys.values() if s is not state
+        ):
+            for pm in [pm for pm in self.cooldowns if pm[0] == state.spec.project]:
+                del self.cooldowns[pm]
+                self._changed("cooldown", (pm[0], pm[1], None))
 
     @staticmethod
     def _revive(state: KeyState) -> None:
@@ -354,6 +384,7 @@ class KeyPool:
             was_dead = state.disabled_reason is not None
             self._revive(state)
             state.health.results.clear()
+            self._marks_changed(state)
             return "recovered" if was_dead else "cleared"
         confirmed = state.suspect is not None
         if confirmed:
@@ -365,10 +396,79 @@ class KeyPool:
             else min(p.recheck_max, state.check_backoff * 2 or p.recheck_base)
         )
         state.next_check = now + state.check_backoff
+        self._marks_changed(state)
         return "dead" if confirmed else None
+
+    # --- state other workers learned (gemini_redis): applied without telling anyone again
+
+    def shared_marks(self, state: KeyState) -> dict[str, Any]:
+        return {
+            "t": state.marks_at,
+            "dead": state.disabled_reason,
+            "suspect": state.suspect,
+            "enabled": state.operator_enabled,
+            "weight": state.operator_weight,
+            "next_check": state.next_check,
+            "backoff": state.check_backoff,
+        }
+
+    def shared_breaker(self, state: KeyState) -> dict[str, Any]:
+        b = state.breaker
+        return {
+            "t": state.breaker_at,
+            "state": str(b.state),
+            "open_until": b.open_until,
+            "trips": b.trips,
+        }
+
+    def by_fingerprint(self, fingerprint: str) -> KeyState | None:
+        return next((s for s in self.keys.values() if s.spec.fingerprint == fingerprint), None)
+
+    def apply_marks(self, fingerprint: str, data: dict[str, Any]) -> bool:
+        """Another worker's marks and overrides for a key: the newer change wins."""
+        state = self.by_fingerprint(fingerprint)
+        t = float(data.get("t") or 0.0)
+        if state is None or t <= state.marks_at:
+            return False
+        state.marks_at = t
+        state.disabled_reason, state.suspect = data.get("dead"), data.get("suspect")
+        state.operator_enabled = data.get("enabled")
+        weight = data.get("weight")
+        state.operator_weight = int(weight) if weight else None
+        nc = data.get("next_check")
+        state.next_check = float(nc) if nc is not None else None
+        state.check_backoff = float(data.get("backoff") or 0.0)
+        return True
+
+    def apply_breaker(self, fingerprint: str, data: dict[str, Any]) -> bool:
+        state = self.by_fingerprint(fingerprint)
+        t = float(data.get("t") or 0.0)
+        if state is None or t <= state.breaker_at:
+            return False
+        state.breaker_at = t
+        b = state.breaker
+        if data.get("state") == str(BreakerState.CLOSED):
+            b.failures, b.trips, b.state, b.probe_started = 0, 0, BreakerState.CLOSED, None
+        else:
+            b.state, b.open_until = BreakerState.OPEN, float(data.get("open_until") or 0.0)
+            b.trips, b.probe_started, b.failures = int(data.get("trips") or 0), None, 0
+        b.probe_granted = False
+        return True
+
+    def apply_cooldown(self, project: str, model: str, until: float | None, reason: str) -> bool:
+        """Another worker's cooldown: the later expiry wins; None: an operator reset cleared it."""
+        key = (project, model)
+        if until is None:
+            return self.cooldowns.pop(key, None) is not None
+        old = self.cooldowns.get(key)
+        if old is not None and old.until >= until:
+            return False
+        self.cooldowns[key] = Cooldown(until, reason)
+        return True
 
     def set_weight(self, name: str, weight: int | None) -> None:
         self.keys[name].operator_weight = weight
+        self._marks_changed(self.keys[name])
 
     # --- views
 
@@ -449,6 +549,8 @@ class KeyPool:
             "suspect": state.suspect,
             "next_check": state.next_check,
             "check_backoff": state.check_backoff,
+            "marks_at": state.marks_at,
+            "breaker_at": state.breaker_at,
             "operator_enabled": state.operator_enabled,
             "operator_weight": state.operator_weight,
             "last_error": state.last_error,
@@ -498,6 +600,8 @@ class KeyPool:
         if (state.suspect or state.disabled_reason) and state.next_check is None:
             state.next_check = 0.0  # saved before checks existed: check soon
         state.check_backoff = float(data.get("check_backoff") or 0.0)
+        state.marks_at = float(data.get("marks_at") or 0.0)
+        state.breaker_at = float(data.get("breaker_at") or 0.0)
         state.operator_enabled = data.get("operator_enabled")
         weight = data.get("operator_weight")
         state.operator_weight = int(weight) if weight else None

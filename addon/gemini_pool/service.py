@@ -5,6 +5,7 @@ No mitmproxy import: the addon translates flows into calls here.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -19,9 +20,10 @@ from .config import EMPTY, Config, ConfigError, load_config
 from .dispatch import Dispatcher, DispatchPolicy
 from .gate import Gate, digest
 from .keycheck import KeyChecker
-from .pins import ResourcePins
+from .pins import Pin, ResourcePins
 from .records import RequestRecord
 from .selector import KeyPool, PoolPolicy
+from .shared import SharedState
 from .store import Store, read_state_document, state_document
 from .upstream import UpstreamClient
 
@@ -75,7 +77,38 @@ class ProxyService:
         )
         self.checker = KeyChecker(self.pool, self.upstream, on_change=self._mark_dirty)
         self.gate.upload_lookup = self._upload_key
+        self.shared: SharedState | None = None
+        self.pins.on_pin = self._on_pin
         metrics.set_state_source(self.gauge_rows)
+
+    def _on_pin(self, pin: Pin) -> None:
+        if self.store is not None:
+            self.store.save_pin(pin)
+        if self.shared is not None:
+            self.shared.pin_added(pin)
+
+    # --- several workers, one pool (gemini_redis)
+
+    def share(self, url: str, prefix: str, worker: str) -> None:
+        """Share key state with the other workers on `url` ("" stops sharing). Needs a loop."""
+        current = self.shared
+        if current is not None and (current.url, current.prefix, current.worker) == (
+            url,
+            prefix,
+            worker,
+        ):
+            return
+        if current is not None:
+            asyncio.get_running_loop().create_task(current.stop())
+            self.shared = None
+            self.pool.on_change = None
+            self.checker.claim = None
+        if url:
+            shared = SharedState(self.pool, self.pins, url, prefix, worker, self._mark_dirty)
+            self.shared = shared
+            self.pool.on_change = shared.key_changed
+            self.checker.claim = shared.claim_check
+            shared.start()
 
     def _mark_dirty(self) -> None:
         self.state_dirty = True
@@ -138,7 +171,6 @@ class ProxyService:
         keys, cooldowns = store.load_state()
         self.pool.restore(keys, cooldowns, now)
         self.pins.restore(store.load_pins(now), now)
-        self.pins.on_pin = store.save_pin
         store.start()
         restored = [n for n, s in keys.items() if n in self.pool.keys]
         if restored:
@@ -148,7 +180,6 @@ class ProxyService:
         if self.store is None:
             return
         self.save_state()
-        self.pins.on_pin = None
         self.store.close()
         self.store = None
 
