@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from gemini_pool.breaker import BreakerPolicy
+from gemini_pool.breaker import BreakerPolicy, BreakerState
 from gemini_pool.classify import Outcome, Verdict, network_verdict
 from gemini_pool.config import Config, KeySpec
 from gemini_pool.selector import KeyPool, NoKey, Pick, PoolPolicy
@@ -194,3 +194,40 @@ def test_a_key_that_leaves_and_comes_back_returns_as_it_left() -> None:
     p.apply_config(Config((k("b"),), (), "x"), now=40)
     p.apply_config(Config((k("a"), k("b")), (), "y"), now=40 + 8 * 86400)
     assert p.keys["a"].disabled_reason is None
+
+
+def test_shared_marks_breakers_and_cooldowns_merge_as_the_pool_expects() -> None:
+    a, b = pool(k("a"), k("b")), pool(k("a"), k("b"))
+    heard: list[tuple[str, object]] = []
+    a.on_change = lambda kind, what: heard.append((kind, what))
+    dead(a, "a")
+    fp = a.keys["a"].spec.fingerprint
+    assert b.apply_marks(fp, a.shared_marks(a.keys["a"]))
+    assert (
+        b.keys["a"].disabled_reason == "400 API key invalid" and b.status(b.keys["a"], 0) == "dead"
+    )
+    assert not b.apply_marks(fp, {**a.shared_marks(a.keys["a"]), "dead": None})  # not newer
+    a.set_enabled("a", True)  # an operator, later: wins
+    assert b.apply_marks(fp, a.shared_marks(a.keys["a"])) and b.keys["a"].usable_ever
+    a.record("b", "m", Verdict(Outcome.QUOTA_DAY, "day", cooldown_until=500), 0)
+    assert ("cooldown", ("b", "m", a.cooldowns[("b", "m")])) in heard
+    assert b.apply_cooldown("b", "m", 500, "day") and not b.apply_cooldown("b", "m", 400, "older")
+    assert b.cooldowns[("b", "m")].until == 500
+    assert b.apply_cooldown("b", "m", None, "") and ("b", "m") not in b.cooldowns  # a reset
+
+
+def test_a_shared_breaker_probes_only_with_its_grant() -> None:
+    p = pool(k("a"), k("b"), breaker=BreakerPolicy(failure_threshold=1, base_cooldown=10))
+    p.record("a", "m", network_verdict("refused"), 0)
+    br = p.keys["a"].breaker
+    br.shared = True
+    assert br.wants_probe(11) and "a" not in picks(p, 3, now=11)  # past its cooldown: no grant
+    br.probe_granted = True
+    assert picks(p, 1, now=11) == ["a"]  # the probe
+    assert "a" not in picks(p, 3, now=11)  # one probe at a time
+    q = pool(k("a"), k("b"))
+    assert q.apply_breaker(br_fp := p.keys["a"].spec.fingerprint, p.shared_breaker(p.keys["a"]))
+    assert q.keys["a"].breaker.state is BreakerState.OPEN
+    p.record("a", "m", Verdict(Outcome.OK, "200"), 12)
+    assert q.apply_breaker(br_fp, p.shared_breaker(p.keys["a"]))
+    assert q.keys["a"].breaker.state is BreakerState.CLOSED
