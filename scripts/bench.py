@@ -399,8 +399,8 @@ def main() -> None:
         out = tmp / f"hooks-{name}.json"
         return ["-s", str(ROOT / "scripts" / "hook_timer.py")], {"HOOK_TIMER_OUT": str(out)}
 
-    def gemini_proxy(target: str, db: str, timed: bool = False) -> Setup:
-        extra, env = timer("proxy") if timed else ([], {})
+    def gemini_proxy(target: str, db: str, timed: str = "") -> Setup:
+        extra, env = timer(timed) if timed else ([], {})
         proc, port = start_mitmdump(
             [
                 *addon,
@@ -417,9 +417,9 @@ def main() -> None:
         )
         return Setup(PROXY, f"http://127.0.0.1:{port}", {"x-goog-api-key": "client"}, proc)
 
-    def bare(name: str, options: list[str], timed: bool = False) -> Setup:
+    def bare(name: str, options: list[str], timed: str = "") -> Setup:
         """mitmdump in reverse mode, no key handling: the client sends a real key itself."""
-        extra, env = timer("bare") if timed else ([], {})
+        extra, env = timer(timed) if timed else ([], {})
         log = tmp / f"{name.replace(' ', '_').replace(',', '')}.log"
         proc, port = start_mitmdump([*extra, "--mode", f"reverse:{upstream}", *options], log, env)
         return Setup(name, f"http://127.0.0.1:{port}", {"x-goog-api-key": good[0]}, proc)
@@ -494,19 +494,28 @@ def main() -> None:
             for setup in setups:  # before the next pass replaces the list
                 setup.stop()
         if not only or "hooks" in only:
-            # where the c1 latency goes: mitmproxy's dispatch of each hook, bare vs the addon
-            setups = [
-                bare(UNARY_FLOOR, [], timed=True),
-                gemini_proxy(upstream, "bench-hooks.db", timed=True),
-            ]
-            for setup in setups:
-                asyncio.run(drive(setup.base, gen_req(setup.headers), 1, s(600), setup.pid))
-            for setup in setups:
-                setup.stop()
-            for name in ("bare", "proxy"):
-                path = tmp / f"hooks-{name}.json"
-                if path.exists():
-                    hook_times[name] = json.loads(path.read_text())
+            # where the time goes: mitmproxy's dispatch of each hook, floor vs the addon, for
+            # unary requests at c1 and, as a timeline to the first byte, streams at c1 and c16
+            for tag, floor, req, conc, count in (
+                ("unary", UNARY_FLOOR, gen_req, 1, s(600)),
+                ("sse-c1", STREAM_FLOOR, sse, 1, s(60)),
+                ("sse-c16", STREAM_FLOOR, sse, 16, s(480)),
+            ):
+                floor_opts = (
+                    []
+                    if floor == UNARY_FLOOR
+                    else ["-s", str(ROOT / "scripts" / "bench_stream_floor.py")]
+                )
+                for who, setup in (
+                    ("floor", bare(floor, floor_opts, timed=f"{tag}-floor")),
+                    ("proxy", gemini_proxy(upstream, f"bench-{tag}.db", timed=f"{tag}-proxy")),
+                ):
+                    setups = [setup]
+                    asyncio.run(drive(setup.base, req(setup.headers), conc, count, setup.pid))
+                    setup.stop()
+                    path = tmp / f"hooks-{tag}-{who}.json"
+                    if path.exists():
+                        hook_times[f"{tag}-{who}"] = json.loads(path.read_text())
     finally:
         for setup in setups:
             setup.stop()
@@ -545,6 +554,12 @@ def main() -> None:
 
 
 def render_hooks(times: dict[str, dict[str, dict[str, float]]]) -> str:
+    def cell(run: str, hook: str, what: str) -> float | None:
+        return times.get(run, {}).get(hook, {}).get(what)
+
+    def fmt(value: float | None) -> str:
+        return f"{value:.2f}" if value is not None else "-"
+
     rows = [
         "Where the c1 time goes: mitmproxy's dispatch of each hook of a flow through all its addons"
         " (and its `update` pass after it), median ms, unary generateContent at concurrency 1, both"
@@ -555,12 +570,44 @@ def render_hooks(times: dict[str, dict[str, dict[str, float]]]) -> str:
         "|---|---:|---:|",
     ]
     for hook in ("requestheaders", "request", "responseheaders", "response"):
-        b = times.get("bare", {}).get(hook, {}).get("p50_ms")
-        p = times.get("proxy", {}).get(hook, {}).get("p50_ms")
-        fb = f"{b:.2f}" if b is not None else "-"
-        fp = f"{p:.2f}" if p is not None else "-"
         note = " (includes the upstream call)" if hook == "request" else ""
-        rows.append(f"| {hook}{note} | {fb} | {fp} |")
+        rows.append(
+            f"| {hook}{note} | {fmt(cell('unary-floor', hook, 'p50_ms'))} |"
+            f" {fmt(cell('unary-proxy', hook, 'p50_ms'))} |"
+        )
+    runs = ("sse-c1-floor", "sse-c1-proxy", "sse-c16-floor", "sse-c16-proxy")
+    if not any(run in times for run in runs):
+        return "\n".join(rows)
+
+    def gap(run: str) -> float | None:
+        a, b = cell(run, "request", "end_p50_ms"), cell(run, "responseheaders", "start_p50_ms")
+        return b - a if a is not None and b is not None else None
+
+    rows += [
+        "",
+        "The path to a stream's first byte (SSE, 20 events 5 ms apart), median ms from the start of"
+        " the flow's `requestheaders` hook, same tool. The first byte leaves once `responseheaders`"
+        " has run. In mitmdump+stream the upstream fetch lies between the end of `request` and the"
+        " start of `responseheaders`; in gemini-proxy the addon's attempts run inside `request` and"
+        " that gap is the relay hop (mitmproxy asks the relay, the relay answers, mitmproxy reads"
+        " it): each step waits for a turn of mitmproxy's event loop, which lasts longer the more"
+        " streams are in flight.",
+        "",
+        "| milestone | mitmdump+stream c1 | gemini-proxy c1 | mitmdump+stream c16 | gemini-proxy c16 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, hook, what in (
+        ("`request` hook starts", "request", "start_p50_ms"),
+        ("`request` hook ends", "request", "end_p50_ms"),
+        ("`responseheaders` starts", "responseheaders", "start_p50_ms"),
+        ("`responseheaders` ends", "responseheaders", "end_p50_ms"),
+    ):
+        rows.append(f"| {label} | " + " | ".join(fmt(cell(r, hook, what)) for r in runs) + " |")
+    rows.append(
+        "| end of `request` → start of `responseheaders` | "
+        + " | ".join(fmt(gap(r)) for r in runs)
+        + " |"
+    )
     return "\n".join(rows)
 
 

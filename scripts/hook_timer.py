@@ -1,10 +1,13 @@
-"""A mitmproxy script for scripts/bench: how long mitmproxy takes to run each event hook.
+"""A mitmproxy script for scripts/bench: how long mitmproxy takes to run each event hook, and when.
 
     mitmdump -s scripts/hook_timer.py ...   (HOOK_TIMER_OUT=file.json to choose where it writes)
 
 It times `AddonManager.handle_lifecycle`, the call the proxy core awaits for every hook of every
 flow: the event through all addons, then mitmproxy's `update` pass through all addons again. At
-shutdown it writes the median milliseconds per hook name (the first fifth dropped as warm-up).
+shutdown it writes, per hook name, the median milliseconds the call took (`p50_ms`) and, for the
+hooks of a flow, the median time from the start of that flow's `requestheaders` to the start and
+to the end of the call (`start_p50_ms`, `end_p50_ms`): a timeline of the path to the first byte
+(the first fifth of the samples dropped as warm-up).
 
 A measuring tool only: it wraps a mitmproxy method, which the proxy itself never does.
 """
@@ -18,31 +21,52 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from mitmproxy import ctx, hooks
+from mitmproxy import ctx, flow, hooks
+
+_LAST = ("response", "error")  # the hooks after which a flow's timeline is complete
 
 
 class HookTimer:
     def __init__(self) -> None:
         self.times: dict[str, list[float]] = defaultdict(list)
+        self.starts: dict[str, list[float]] = defaultdict(list)
+        self.ends: dict[str, list[float]] = defaultdict(list)
+        self.origin: dict[str, float] = {}  # flow id -> start of its requestheaders
 
     def running(self) -> None:
         manager = ctx.master.addons
         inner = manager.handle_lifecycle
 
         async def timed(event: hooks.Hook) -> None:
+            message = event.args()[0] if event.args() else None
+            fid = message.id if isinstance(message, flow.Flow) else None
             t0 = time.perf_counter()
+            if fid is not None and event.name == "requestheaders":
+                self.origin[fid] = t0
             try:
                 await inner(event)
             finally:
-                self.times[event.name].append((time.perf_counter() - t0) * 1000)
+                t1 = time.perf_counter()
+                self.times[event.name].append((t1 - t0) * 1000)
+                origin = self.origin.get(fid) if fid is not None else None
+                if origin is not None:
+                    self.starts[event.name].append((t0 - origin) * 1000)
+                    self.ends[event.name].append((t1 - origin) * 1000)
+                    if event.name in _LAST:
+                        del self.origin[fid]
 
         manager.handle_lifecycle = timed  # type: ignore[method-assign]
 
     def done(self) -> None:
+        def median(values: list[float]) -> float:
+            return statistics.median(values[len(values) // 5 :] or values)
+
         out: dict[str, Any] = {}
         for name, values in self.times.items():
-            kept = values[len(values) // 5 :] or values
-            out[name] = {"n": len(kept), "p50_ms": statistics.median(kept)}
+            out[name] = {"n": len(values), "p50_ms": median(values)}
+            if self.starts[name]:
+                out[name]["start_p50_ms"] = median(self.starts[name])
+                out[name]["end_p50_ms"] = median(self.ends[name])
         path = os.environ.get("HOOK_TIMER_OUT", "hook_timer.json")
         with open(path, "w") as fh:
             json.dump(out, fh, indent=1)
