@@ -57,6 +57,11 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 _ORDER = {"marks": "t", "breakers": "t", "cooldowns": "until", "pins": "expires"}
+# a probe grant ends with the probe (the breaker closed or opened again): free it if it is ours
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class SharedState:
@@ -80,6 +85,7 @@ class SharedState:
         self._overflow = False
         self._task: asyncio.Task[None] | None = None
         self._redis: aioredis.Redis | None = None
+        self._release: Any = None
 
     # ------------------------------------------------------------------ hooks from the pool
 
@@ -163,6 +169,7 @@ class SharedState:
                 )
                 await self._redis.ping()
                 merge = self._redis.register_script(_MERGE)
+                self._release = self._redis.register_script(_RELEASE)
                 pubsub = self._redis.pubsub()
                 await pubsub.subscribe(self._k("events"))
                 await self._resync(merge)
@@ -240,6 +247,10 @@ class SharedState:
                         keys=[self._k(table)],
                         args=[field, json.dumps(value), _ORDER[table]],
                         client=pipe,
+                    )
+                if table == "breakers" and self._release is not None:
+                    await self._release(
+                        keys=[self._k(f"probe:{field}")], args=[self.worker], client=pipe
                     )
             if publish:
                 message = {"w": self.worker, "items": [[t, f, v] for t, f, v in items]}
