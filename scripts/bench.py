@@ -9,7 +9,7 @@ All sit in front of the project's fake Gemini on loopback:
                       text/event-stream answers and streamed JSON arrays: the floor of the stream
                       workloads
   gemini-proxy      - mitmdump + gemini-proxy, 10 keys, SQLite on
-  (--old-floor adds mitmdump with stream_large_bodies=1, which streams every body: the floor
+  (--old-floor adds, for unary workloads, mitmdump with stream_large_bodies=1, which streams every body: the floor
   earlier runs used, slower than users' mitmdump, shown as an extra row only)
 The client sends `Accept-Encoding: gzip, deflate` as the Gemini SDKs do, so the fake answers
 gzip (streams flushed per event), as Google does for them. Prints a markdown table with ratios to
@@ -174,11 +174,14 @@ async def drive(base: str, req: Request, concurrency: int, count: int, pid: int 
     async with aiohttp.ClientSession(
         connector=conn, timeout=timeout, auto_decompress=False
     ) as session:
-        for _ in range(
-            min(concurrency, 20)
-        ):  # warm up connections and caches (and let a pool learn)
+        # warm up caches (and let a pool learn), then open all `concurrency` connections (with
+        # their relay connections behind them) before the clock starts
+        for _ in range(min(concurrency, 20)):
             with contextlib.suppress(Exception):
                 await req(session, base)
+        await asyncio.gather(
+            *(req(session, base) for _ in range(concurrency)), return_exceptions=True
+        )
 
         async def worker() -> None:
             nonlocal left
@@ -325,7 +328,8 @@ def main() -> None:
     ap.add_argument(
         "--old-floor",
         action="store_true",
-        help="also run mitmdump with stream_large_bodies=1 (every body streamed), as an extra row",
+        help="unary workloads also run mitmdump with stream_large_bodies=1 (every body streamed:"
+        " the floor earlier runs used), as an extra row",
     )
     args = ap.parse_args()
     print(
@@ -483,7 +487,7 @@ def main() -> None:
         by_name = {setup.name: setup for setup in setups}
         for wl in workloads:
             chosen = [by_name["direct"], by_name[wl.floor]]
-            chosen += [by_name[OLD_FLOOR]] if args.old_floor else []
+            chosen += [by_name[OLD_FLOOR]] if args.old_floor and not wl.stream else []
             run([*chosen, by_name[PROXY]], wl)
         for setup in setups:
             setup.stop()
@@ -631,7 +635,7 @@ def render(
         "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for wl in [*workloads, FAULTY]:
-        setups = ["direct", wl.floor, *([OLD_FLOOR] if old_floor else []), PROXY]
+        setups = ["direct", wl.floor, *([OLD_FLOOR] if old_floor and not wl.stream else []), PROXY]
         for setup in setups:
             st = results.get((setup, wl.name))
             if st is None:
