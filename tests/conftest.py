@@ -118,6 +118,8 @@ class Proxy:
         self.upstream = upstream
         self.port = free_port()
         self.admin_port = free_port()
+        while self.admin_port == self.port:  # the kernel may hand the same free port out twice
+            self.admin_port = free_port()
         self.admin_token = "admin-" + secrets.token_hex(8) if admin_token is None else admin_token
         self.keys_file = workdir / "keys.yaml"
         self.db = workdir / "state.db"
