@@ -549,8 +549,8 @@ def main() -> None:
         "Client, fake Gemini and proxy share the machine's cores (and other work ran on it), so "
         "absolute numbers are low and move between runs; compare within one run. CPU is the proxy "
         "process's user+system time per request; RSS is the proxy process's resident memory. "
-        "Each repeat runs direct, the floor and gemini-proxy back to back (the order of the last "
-        "two alternating); the row shows the median run by throughput, and *vs floor*, *added "
+        "Each repeat runs direct, the floor and gemini-proxy back to back (the order of the mitmdump "
+        "setups alternating); the row shows the median run by throughput, and *vs floor*, *added "
         "p50/TTFB* and *TTFB vs floor* are the median over the repeats of the comparison with the "
         "floor's run of the same repeat, with their range in parentheses.\n\n" + table + "\n"
     )
