@@ -8,6 +8,10 @@ run *ARGS:
 web *ARGS:
     GEMINI_PROXY_TOOL=mitmweb ./scripts/run {{ARGS}}
 
+# N mitmdump workers sharing one key pool on Redis, behind HAProxy on 127.0.0.1:8080; args go to each mitmdump
+workers N *ARGS:
+    ./scripts/run --workers {{N}} {{ARGS}}
+
 # the demo against the local fake Gemini, even if keys.yaml exists
 demo *ARGS:
     GEMINI_PROXY_DEMO=1 ./scripts/run {{ARGS}}
