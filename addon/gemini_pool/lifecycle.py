@@ -97,8 +97,9 @@ class Runtime:
             await asyncio.sleep(HOUSEKEEPING_TICK)
             try:
                 now = time.monotonic()
-                if self.service.shared is not None:
-                    await self.service.shared.grant_probes(time.time())
+                if self.service.shared is not None:  # a slow Redis must not hold the rest up
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.service.shared.grant_probes(time.time()), 1.0)
                 self.service.checker.run_due(time.time())
                 self.service.save_state_if_dirty()
                 watch = watch_ms() / 1000

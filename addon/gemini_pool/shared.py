@@ -175,7 +175,7 @@ class SharedState:
                 await self._resync(merge)
                 self._set_up(True)
                 attempt = 0
-                await asyncio.gather(self._listen(pubsub), self._write(merge))
+                await _first_failure(self._listen(pubsub), self._write(merge))
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, ConnectionError, TimeoutError, ValueError) as e:
@@ -326,3 +326,17 @@ class SharedState:
         except (RedisError, OSError):
             return True  # Redis just went away: checking twice beats not checking
         return bool(got)
+
+
+async def _first_failure(*coros: Any) -> None:
+    """Run until one of them ends (they only end by failing); cancel the others with it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()  # raises what ended it
+        raise ConnectionError("the connection to Redis ended")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
