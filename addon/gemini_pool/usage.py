@@ -18,7 +18,9 @@ import zlib
 
 _TOKENS_IN = re.compile(rb'"(?:promptTokenCount|prompt_tokens)"\s*:\s*(\d+)')
 _TOKENS_OUT = re.compile(rb'"(?:candidatesTokenCount|completion_tokens)"\s*:\s*(\d+)')
-_STREAM_ERROR = re.compile(rb'(?:^|\n)data:\s*\{\s*"error"')
+# "data:" is a literal the regex engine can search for; `(?:^|\n)data:...` was tried at every
+# position of the tail (~0.1 ms per answer): the line start is checked for each hit instead
+_STREAM_ERROR = re.compile(rb'data:\s*\{\s*"error"')
 TAIL = 8192
 PIECE = 64 * 1024  # most decoded bytes produced by one inflate step
 WINDOW = 16 * 1024  # most encoded bytes handed to one run of inflate steps
@@ -167,4 +169,6 @@ class UsageTap:
             self.tokens_in = int(found[-1])
         if found := _TOKENS_OUT.findall(tail):
             self.tokens_out = int(found[-1])
-        self.stream_error = bool(_STREAM_ERROR.search(tail))
+        self.stream_error = any(
+            m.start() == 0 or tail[m.start() - 1] == 0x0A for m in _STREAM_ERROR.finditer(tail)
+        )
