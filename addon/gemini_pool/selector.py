@@ -53,6 +53,8 @@ class KeyState:
     check_backoff: float = 0.0
     checking: bool = False  # a check is in flight
     marks_at: float = 0.0  # when dead/suspect marks or operator overrides last changed (sharing)
+    dead_at: float = 0.0  # when the key was last found (suspected) dead
+    revived_at: float = 0.0  # when an operator or a check last put it back
     breaker_at: float = 0.0  # when the breaker last opened or closed (sharing)
     operator_enabled: bool | None = None  # operator override of the YAML `enabled`
     operator_weight: int | None = None
@@ -293,6 +295,7 @@ class KeyPool:
             if state.disabled_reason is None and state.suspect is None:
                 state.suspect = verdict.reason  # out of rotation until a check confirms it
                 state.next_check = now
+                state.dead_at = time.time()
                 self._marks_changed(state)
             state.breaker.record_neutral()
         elif o is Outcome.PROJECT_CAPPED or o is Outcome.QUOTA_UNKNOWN:
@@ -350,6 +353,8 @@ class KeyPool:
 
     @staticmethod
     def _revive(state: KeyState) -> None:
+        if state.disabled_reason or state.suspect:
+            state.revived_at = time.time()
         state.disabled_reason = state.suspect = state.next_check = None
         state.check_backoff = 0.0
 
@@ -410,6 +415,8 @@ class KeyPool:
             "weight": state.operator_weight,
             "next_check": state.next_check,
             "backoff": state.check_backoff,
+            "dead_at": state.dead_at,
+            "revived_at": state.revived_at,
         }
 
     def shared_breaker(self, state: KeyState) -> dict[str, Any]:
@@ -427,17 +434,21 @@ class KeyPool:
     def apply_marks(self, fingerprint: str, data: dict[str, Any]) -> bool:
         """Another worker's marks and overrides for a key: the newer change wins."""
         state = self.by_fingerprint(fingerprint)
-        t = float(data.get("t") or 0.0)
-        if state is None or t <= state.marks_at:
+        if state is None:
             return False
-        state.marks_at = t
-        state.disabled_reason, state.suspect = data.get("dead"), data.get("suspect")
-        state.operator_enabled = data.get("enabled")
-        weight = data.get("weight")
+        merged = merge_marks(self.shared_marks(state), data)
+        if merged == self.shared_marks(state):
+            return False
+        state.marks_at = float(merged["t"] or 0.0)
+        state.disabled_reason, state.suspect = merged["dead"], merged["suspect"]
+        state.operator_enabled = merged["enabled"]
+        weight = merged["weight"]
         state.operator_weight = int(weight) if weight else None
-        nc = data.get("next_check")
+        nc = merged["next_check"]
         state.next_check = float(nc) if nc is not None else None
-        state.check_backoff = float(data.get("backoff") or 0.0)
+        state.check_backoff = float(merged["backoff"] or 0.0)
+        state.dead_at = float(merged["dead_at"] or 0.0)
+        state.revived_at = float(merged["revived_at"] or 0.0)
         return True
 
     def apply_breaker(self, fingerprint: str, data: dict[str, Any]) -> bool:
@@ -551,6 +562,8 @@ class KeyPool:
             "check_backoff": state.check_backoff,
             "marks_at": state.marks_at,
             "breaker_at": state.breaker_at,
+            "dead_at": state.dead_at,
+            "revived_at": state.revived_at,
             "operator_enabled": state.operator_enabled,
             "operator_weight": state.operator_weight,
             "last_error": state.last_error,
@@ -602,6 +615,8 @@ class KeyPool:
         state.check_backoff = float(data.get("check_backoff") or 0.0)
         state.marks_at = float(data.get("marks_at") or 0.0)
         state.breaker_at = float(data.get("breaker_at") or 0.0)
+        state.dead_at = float(data.get("dead_at") or 0.0)
+        state.revived_at = float(data.get("revived_at") or 0.0)
         state.operator_enabled = data.get("operator_enabled")
         weight = data.get("operator_weight")
         state.operator_weight = int(weight) if weight else None
@@ -615,3 +630,31 @@ def _why_unusable(state: KeyState) -> str:
     if state.suspect:
         return f"{state.suspect} (being checked)"
     return "disabled by configuration"
+
+
+_MARK_FIELDS = ("dead", "suspect", "next_check", "backoff")
+
+
+def merge_marks(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    """Two workers' marks of one key, merged the same way whichever side merges.
+
+    The newer change (`t`) wins, except that a dead (or suspect) mark stays until an operator or a
+    check revived the key after it was found dead: a change elsewhere that never saw the mark
+    (say, a weight set while Redis was away) does not undo it. The same rule is the Redis-side
+    merge script in shared.py.
+    """
+    new, old = (
+        (theirs, mine)
+        if float(theirs.get("t") or 0) > float(mine.get("t") or 0)
+        else (mine, theirs)
+    )
+    out = {**old, **new}
+    dead_at = max(float(new.get("dead_at") or 0), float(old.get("dead_at") or 0))
+    revived_at = max(float(new.get("revived_at") or 0), float(old.get("revived_at") or 0))
+    out["dead_at"], out["revived_at"] = dead_at, revived_at
+    old_marked = old.get("dead") or old.get("suspect")
+    new_marked = new.get("dead") or new.get("suspect")
+    if old_marked and not new_marked and float(old.get("dead_at") or 0) > revived_at:
+        for f in _MARK_FIELDS:  # the older side's mark was never revived: it stays
+            out[f] = old.get(f)
+    return out

@@ -57,6 +57,32 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 _ORDER = {"marks": "t", "breakers": "t", "cooldowns": "until", "pins": "expires"}
+# marks merge field-wise (selector.merge_marks): the newer change wins, but a dead mark stays
+# until the key was revived after it
+_MERGE_MARKS = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return 1 end
+local a = cjson.decode(cur)
+local b = cjson.decode(ARGV[2])
+local function num(x) if type(x) == 'number' then return x end return 0 end
+local function marked(x) return (x['dead'] and x['dead'] ~= cjson.null) or (x['suspect'] and x['suspect'] ~= cjson.null) end
+local new, old = a, b
+if num(b['t']) > num(a['t']) then new, old = b, a end
+local out = {}
+for k, v in pairs(old) do out[k] = v end
+for k, v in pairs(new) do out[k] = v end
+local dead_at = math.max(num(new['dead_at']), num(old['dead_at']))
+local revived_at = math.max(num(new['revived_at']), num(old['revived_at']))
+out['dead_at'] = dead_at
+out['revived_at'] = revived_at
+if (not marked(new)) and marked(old) and num(old['dead_at']) > revived_at then
+  for _, f in ipairs({'dead', 'suspect', 'next_check', 'backoff'}) do out[f] = old[f] end
+end
+local enc = cjson.encode(out)
+if enc == cur then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], enc)
+return 1
+"""
 # a probe grant ends with the probe (the breaker closed or opened again): free it if it is ours
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -86,6 +112,7 @@ class SharedState:
         self._task: asyncio.Task[None] | None = None
         self._redis: aioredis.Redis | None = None
         self._release: Any = None
+        self._merge_marks: Any = None
 
     # ------------------------------------------------------------------ hooks from the pool
 
@@ -169,6 +196,7 @@ class SharedState:
                 )
                 await self._redis.ping()
                 merge = self._redis.register_script(_MERGE)
+                self._merge_marks = self._redis.register_script(_MERGE_MARKS)
                 self._release = self._redis.register_script(_RELEASE)
                 pubsub = self._redis.pubsub()
                 await pubsub.subscribe(self._k("events"))
@@ -243,7 +271,7 @@ class SharedState:
                 if value is None:
                     pipe.hdel(self._k(table), field)
                 else:
-                    await merge(
+                    await (self._merge_marks if table == "marks" else merge)(
                         keys=[self._k(table)],
                         args=[field, json.dumps(value), _ORDER[table]],
                         client=pipe,

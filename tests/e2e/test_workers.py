@@ -301,11 +301,13 @@ def test_redis_going_away_fails_no_request_and_the_state_converges_after(
         gen(w1)
     w1.wait_key("z", "dead")
     assert w2.keys_state()["z"]["status"] == "active"
+    # meanwhile an operator changes z's weight on w2: newer, but it never saw the dead mark
+    w2.admin.patch("/admin/keys/z", json={"weight": 5}).raise_for_status()
     # Redis comes back empty: the workers reconnect, merge both ways, the state converges
     redis_server.start()
     wait_for(lambda: all(shared_up(w) for w in (w1, w2, w3)), timeout=20)
-    for w in (w2, w3):
-        w.wait_key("z", "dead")
+    for w in (w1, w2, w3):  # both changes hold everywhere: the dead mark and the weight
+        assert w.wait_key("z", "dead")["weight"] == 5
         wait_for(lambda w=w: w.keys_state()["a"]["enabled"] is False)
     stored = redis_server.client().hgetall(f"{w1.options['gemini_redis_prefix']}:marks")
     assert len(stored) == 3  # republished into the empty Redis

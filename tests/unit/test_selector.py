@@ -7,7 +7,7 @@ from collections import Counter
 from gemini_pool.breaker import BreakerPolicy, BreakerState
 from gemini_pool.classify import Outcome, Verdict, network_verdict
 from gemini_pool.config import Config, KeySpec
-from gemini_pool.selector import KeyPool, NoKey, Pick, PoolPolicy
+from gemini_pool.selector import KeyPool, NoKey, Pick, PoolPolicy, merge_marks
 
 
 def pool(*specs: KeySpec, **policy) -> KeyPool:
@@ -231,3 +231,21 @@ def test_a_shared_breaker_probes_only_with_its_grant() -> None:
     p.record("a", "m", Verdict(Outcome.OK, "200"), 12)
     assert q.apply_breaker(br_fp, p.shared_breaker(p.keys["a"]))
     assert q.keys["a"].breaker.state is BreakerState.CLOSED
+
+
+def test_a_dead_mark_survives_a_newer_change_that_never_saw_it() -> None:
+    """Two workers apart (Redis away): A finds the key dead, B changes its weight later."""
+    a, b = pool(k("a"), k("b")), pool(k("a"), k("b"))
+    fp = a.keys["a"].spec.fingerprint
+    dead(a, "a")
+    b.set_weight("a", 5)  # newer, but knows nothing of the dead mark
+    assert b.keys["a"].marks_at >= a.keys["a"].marks_at
+    assert b.apply_marks(fp, a.shared_marks(a.keys["a"]))  # B hears A: still dead, weight kept
+    assert b.keys["a"].disabled_reason == "400 API key invalid" and b.keys["a"].weight == 5
+    assert a.apply_marks(fp, b.shared_marks(b.keys["a"]))  # and A hears B: the same
+    assert a.keys["a"].disabled_reason == "400 API key invalid" and a.keys["a"].weight == 5
+    assert merge_marks(a.shared_marks(a.keys["a"]), b.shared_marks(b.keys["a"])) == merge_marks(
+        b.shared_marks(b.keys["a"]), a.shared_marks(a.keys["a"])
+    )
+    b.set_enabled("a", True)  # an operator revives it after it was found dead: that holds
+    assert a.apply_marks(fp, b.shared_marks(b.keys["a"])) and a.keys["a"].usable_ever
