@@ -122,7 +122,8 @@ class RequestRecord:
             end = "complete"
         else:
             end = "streaming"
-        return f"streamed {_size(self.tap.bytes)}{tokens}, {end}"
+        events = f", {self.tap.events} events" if self.tap.events else ""
+        return f"streamed {_size(self.tap.bytes)}{events}{tokens}, {end}"
 
     def attempts_json(self) -> list[dict[str, Any]]:
         return [

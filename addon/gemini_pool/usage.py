@@ -96,6 +96,7 @@ class UsageTap:
         self.tokens_in: int | None = None
         self.tokens_out: int | None = None
         self.bytes = 0
+        self.events = 0  # SSE events seen ("data:"; a piece split between chunks is missed)
         self.stream_error = False
         self._tail = b""
         self._coding: str | None = _coding(encoding) if encoding else ""
@@ -108,6 +109,7 @@ class UsageTap:
         if self._coding:
             self._feed_encoded(chunk)
         elif self._coding is not None:  # identity
+            self.events += chunk.count(b"data:")
             if len(chunk) >= TAIL:
                 self._tail = chunk[-TAIL:]
             elif chunk:
@@ -158,6 +160,7 @@ class UsageTap:
 
     def _keep(self, piece: bytes) -> None:
         self._decoded += len(piece)
+        self.events += piece.count(b"data:")
         if len(piece) >= TAIL:
             self._tail = piece[-TAIL:]
         else:

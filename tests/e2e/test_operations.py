@@ -370,7 +370,7 @@ def test_mitmweb_shows_comments_and_never_a_key(fake: Fake, make_proxy: Any) -> 
     )
     assert comments[0][1].startswith("alpha: Google said 429: You exceeded your current quota")
     assert len(comments[1]) == 1 and comments[1][0].startswith("served by beta: 200 · streamed ")
-    assert comments[1][0].endswith(" B, tokens 5 in / 3 out, complete")
+    assert comments[1][0].endswith(" B, 3 events, tokens 5 in / 3 out, complete")
     assert comments[2] == ["served by beta: 200"]
     assert flows[0]["marked"] == "🔁"  # mitmweb renders the :repeat: mark as its emoji
     assert flows[2]["request"]["path"] == "/v1beta/openai/chat/completions"

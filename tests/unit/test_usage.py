@@ -190,3 +190,16 @@ def test_identity_stays_a_slice() -> None:
     assert tap._inflate is None
     tap.feed(b"x" * 100_000)
     assert len(tap._tail) == TAIL and tap._inflate is None
+
+
+def test_events_are_counted_as_they_pass_plain_or_gzipped() -> None:
+    import gzip as _gzip
+
+    sse = b"".join(b'data: {"n": %d}\r\n\r\n' % i for i in range(7))
+    plain, packed = UsageTap(), UsageTap("gzip")
+    plain.feed(b"")
+    plain.feed(sse)
+    data = _gzip.compress(sse)
+    for i in range(0, len(data), 11):
+        packed.feed(data[i : i + 11])
+    assert plain.events == 7 and packed.events == 7
