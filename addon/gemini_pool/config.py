@@ -89,6 +89,7 @@ EMPTY = Config(keys=(), clients=(), source="(none)")
 
 class _LinedDict(dict[Any, Any]):
     line: int = 0
+    lines: dict[Any, int]  # the line of each field
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -104,6 +105,7 @@ class _StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> _LinedDict:
     result = _LinedDict()
     result.line = node.start_mark.line + 1
+    result.lines = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, str | int | bool | float) and key is not None:
@@ -115,6 +117,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> _LinedD
                 None, None, f"duplicate key {key!r}", key_node.start_mark
             )
         result[key] = loader.construct_object(value_node, deep=True)
+        result.lines[key] = key_node.start_mark.line + 1
     return result
 
 
@@ -167,7 +170,8 @@ class _Entry:
 
     def fail(self, message: str, fld: str | None = None) -> None:
         where = f"{self.what}, field '{fld}'" if fld else self.what
-        raise ConfigError(self.source, f"{where}: {message}", self.line)
+        lines = getattr(self.raw, "lines", {}) if hasattr(self, "raw") else {}
+        raise ConfigError(self.source, f"{where}: {message}", lines.get(fld, self.line))
 
     def string(self, fld: str, *, required: bool = False) -> str | None:
         value = self.raw.get(fld)

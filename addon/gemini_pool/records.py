@@ -103,12 +103,16 @@ class RequestRecord:
         lines = [" · ".join(parts)]
         if self.proxy_message:
             lines.append(self.proxy_message)
-        lines.extend(
+        lines.extend(self.upstream_errors())
+        return "\n".join(lines)
+
+    def upstream_errors(self) -> list[str]:
+        """Google's own (scrubbed) message of each failed attempt."""
+        return [
             f"{a.key}: Google said {a.status}: {a.verdict.message[:MESSAGE_CHARS]}"
             for a in self.attempts
             if a.verdict.message and a.status is not None and a.status >= 400
-        )
-        return "\n".join(lines)
+        ]
 
     def stream_summary(self) -> str:
         tokens = (

@@ -629,7 +629,9 @@ def _why_unusable(state: KeyState) -> str:
         return state.disabled_reason
     if state.suspect:
         return f"{state.suspect} (being checked)"
-    return "disabled by configuration"
+    if state.operator_enabled is False:
+        return "disabled by an operator"
+    return "disabled in the key file"
 
 
 _MARK_FIELDS = ("dead", "suspect", "next_check", "backoff")

@@ -39,9 +39,17 @@ def install_access_log(stream: Any, level: int) -> None:
     """Send request lines to `stream` (mitmdump's stdout), formatted like mitmproxy's own lines."""
     if not access_log.handlers:
         handler = logging.StreamHandler(stream)
-        handler.setFormatter(logging.Formatter("[%(asctime)s.%(msecs)03d] %(message)s", "%H:%M:%S"))
+        handler.setFormatter(_AccessFormatter("[%(asctime)s.%(msecs)03d] %(message)s", "%H:%M:%S"))
         access_log.addHandler(handler)
     access_log.setLevel(level)
+
+
+class _AccessFormatter(logging.Formatter):
+    """mitmproxy's `[time] message` for text lines; a JSON line (gemini_log_json) goes bare."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = record.getMessage()
+        return line if line.startswith("{") else super().format(record)
 
 
 BREAKER_CODE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
@@ -172,7 +180,8 @@ class ProxyService:
         self.pool.restore(keys, cooldowns, now)
         self.pins.restore(store.load_pins(now), now)
         store.start()
-        restored = [n for n, s in keys.items() if n in self.pool.keys]
+        fingerprints = {s.spec.fingerprint for s in self.pool.keys.values()}
+        restored = [n for n, s in keys.items() if s.get("fingerprint") in fingerprints]
         if restored:
             log.info("gemini-proxy: restored state of %d keys from %s", len(restored), store.path)
 
@@ -304,9 +313,8 @@ class ProxyService:
     def rotation(self) -> dict[str, list[str]]:
         now = time.time()
         models = sorted({m for (_p, m) in self.pool.cooldowns if m != "*"} | {"*"})
-        cycle = min(
-            100, max(1, sum(s.weight for s in self.pool.keys.values()))
-        )  # one weighted round
+        # one weighted round of the keys that can serve at all
+        cycle = min(100, max(1, sum(s.weight for s in self.pool.keys.values() if s.usable_ever)))
         return {m: self.pool.rotation(m, now, count=cycle) for m in models}
 
     # --- operator actions (persisted, shown as overriding the YAML)
@@ -372,11 +380,15 @@ class _RequestLine:
         }
         noteworthy = rec.retried or rec.proxy_reason or rec.stream_error
         lines = rec.comment().splitlines() if noteworthy else []
-        if self.as_json:
+        if self.as_json:  # one JSON object per line, nothing before it
             extra: dict[str, Any] = {"detail": lines[0]} if lines else {}
-            if lines[1:]:
-                extra["upstream_errors"] = lines[1:]
-            return json.dumps({"event": "request", **fields, **extra})
+            if rec.proxy_message:
+                extra["message"] = rec.proxy_message
+            if errors := rec.upstream_errors():
+                extra["upstream_errors"] = errors
+            return json.dumps(
+                {"time": round(rec.started_wall, 3), "event": "request", **fields, **extra}
+            )
         text = "gemini " + " ".join(f"{k}={'-' if v is None else v}" for k, v in fields.items())
         return " | ".join([text, *lines])  # one line per request, Google's messages included
 

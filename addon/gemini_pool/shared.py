@@ -155,10 +155,10 @@ class SharedState:
                 await self._task
             self._task = None
         await self._close()
-        self._set_up(False)
+        self._set_up(False, quiet=True)
 
-    def _set_up(self, up: bool, error: str | None = None) -> None:
-        if up != self.up:
+    def _set_up(self, up: bool, error: str | None = None, quiet: bool = False) -> None:
+        if up != self.up and not quiet:
             if up:
                 log.info("gemini-proxy: shared state on %s (worker %s)", self._where(), self.worker)
             else:

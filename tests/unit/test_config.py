@@ -47,16 +47,16 @@ clients:
         ),
         (
             "keys:\n  - name: a\n    key: k1\n  - name: b\n    key: k1\n",
-            4,
+            5,
             "same secret as key 'a'",
         ),
-        ("keys:\n  - name: a\n    key: k1\n    weight: 0\n", 2, "field 'weight'"),
-        ("keys:\n  - name: a\n    key: k1\n    weight: '2'\n", 2, "integer from 1"),
-        ("keys:\n  - name: a\n    key: k1\n    enabled: yes please\n", 2, "field 'enabled'"),
+        ("keys:\n  - name: a\n    key: k1\n    weight: 0\n", 4, "field 'weight'"),
+        ("keys:\n  - name: a\n    key: k1\n    weight: '2'\n", 4, "integer from 1"),
+        ("keys:\n  - name: a\n    key: k1\n    enabled: yes please\n", 4, "field 'enabled'"),
         ("keys:\n  - name: a\n    key: k1\n    colour: red\n", 2, "unknown field(s) colour"),
         ("keys:\n  - name: a\n", 2, "one of 'key' or 'key_env' is required"),
         ("keys:\n  - name: a\n    key: k\n    key_env: X\n", 2, "not both"),
-        ("keys:\n  - name: a\n    key_env: MISSING\n", 2, "MISSING is not set"),
+        ("keys:\n  - name: a\n    key_env: MISSING\n", 3, "MISSING is not set"),
         ("keys:\n  - name: 'bad name!'\n    key: k\n", 2, "field 'name'"),
         ("keys:\n  - key: k\n", 2, "field 'name': is required"),
         ("keys: {a: 1}\n", 1, "must be a list"),
@@ -66,7 +66,7 @@ clients:
         ("- just\n- a list\n", 1, "must be a mapping"),
         (
             "keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: k1\n",
-            5,
+            6,
             "must not be one of the API keys",
         ),
     ],
@@ -128,3 +128,10 @@ def test_the_documented_example_file_is_valid() -> None:
         ("gamma", "proj-b", 1),
     ]
     assert [c.name for c in cfg.clients] == ["web-app", "batch-jobs"]
+
+
+def test_a_field_error_names_the_fields_own_line() -> None:
+    data = b"keys:\n  - name: a\n    key: k1\n  - name: beta\n    key: k2\n    project: p\n    weight: 0\n"
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, "keys.yaml", {})
+    assert str(e.value).startswith("keys.yaml:7: keys[1] (beta), field 'weight'")
