@@ -285,13 +285,6 @@ class ResourcePins:
             return None
         return pin
 
-    def upload_key(self, upload_id: str, now: float | None = None) -> str | None:
-        """Deprecated: the key that started an unexpired upload, whatever the method or path.
-        Use upload_session at the gate."""
-        pin = self.uploads.get(upload_digest(upload_id))
-        now = time.time() if now is None else now
-        return pin.key if pin is not None and pin.expires > now else None
-
     # --- files, cached contents, batches, operations
 
     def remember_resources(self, body: bytes, project: str, now: float | None = None) -> None:
@@ -368,11 +361,3 @@ def rewrite_upload_headers(
                 v = proxy_origin + u.path + (f"?{u.query}" if u.query else "")
         out.append((k, v))
     return out, uploads
-
-
-def rewrite_upload_urls(
-    headers: list[tuple[str, str]], upstream_host: str, proxy_origin: str
-) -> tuple[list[tuple[str, str]], list[str]]:
-    """rewrite_upload_headers, returning only the upload_ids (kept for existing callers)."""
-    out, uploads = rewrite_upload_headers(headers, upstream_host, proxy_origin)
-    return out, list(dict.fromkeys(upload_id for upload_id, _ in uploads))
