@@ -241,15 +241,17 @@ class GeminiProxy:
             raise exceptions.OptionsError(
                 f"gemini_public_url must be http(s)://host[:port][/path], got {public!r}"
             )
-        trusted = {p.strip() for p in o.gemini_trusted_proxies.split(",") if p.strip()}
-        for ip in trusted:
+        trusted = []
+        for entry in (p.strip() for p in o.gemini_trusted_proxies.split(",")):
+            if not entry:
+                continue
             try:
-                ipaddress.ip_address(ip)
+                trusted.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
                 raise exceptions.OptionsError(
-                    f"gemini_trusted_proxies: {ip!r} is not an IP address"
+                    f"gemini_trusted_proxies: {entry!r} is not an IP address or network"
                 ) from None
-        self.rt.public_url, self.rt.trusted_proxies = public, frozenset(trusted)
+        self.rt.public_url, self.rt.trusted_proxies = public, tuple(trusted)
         redis_url = o.gemini_redis.strip()
         if redis_url and not re.fullmatch(r"(rediss?|unix)://[^\s@]+", redis_url):
             raise exceptions.OptionsError(

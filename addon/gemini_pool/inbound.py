@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Collection
 
@@ -60,7 +61,10 @@ def client_host(req: http.Request) -> str:
 
 
 def proxy_origin(
-    flow: http.HTTPFlow, host: str, public_url: str = "", trusted: Collection[str] = ()
+    flow: http.HTTPFlow,
+    host: str,
+    public_url: str = "",
+    trusted: Collection[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
 ) -> str:
     """Where the caller reaches this proxy: upload URLs handed back point there.
 
@@ -72,7 +76,7 @@ def proxy_origin(
     if public_url:
         return public_url.rstrip("/")
     peer = flow.client_conn.peername
-    if peer and str(peer[0]) in trusted:
+    if peer and trusted and _in_networks(str(peer[0]), trusted):
         fwd = flow.request.headers.get("x-forwarded-host", "").split(",")[0].strip()
         proto = flow.request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
         if fwd and _HOSTPORT.fullmatch(fwd):
@@ -85,3 +89,15 @@ def proxy_origin(
     if ":" in ip:
         ip = f"[{ip}]"
     return f"{scheme}://{ip}:{port}"
+
+
+def _in_networks(
+    ip: str, networks: Collection[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in net for net in networks)

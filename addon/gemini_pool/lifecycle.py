@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import resource
 import signal
@@ -23,6 +24,7 @@ from .service import ProxyService
 from .watcher import FileWatcher
 
 log = logging.getLogger("gemini_proxy")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 HOUSEKEEPING_TICK = 0.25
 PIN_PRUNE_EVERY = 60.0
 
@@ -40,7 +42,7 @@ class Runtime:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     started: asyncio.Event | None = None
     public_url: str = ""  # gemini_public_url
-    trusted_proxies: frozenset[str] = frozenset()  # gemini_trusted_proxies
+    trusted_proxies: tuple[IPNetwork, ...] = ()  # gemini_trusted_proxies
     sharing: tuple[str, str, str] = ("", "", "")  # gemini_redis, its prefix, this worker's name
 
     async def start(self, admin: tuple[str, int, str] | None, watch_ms: Callable[[], int]) -> None:

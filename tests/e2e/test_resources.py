@@ -154,7 +154,7 @@ def test_public_url_and_trusted_front_proxies_decide_upload_urls(
     fake.configure({a: "ok"})
     proxy = make_proxy(
         [key_entry("a", a)],
-        options={"gemini_trusted_proxies": "127.0.0.1"},
+        options={"gemini_trusted_proxies": "10.0.0.0/8, 127.0.0.0/8"},
     )
     h = {
         "x-goog-upload-protocol": "resumable",
