@@ -210,11 +210,11 @@ class ProxyService:
     # --- outcomes
 
     def finish(self, rec: RequestRecord) -> None:
-        """Count, log and store one finished client request (once)."""
+        """Count, log and store one finished client request (once). Its tap is finished: the
+        addon read it when the flow ended, for the flow's comment."""
         if rec.finished:
             return
         rec.finished = True
-        rec.tap.finish()
         model = self.models.label(rec.model, 200 <= rec.status < 300 and rec.key is not None)
         for a in rec.attempts:
             metrics.ATTEMPTS.labels(a.key, model, str(a.verdict.outcome), str(a.status or 0)).inc()
