@@ -105,14 +105,20 @@ def clean_token(raw: str | bytes) -> str | None:
     return text
 
 
-def is_loopback_ip(peer: str) -> bool:
+def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as a peer gives it (`fe80::1%eth0`, `::ffff:127.0.0.1`), IPv4-mapped unwrapped."""
     try:
-        ip = ipaddress.ip_address(peer.split("%", 1)[0])
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_loopback_ip(peer: str) -> bool:
+    ip = parse_ip(peer)
+    return ip is not None and ip.is_loopback
 
 
 def host_of(authority: str) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Collection
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
-from .gate import STRIPPED_FIELDS, Arrival, Target
+from .gate import STRIPPED_FIELDS, Arrival, Target, parse_ip
 from .routing import query_credentials
 
 _HOSTPORT = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
@@ -94,10 +94,5 @@ def proxy_origin(
 def _in_networks(
     ip: str, networks: Collection[ipaddress.IPv4Network | ipaddress.IPv6Network]
 ) -> bool:
-    try:
-        address = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in net for net in networks)
+    address = parse_ip(ip)
+    return address is not None and any(address in net for net in networks)
