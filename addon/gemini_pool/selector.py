@@ -436,8 +436,9 @@ class KeyPool:
         state = self.by_fingerprint(fingerprint)
         if state is None:
             return False
-        merged = merge_marks(self.shared_marks(state), data)
-        if merged == self.shared_marks(state):
+        mine = self.shared_marks(state)
+        merged = merge_marks(mine, data)
+        if merged == mine:
             return False
         state.marks_at = float(merged["t"] or 0.0)
         state.disabled_reason, state.suspect = merged["dead"], merged["suspect"]
