@@ -168,7 +168,7 @@ class ProxyService:
         self.state_dirty = True
         if self.store is not None:
             self.save_state()
-            self.store.kick()  # commit now, without making the caller wait for the disk
+            self.store.write_pending()  # now: a reload is rare and its state worth having
 
     # --- persistence
 
@@ -200,10 +200,14 @@ class ProxyService:
         self.store.save_state(keys, self.pool.snapshot_cooldowns())
 
     def save_state_if_dirty(self) -> None:
+        """Every housekeeping tick: snapshot key state if it changed, commit what is queued."""
         if self.state_dirty:
             self.save_state()
-        if self.store is not None and self.store.write_errors > self._db_errors_seen:
-            # the writer thread only ever increments its count; we report the difference
+        if self.store is None:
+            return
+        self.store.write_pending()
+        if self.store.write_errors > self._db_errors_seen:
+            # the store only ever increments its count; we report the difference
             metrics.DB_WRITE_ERRORS.inc(self.store.write_errors - self._db_errors_seen)
             self._db_errors_seen = self.store.write_errors
 
