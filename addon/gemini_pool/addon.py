@@ -11,6 +11,7 @@ and the key never enters a flow (mitmweb, `-w` dumps) at all. Unary answers beco
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
@@ -34,7 +35,7 @@ from .classify import network_verdict
 from .config import ConfigError
 from .detour import point_at_relay, restore_request
 from .dispatch import DispatchPolicy, ProxyRequest
-from .gate import STRIPPED_FIELDS, Admit, Refuse
+from .gate import STRIPPED_FIELDS, Admit, Refuse, Target
 from .lifecycle import Runtime, raise_fd_limit
 from .metrics import GATE_REFUSALS, INFLIGHT
 from .pins import UPLOAD_URL_HEADERS, rewrite_upload_headers
@@ -89,6 +90,12 @@ def admin_token(path: str) -> str:
     if not token:
         raise exceptions.OptionsError(f"gemini_admin_token_file: {path} is empty")
     return token
+
+
+@functools.lru_cache(maxsize=16)  # one upstream per listener
+def _host_field(target: Target) -> bytes:
+    """The Host header mitmproxy would send to the upstream."""
+    return hostport(target.scheme, target.host, target.port).encode("idna")
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -439,8 +446,7 @@ class GeminiProxy:
         # credentials and the headers Google checks key restrictions against go no further
         # (nor show in mitmweb or dumps); Host becomes the upstream's, as mitmproxy would set it
         fields = tuple(kv for kv in req.headers.fields if kv[0].lower() not in _DROPPED)
-        host = hostport(d.upstream.scheme, d.upstream.host, d.upstream.port)
-        req.headers.fields = ((b"host", host.encode("idna")), *fields)
+        req.headers.fields = ((b"host", _host_field(d.upstream)), *fields)
         path, _, query = req.path.partition("?")
         if query != d.query:
             req.path = f"{path}?{d.query}" if d.query else path

@@ -10,6 +10,7 @@ Pure logic: raw header fields and strings in, an `Admit` or a `Refuse` out; no m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -116,6 +117,7 @@ def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
+@functools.lru_cache(maxsize=1024)  # a handful of peers and Hosts; bounded whatever callers send
 def is_loopback_ip(peer: str) -> bool:
     ip = parse_ip(peer)
     return ip is not None and ip.is_loopback
@@ -132,6 +134,7 @@ def host_of(authority: str) -> str:
     return host.lower().rstrip(".")
 
 
+@functools.lru_cache(maxsize=1024)
 def is_loopback_host(authority: str) -> bool:
     host = host_of(authority)
     return host == "localhost" or is_loopback_ip(host)
