@@ -29,7 +29,6 @@ import os
 import platform
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,9 +40,10 @@ from pathlib import Path
 
 import aiohttp
 
+from _benchlib import cpu_seconds, free_port, rss_mib, wait_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-CLK = os.sysconf("SC_CLK_TCK")
 MODEL = "gemini-2.5-flash"
 GEN_BODY = b'{"contents": [{"role": "user", "parts": [{"text": "Hello there"}]}]}'
 CHAT_BODY = (
@@ -55,35 +55,6 @@ UNARY_FLOOR = "mitmdump"
 STREAM_FLOOR = "mitmdump+stream"
 OLD_FLOOR = "mitmdump, every body streamed"
 PROXY = "gemini-proxy"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
 
 
 @dataclass

@@ -165,6 +165,13 @@ class ProxyService:
             ", ".join(sorted(before - after)) or "-",
             len(config.clients),
         )
+        if not any(k.enabled for k in config.keys):
+            log.warning(
+                "gemini-proxy: %s has no %skeys: every request is answered 503 until keys are"
+                " added (keys: - {name: ..., key: ...})",
+                config.source,
+                "enabled " if config.keys else "",
+            )
         self.state_dirty = True
         if self.store is not None:
             self.save_state()

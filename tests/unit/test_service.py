@@ -54,3 +54,18 @@ def test_operator_actions_and_unknown_keys() -> None:
 def test_secrets_compare_whatever_bytes_arrive() -> None:
     assert constant_time_equal("tok", "tok") and not constant_time_equal("tok", "tok\udcff")
     assert not constant_time_equal("\udcff\udcfe", "tok")
+
+
+def test_a_pool_without_usable_keys_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    s = ProxyService()
+    with caplog.at_level("WARNING", logger="gemini_pool.service"):
+        s.apply_config(Config((), (), "keys.yaml"))
+    assert "keys.yaml has no keys: every request is answered 503" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gemini_pool.service"):
+        s.apply_config(Config((KeySpec("a", "secret-a", "p", enabled=False),), (), "keys.yaml"))
+    assert "keys.yaml has no enabled keys" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gemini_pool.service"):
+        s.apply_config(Config((KeySpec("a", "secret-a", "p"),), (), "keys.yaml"))
+    assert "has no" not in caplog.text
