@@ -28,7 +28,8 @@ def import_(db: str, doc: object) -> int:
     store = Store(db)
     try:
         store.save_state(keys, cooldowns)
-        store.flush()
+        if not store.flush() or store.write_errors:
+            raise StoreError(f"{db}: the state could not be written (database locked or failing)")
     finally:
         store.close()
     return len(keys)

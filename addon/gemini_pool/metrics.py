@@ -66,7 +66,11 @@ PROXY_ANSWERS = Counter(
 RELOADS = Counter(
     "gemini_proxy_config_reloads", "Key file reloads by result", ["result"], registry=REGISTRY
 )
-DB_WRITE_ERRORS = Counter("gemini_proxy_db_write_errors", "SQLite write errors", registry=REGISTRY)
+DB_WRITE_ERRORS = Counter(
+    "gemini_proxy_db_write_errors",
+    "SQLite writes lost (rows, pins, key-state snapshots)",
+    registry=REGISTRY,
+)
 KEY_CHECKS = Counter(
     "gemini_proxy_key_checks",
     "Checks of keys that answered as dead (no generation quota spent), by result: "
@@ -169,7 +173,7 @@ class _PoolCollector(Collector):
             "gemini_proxy_keys_usable", "Keys usable right now", value=sum(r.usable for r in rows)
         )
         yield GaugeMetricFamily(
-            "gemini_proxy_db_queue_depth", "Rows waiting for the SQLite writer", value=depth
+            "gemini_proxy_db_queue_depth", "Writes queued for the next SQLite commit", value=depth
         )
 
 

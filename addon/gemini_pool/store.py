@@ -35,6 +35,7 @@ MAINTENANCE_INTERVAL = 2.0  # seconds between WAL checkpoints
 PRUNE_INTERVAL = 60.0
 PRUNE_CHUNK = 2000  # outcome rows deleted per transaction
 MAX_PENDING = 200_000  # queued writes kept while the database is locked by someone else
+MAX_BATCH = 5_000  # queued writes committed per call: a backlog drains over ticks, not in one stall
 MIGRATIONS: dict[int, list[str]] = {
     # version reached -> statements that bring version-1 to it
     1: [
@@ -138,7 +139,7 @@ class UsageDelta:
     tokens_out: int = 0
 
 
-def _locked(e: sqlite3.Error) -> bool:
+def _locked(e: Exception) -> bool:
     return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
 
 
@@ -171,6 +172,13 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
         log.info("gemini-proxy database %s upgraded to schema %d", path, target)
 
 
+@dataclass
+class _Snapshot:
+    latest: dict[str, dict[str, Any]]  # every key's newest state, leavers included
+    configured: set[str]  # the keys of the newest snapshot
+    cooldowns: list[dict[str, Any]]  # the newest
+
+
 class Store:
     """The proxy's database. Not thread-safe: one thread (the event loop's) queues and writes;
     `start` adds the maintenance thread, which works on a connection of its own."""
@@ -189,10 +197,12 @@ class Store:
         self.retention_days = retention_days
         self.retention_rows = retention_rows
         self.maintenance_interval = maintenance_interval
-        self.write_errors = 0  # rows or snapshots lost (logged); read by the addon's metrics
+        self.write_errors = 0  # writes lost: rows, pins, snapshots (logged); read by the metrics
         self.busy_retries = 0  # batches kept for later because the database was locked
         self._pending: list[tuple[str, Any]] = []
+        self._snapshot: _Snapshot | None = None  # key state not yet written, merged
         self._dropping = False
+        self._failing = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         try:
@@ -244,7 +254,7 @@ class Store:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + (self._snapshot is not None)
 
     def record(self, row: OutcomeRow, usage: list[UsageDelta]) -> None:
         self._pending.append(("outcome", (row, usage)))
@@ -253,8 +263,15 @@ class Store:
         """Queue a snapshot: `keys` are the configured keys (name -> state with fingerprint).
 
         Their rows are upserted; rows of keys not in it are kept, marked retired, and pruned
-        RETIRED_TTL after they left. The cooldowns replace the stored ones."""
-        self._pending.append(("state", (keys, cooldowns)))
+        RETIRED_TTL after they left. The cooldowns replace the stored ones.
+
+        Snapshots not yet written merge into one, in order: a key that an earlier one had and the
+        newest lacks keeps its latest state (an operator action just before it left)."""
+        if self._snapshot is None:
+            self._snapshot = _Snapshot(dict(keys), set(keys), cooldowns)
+        else:
+            self._snapshot.latest.update(keys)
+            self._snapshot.configured, self._snapshot.cooldowns = set(keys), cooldowns
 
     def save_pin(self, pin: Pin) -> None:
         """Queue one pin (added, changed, or ended with an expiry in the past)."""
@@ -266,13 +283,14 @@ class Store:
         returns False. Called every housekeeping tick on the event loop: with no fsync on commit
         (WAL, synchronous=NORMAL) a batch costs a few hundred microseconds of appends to the WAL.
         """
-        if not self._pending:
+        if not self._pending and self._snapshot is None:
             return True
-        items, self._pending = self._pending, []
+        items, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        snapshot, self._snapshot = self._snapshot, None
         if wait:
             self._conn.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
         try:
-            written = self._write(items)
+            written = self._write(items, snapshot)
         finally:
             if wait:
                 self._conn.execute("PRAGMA busy_timeout=0")
@@ -281,12 +299,17 @@ class Store:
         else:
             self.busy_retries += 1
             self._pending[:0] = items
+            self._snapshot = snapshot  # nothing newer can have come: this call is synchronous
             self._bound_pending()
         return written
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Commit everything queued so far, waiting up to `timeout` for a lock."""
-        return self.write_pending(wait=timeout)
+        deadline = time.monotonic() + timeout
+        while self._pending or self._snapshot is not None:
+            if not self.write_pending(wait=max(0.001, deadline - time.monotonic())):
+                return False
+        return True
 
     def close(self) -> None:
         if self._thread is not None:
@@ -305,7 +328,8 @@ class Store:
 
     def _bound_pending(self) -> None:
         """Keep at most MAX_PENDING queued writes while the database stays locked: the oldest
-        outcome rows go first (counted and logged); state snapshots and pins are kept."""
+        outcome rows go first (counted and logged); pins are kept (key state is one merged
+        snapshot)."""
         excess = len(self._pending) - MAX_PENDING
         if excess <= 0:
             return
@@ -348,26 +372,23 @@ class Store:
         finally:
             conn.close()
 
-    def _write(self, items: list[tuple[str, Any]]) -> bool:
+    def _write(self, items: list[tuple[str, Any]], snapshot: _Snapshot | None) -> bool:
         """One transaction. False: the database was locked, nothing written (retry later)."""
-        outcomes = [arg for kind, arg in items if kind == "outcome"]
-        states = [arg for kind, arg in items if kind == "state"]
-        pins: dict[tuple[str, str], Pin] = {}
-        for kind, arg in items:
-            if kind == "pin":
-                pins[(arg.kind, arg.name)] = arg  # the newest of each pin wins
-        if not outcomes and not states and not pins:
-            return True
-        usage: dict[tuple[str, str, str], list[Any]] = {}
-        for _row, deltas in outcomes:
-            for u in deltas:
-                acc = usage.setdefault((u.day, u.key, u.model), [u.project, 0, 0, 0, 0])
-                acc[1] += u.requests
-                acc[2] += u.errors
-                acc[3] += u.tokens_in
-                acc[4] += u.tokens_out
         try:
-            self._conn.execute("BEGIN IMMEDIATE")  # the write lock first: busy fails before work
+            self._conn.execute("BEGIN IMMEDIATE")  # the lock before any per-row work
+            outcomes = [arg for kind, arg in items if kind == "outcome"]
+            pins: dict[tuple[str, str], Pin] = {}
+            for kind, arg in items:
+                if kind == "pin":
+                    pins[(arg.kind, arg.name)] = arg  # the newest of each pin wins
+            usage: dict[tuple[str, str, str], list[Any]] = {}
+            for _row, deltas in outcomes:
+                for u in deltas:
+                    acc = usage.setdefault((u.day, u.key, u.model), [u.project, 0, 0, 0, 0])
+                    acc[1] += u.requests
+                    acc[2] += u.errors
+                    acc[3] += u.tokens_in
+                    acc[4] += u.tokens_out
             self._conn.executemany(
                 "INSERT INTO outcomes (t, request_id, client, key, model, api, stream, status,"
                 " outcome, attempts, latency_ms, ttfb_ms, bytes, tokens_in, tokens_out,"
@@ -410,25 +431,25 @@ class Store:
                     " path = excluded.path, expires = excluded.expires",
                     [(p.kind, p.name, p.owner, p.path, p.expires) for p in pins.values()],
                 )
-            if states:
-                self._write_states(states)
+            if snapshot is not None:
+                self._write_snapshot(snapshot)
             self._conn.execute("COMMIT")
-        except sqlite3.Error as e:
+        except Exception as e:  # any failure: roll back, never leave the write lock held
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
             if _locked(e):
                 return False
-            self.write_errors += 1
-            log.error("gemini-proxy database write failed (%d rows lost): %s", len(outcomes), e)
+            lost = len(items) + (snapshot is not None)
+            self.write_errors += lost
+            if not self._failing:  # once per spell, not every tick
+                log.error("gemini-proxy database write failed (%d writes lost): %s", lost, e)
+            self._failing = True
+            return True
+        self._failing = False
         return True
 
-    def _write_states(self, states: list[tuple[dict[str, dict[str, Any]], Any]]) -> None:
-        # Every snapshot of the batch counts, in order: a key that an earlier snapshot had and
-        # the newest lacks keeps its latest state (an operator action just before it left).
-        latest: dict[str, dict[str, Any]] = {}
-        for keys, _ in states:
-            latest.update(keys)
-        keys, cooldowns = states[-1]  # the newest snapshot says which keys are configured
+    def _write_snapshot(self, snapshot: _Snapshot) -> None:
+        latest, keys, cooldowns = snapshot.latest, snapshot.configured, snapshot.cooldowns
         now = self.clock()
         self._conn.executemany(
             "INSERT INTO key_state (name, fingerprint, state, updated, retired)"
@@ -485,7 +506,7 @@ class Store:
                 "DELETE FROM key_state WHERE retired IS NOT NULL AND retired < ?",
                 (now - RETIRED_TTL,),
             )
-        except sqlite3.Error as e:
+        except Exception as e:  # the thread must live on: it alone checkpoints
             self.write_errors += 1
             log.error("gemini-proxy database prune failed: %s", e)
 

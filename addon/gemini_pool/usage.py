@@ -16,8 +16,9 @@ from __future__ import annotations
 import re
 import zlib
 
-_TOKENS_IN = re.compile(rb'"(?:promptTokenCount|prompt_tokens)"\s*:\s*(\d+)')
-_TOKENS_OUT = re.compile(rb'"(?:candidatesTokenCount|completion_tokens)"\s*:\s*(\d+)')
+# at most 15 digits: a longer number is no token count (and would not fit SQLite's INTEGER)
+_TOKENS_IN = re.compile(rb'"(?:promptTokenCount|prompt_tokens)"\s*:\s*(\d{1,15})(?![0-9])')
+_TOKENS_OUT = re.compile(rb'"(?:candidatesTokenCount|completion_tokens)"\s*:\s*(\d{1,15})(?![0-9])')
 # "data:" is a literal the regex engine can search for; `(?:^|\n)data:...` was tried at every
 # position of the tail (~0.1 ms per answer): the line start is checked for each hit instead
 _STREAM_ERROR = re.compile(rb'data:\s*\{\s*"error"')

@@ -1,4 +1,4 @@
-"""SQLite store: schema versions, batching writer, retention, never a secret."""
+"""SQLite store: schema versions, batched writes that never wait for a lock, retention, never a secret."""
 
 from __future__ import annotations
 
@@ -106,14 +106,15 @@ def test_queueing_never_touches_the_disk_and_a_locked_database_never_blocks(
         s.save_state({"a": {"fingerprint": "f"}}, [])
     per_call_us = (time.perf_counter() - t0) / 4000 * 1e6
     assert per_call_us < 50, f"{per_call_us:.0f} µs per queued write"
-    assert s.queue_depth == 4000 and s.recent(10, None, None) == []  # nothing written yet
+    # nothing written yet; the 2000 key-state snapshots merged into one
+    assert s.queue_depth == 2001 and s.recent(10, None, None) == []
     # another process holds the write lock (scripts/state import, a long prune, sqlite3 CLI)
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     t0 = time.perf_counter()
     assert s.write_pending() is False  # the event loop's tick: no waiting for the lock ...
     assert time.perf_counter() - t0 < 0.05
-    assert s.queue_depth == 4000 and s.busy_retries == 1  # ... and nothing lost
+    assert s.queue_depth == 2001 and s.busy_retries == 1  # ... and nothing lost
     other.execute("ROLLBACK")
     other.close()
     assert s.write_pending() is True and s.queue_depth == 0
@@ -135,13 +136,52 @@ def test_a_database_locked_for_long_drops_only_the_oldest_rows(
     for i in range(15):
         s.record(row(time.time(), f"r{i}"), [])
         s.write_pending()
-    assert s.queue_depth == 10 and s.write_errors == 6  # 16 writes: 6 oldest rows gone
+    assert s.queue_depth == 11 and s.write_errors == 5  # 15 rows, 10 kept, and the snapshot
     other.execute("ROLLBACK")
     other.close()
     assert s.write_pending()
     oldest_kept = s.recent(20, None, None)[-1]["request_id"]
-    assert oldest_kept == "r6"  # r0..r5 dropped, r6..r14 kept
+    assert oldest_kept == "r5"  # r0..r4 dropped, r5..r14 kept
     assert s.load_state()[0]["a"]["weight"] == 3  # the state snapshot was kept
+    s.close()
+
+
+def test_a_failing_batch_is_rolled_back_counted_and_the_next_one_written(tmp_path: Path) -> None:
+    path = str(tmp_path / "bad.db")
+    s = Store(path)
+    bad = row(time.time(), "bad")
+    bad.tokens_in = 10**20  # more than SQLite's INTEGER holds: OverflowError, not sqlite3.Error
+    s.record(bad, [])
+    s.record(row(time.time(), "lost-with-it"), [])
+    assert s.write_pending() is True  # not retried: it would fail forever
+    assert s.write_errors == 2 and s.queue_depth == 0
+    other = sqlite3.connect(path, isolation_level=None, timeout=0)
+    other.execute("BEGIN IMMEDIATE")  # the failed batch left no lock behind
+    other.execute("ROLLBACK")
+    other.close()
+    s.record(row(time.time(), "good"), [])
+    assert s.write_pending() and [r["request_id"] for r in s.recent(5, None, None)] == ["good"]
+    s.close()
+
+
+def test_a_backlog_drains_in_bounded_batches_and_snapshots_stay_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gemini_pool.store.MAX_BATCH", 100)
+    s = Store(str(tmp_path / "b.db"))
+    for i in range(250):
+        s.record(row(time.time(), f"r{i}"), [])
+        s.save_state({"a": {"fingerprint": "f", "n": i}}, [])
+    s.save_state({"b": {"fingerprint": "g"}}, [])  # a left: its state stays, marked retired
+    assert s.queue_depth == 251
+    assert s.write_pending() and s.queue_depth == 150  # a tick: MAX_BATCH rows and the snapshot
+    assert s.flush(5) and s.queue_depth == 0
+    assert len(s.recent(1000, None, None)) == 250
+    keys, _ = s.load_state()
+    assert keys["a"]["n"] == 249 and keys["b"] == {"fingerprint": "g"}
+    with sqlite3.connect(tmp_path / "b.db") as db:
+        retired = dict(db.execute("SELECT name, retired IS NOT NULL FROM key_state"))
+    assert retired == {"a": 1, "b": 0}
     s.close()
 
 

@@ -203,3 +203,12 @@ def test_events_are_counted_as_they_pass_plain_or_gzipped() -> None:
     for i in range(0, len(data), 11):
         packed.feed(data[i : i + 11])
     assert plain.events == 7 and packed.events == 7
+
+
+def test_absurd_token_counts_are_no_token_counts() -> None:
+    tap = UsageTap()
+    tap.feed(
+        b'{"usageMetadata": {"promptTokenCount": 123456789012345678901, "candidatesTokenCount": 7}}'
+    )
+    tap.finish()
+    assert tap.tokens_in is None and tap.tokens_out == 7  # 21 digits: not stored, not counted
