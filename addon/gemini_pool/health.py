@@ -9,15 +9,23 @@ class HealthWindow:
     def __init__(self, size: int = 20, min_samples: int = 5) -> None:
         self.results: deque[bool] = deque(maxlen=size)
         self.min_samples = min_samples
+        self._ok = 0  # successes in `results`, kept as they come and go (read on every pick)
 
     def add(self, ok: bool) -> None:
+        if len(self.results) == self.results.maxlen:
+            self._ok -= self.results[0]
         self.results.append(ok)
+        self._ok += ok
+
+    def clear(self) -> None:
+        self.results.clear()
+        self._ok = 0
 
     @property
     def ratio(self) -> float:
         if not self.results:
             return 1.0
-        return sum(self.results) / len(self.results)
+        return self._ok / len(self.results)
 
     def healthy(self, threshold: float) -> bool:
         """Too few samples to judge counts as healthy."""
@@ -29,3 +37,4 @@ class HealthWindow:
     def restore(self, data: list[int]) -> None:
         self.results.clear()
         self.results.extend(bool(x) for x in data)
+        self._ok = sum(self.results)

@@ -155,10 +155,11 @@ class KeyPool:
         if not state.usable_ever:
             return float("inf")
         until = 0.0
-        for pm in ((state.spec.project, model), (state.spec.project, "*")):
-            c = self.cooldowns.get(pm)
-            if c is not None and c.until > now:
-                until = max(until, c.until)
+        if self.cooldowns:
+            for pm in ((state.spec.project, model), (state.spec.project, "*")):
+                c = self.cooldowns.get(pm)
+                if c is not None and c.until > now:
+                    until = max(until, c.until)
         if not state.breaker.available(now):
             if state.breaker.state is BreakerState.OPEN:
                 until = max(until, state.breaker.open_until)
@@ -339,7 +340,7 @@ class KeyPool:
         state.operator_weight = None
         was = state.breaker.state
         state.breaker.record_success()
-        state.health.results.clear()
+        state.health.clear()
         state.last_error = None
         self._marks_changed(state)
         if was is not BreakerState.CLOSED:
@@ -388,7 +389,7 @@ class KeyPool:
         if verdict.outcome is not Outcome.DEAD_KEY:
             was_dead = state.disabled_reason is not None
             self._revive(state)
-            state.health.results.clear()
+            state.health.clear()
             self._marks_changed(state)
             return "recovered" if was_dead else "cleared"
         confirmed = state.suspect is not None

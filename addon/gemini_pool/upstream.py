@@ -50,6 +50,7 @@ class UpstreamError(Exception):
 READABLE_CODINGS = frozenset({"gzip", "deflate", "identity"})
 
 
+@functools.lru_cache(maxsize=256)  # callers send a handful of distinct values
 def accept_encoding(value: str) -> str:
     """The caller's Accept-Encoding narrowed to gzip, deflate and identity, q-values kept.
 

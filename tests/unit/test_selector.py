@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from gemini_pool.breaker import BreakerPolicy, BreakerState
 from gemini_pool.classify import Outcome, Verdict, network_verdict
 from gemini_pool.config import Config, KeySpec
@@ -249,3 +252,35 @@ def test_a_dead_mark_survives_a_newer_change_that_never_saw_it() -> None:
     )
     b.set_enabled("a", True)  # an operator revives it after it was found dead: that holds
     assert a.apply_marks(fp, b.shared_marks(b.keys["a"])) and a.keys["a"].usable_ever
+
+
+def test_the_health_window_counts_what_it_holds() -> None:
+    from gemini_pool.health import HealthWindow
+
+    w = HealthWindow(size=4, min_samples=2)
+    assert w.ratio == 1.0 and w.healthy(0.5)
+    for ok in (False, False, True, True, True, True):  # the two failures slide out
+        w.add(ok)
+    assert w.ratio == 1.0
+    w.add(False)
+    assert w.ratio == 0.75
+    w.restore([0, 0, 1, 0])
+    assert w.ratio == 0.25 and not w.healthy(0.5)
+    w.clear()
+    assert w.ratio == 1.0 and w.healthy(0.5)
+
+
+@given(st.lists(st.one_of(st.booleans(), st.just("clear")), max_size=60), st.integers(1, 8))
+def test_the_health_windows_running_count_matches_its_contents(
+    ops: list[bool | str], size: int
+) -> None:
+    from gemini_pool.health import HealthWindow
+
+    w = HealthWindow(size=size)
+    for op in ops:
+        if op == "clear":
+            w.clear()
+        else:
+            w.add(bool(op))
+        expected = sum(w.results) / len(w.results) if w.results else 1.0
+        assert w.ratio == expected
