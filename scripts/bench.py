@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import secrets
 import signal
 import statistics
@@ -54,6 +55,8 @@ CLIENT_HEADERS = {"accept-encoding": "gzip, deflate"}
 UNARY_FLOOR = "mitmdump"
 STREAM_FLOOR = "mitmdump+stream"
 OLD_FLOOR = "mitmdump, every body streamed"
+ANSWER = "mitmdump answering in `request`"  # --decompose: no upstream connection at all
+FETCH = "mitmdump fetching with aiohttp"  # --decompose: the upstream call as gemini-proxy makes it
 PROXY = "gemini-proxy"
 
 
@@ -302,6 +305,13 @@ def main() -> None:
         help="unary workloads also run mitmdump with stream_large_bodies=1 (every body streamed:"
         " the floor earlier runs used), as an extra row",
     )
+    ap.add_argument(
+        "--decompose",
+        action="store_true",
+        help="unary workloads also run mitmdump with scripts/bench_decompose_addon.py, answering"
+        " in `request` (no upstream) and fetching with aiohttp in `request`: extra rows that split"
+        " gemini-proxy's cost into mitmproxy's, the upstream call's and the addon's own",
+    )
     args = ap.parse_args()
     print(
         "client sends Accept-Encoding: gzip, deflate (as the Gemini SDKs do): "
@@ -392,10 +402,13 @@ def main() -> None:
         )
         return Setup(PROXY, f"http://127.0.0.1:{port}", {"x-goog-api-key": "client"}, proc)
 
-    def bare(name: str, options: list[str], timed: str = "") -> Setup:
+    def bare(
+        name: str, options: list[str], timed: str = "", env: dict[str, str] | None = None
+    ) -> Setup:
         """mitmdump in reverse mode, no key handling: the client sends a real key itself."""
-        extra, env = timer(timed) if timed else ([], {})
-        log = tmp / f"{name.replace(' ', '_').replace(',', '')}.log"
+        extra, timer_env = timer(timed) if timed else ([], {})
+        env = {**timer_env, **(env or {})}
+        log = tmp / (re.sub(r"[^A-Za-z0-9+.-]+", "_", name) + ".log")
         proc, port = start_mitmdump([*extra, "--mode", f"reverse:{upstream}", *options], log, env)
         return Setup(name, f"http://127.0.0.1:{port}", {"x-goog-api-key": good[0]}, proc)
 
@@ -455,10 +468,18 @@ def main() -> None:
         ]
         if args.old_floor:
             setups.append(bare(OLD_FLOOR, ["--set", "stream_large_bodies=1"]))
+        decompose = ["-s", str(ROOT / "scripts" / "bench_decompose_addon.py")]
+        if args.decompose:
+            setups.append(bare(ANSWER, decompose, env={"BENCH_DECOMPOSE": "answer"}))
+            setups.append(bare(FETCH, decompose, env={"BENCH_DECOMPOSE": "fetch"}))
+        extras = [
+            *([OLD_FLOOR] if args.old_floor else []),
+            *([ANSWER, FETCH] if args.decompose else []),
+        ]
         by_name = {setup.name: setup for setup in setups}
         for wl in workloads:
             chosen = [by_name["direct"], by_name[wl.floor]]
-            chosen += [by_name[OLD_FLOOR]] if args.old_floor and not wl.stream else []
+            chosen += [by_name[n] for n in extras] if not wl.stream else []
             run([*chosen, by_name[PROXY]], wl)
         for setup in setups:
             setup.stop()
@@ -497,7 +518,7 @@ def main() -> None:
         fake_proc.terminate()
         fake_bad_proc.terminate()
 
-    table = render(results, workloads, args.old_floor)
+    table = render(results, workloads, extras)
     goals = render_goals(results)
     if goals:
         table += "\n\n" + goals
@@ -599,14 +620,14 @@ def ratio_spread(values: list[float]) -> str:
 
 
 def render(
-    results: dict[tuple[str, str], Stats], workloads: Sequence[Workload], old_floor: bool
+    results: dict[tuple[str, str], Stats], workloads: Sequence[Workload], extras: Sequence[str]
 ) -> str:
     rows = [
         "| workload | setup | req/s | p50 ms | p99 ms | TTFB p50 ms | CPU ms/req | RSS start→end (peak) MiB | errors | req/s vs floor | added p50 ms | added TTFB ms | TTFB vs floor |",
         "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for wl in [*workloads, FAULTY]:
-        setups = ["direct", wl.floor, *([OLD_FLOOR] if old_floor and not wl.stream else []), PROXY]
+        setups = ["direct", wl.floor, *(extras if not wl.stream else []), PROXY]
         for setup in setups:
             st = results.get((setup, wl.name))
             if st is None:
