@@ -320,7 +320,7 @@ class Store:
             log.error(
                 "gemini-proxy database %s stayed locked: %d queued writes lost",
                 self.path,
-                len(self._pending),
+                self.queue_depth,
             )
         with contextlib.suppress(sqlite3.Error):
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
