@@ -11,6 +11,9 @@ All sit in front of the project's fake Gemini on loopback:
   gemini-proxy      - mitmdump + gemini-proxy, 10 keys, SQLite on
   (--old-floor adds, for unary workloads, mitmdump with stream_large_bodies=1, which streams every body: the floor
   earlier runs used, slower than users' mitmdump, shown as an extra row only)
+  (--decompose adds, for unary workloads, mitmdump answering in `request` and mitmdump fetching
+  with aiohttp in `request`, scripts/bench_decompose_addon.py: mitmproxy's cost per flow, and the
+  upstream call made as gemini-proxy makes it, without the addon's own work)
 The client sends `Accept-Encoding: gzip, deflate` as the Gemini SDKs do, so the fake answers
 gzip (streams flushed per event), as Google does for them. Prints a markdown table with ratios to
 each workload's floor and writes bench/RESULTS.md; a last pass (`hooks`) times mitmproxy's

@@ -387,7 +387,7 @@ class GeminiProxy:
         if self.rt.started is None:
             # Everything loaded so far (mitmproxy, its addons, ours) lives as long as the process:
             # out of the collector's full passes, which then scan only what requests allocate
-            # (measured: 0.05 ms less CPU per request at concurrency 16)
+            # (measured: 0.04 ms less CPU per request at concurrency 16)
             gc.freeze()
             self.rt.started = asyncio.Event()
             o = ctx.options
