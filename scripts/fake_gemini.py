@@ -207,6 +207,21 @@ def _quota(model: str, quota_id: str, metric: str, delay: str, limit: str = "10"
     )
 
 
+_KEY_INVALID_MESSAGES = {
+    "dead": "API key not valid. Please pass a valid API key.",
+    "invalid": "API key not valid. Please pass a valid API key.",
+    "expired": "API key expired. Please renew the API key.",
+}
+
+
+def _localized(msg: str) -> dict[str, Any]:
+    return {
+        "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
+        "locale": "en-US",
+        "message": msg,
+    }
+
+
 def error_for(
     behaviour: str, key: str, model: str, referer: str | None = None
 ) -> tuple[int, dict[str, Any]] | None:
@@ -215,35 +230,10 @@ def error_for(
     `referer` is what the `referrer` behaviour's message echoes (Google says `<empty>`).
     """
     name, _, arg = behaviour.partition(":")
-    if name == "dead" or name == "invalid":
-        msg = "API key not valid. Please pass a valid API key."
+    if name in _KEY_INVALID_MESSAGES:
+        msg = _KEY_INVALID_MESSAGES[name]
         return 400, _status(
-            400,
-            "INVALID_ARGUMENT",
-            msg,
-            [
-                _error_info("API_KEY_INVALID"),
-                {
-                    "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
-                    "locale": "en-US",
-                    "message": msg,
-                },
-            ],
-        )
-    if name == "expired":
-        msg = "API key expired. Please renew the API key."
-        return 400, _status(
-            400,
-            "INVALID_ARGUMENT",
-            msg,
-            [
-                _error_info("API_KEY_INVALID"),
-                {
-                    "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
-                    "locale": "en-US",
-                    "message": msg,
-                },
-            ],
+            400, "INVALID_ARGUMENT", msg, [_error_info("API_KEY_INVALID"), _localized(msg)]
         )
     if name == "service_disabled":
         url = (
@@ -267,11 +257,7 @@ def error_for(
                     containerInfo="123456",
                     serviceTitle="Generative Language API",
                 ),
-                {
-                    "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
-                    "locale": "en-US",
-                    "message": msg,
-                },
+                _localized(msg),
                 {
                     "@type": "type.googleapis.com/google.rpc.Help",
                     "links": [
