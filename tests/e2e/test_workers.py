@@ -94,6 +94,17 @@ def workers(
     ]
 
 
+async def generate_status(s: aiohttp.ClientSession, w: Proxy) -> int:
+    """One generateContent through worker `w`: its status."""
+    async with s.post(
+        f"{w.url}/v1beta/models/{FLASH}:generateContent",
+        json=gen_body(),
+        headers={"x-goog-api-key": "u"},
+    ) as r:
+        await r.read()
+        return r.status
+
+
 def shared_up(p: Proxy) -> bool:
     return bool(p.admin.get("/readyz").json().get("shared_state", {}).get("up"))
 
@@ -224,22 +235,12 @@ def test_exactly_one_half_open_probe_across_the_workers(
 
     async def load() -> list[int]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
-
-            async def one(w: Proxy) -> int:
-                async with s.post(
-                    f"{w.url}/v1beta/models/{FLASH}:generateContent",
-                    json=gen_body(),
-                    headers={"x-goog-api-key": "u"},
-                ) as r:
-                    await r.read()
-                    return r.status
-
             out: list[int] = []
             end = time.monotonic() + 2.5  # across the end of the cooldown and past it
 
             async def keep_sending(w: Proxy) -> None:  # each caller on its own: none waits
                 while time.monotonic() < end:
-                    out.append(await one(w))
+                    out.append(await generate_status(s, w))
                     await asyncio.sleep(0.01)
 
             await asyncio.gather(*(keep_sending(w) for w in ws for _ in range(2)))
@@ -271,13 +272,7 @@ def test_redis_going_away_fails_no_request_and_the_state_converges_after(
                 w = (w1, w2, w3)[i % 3]
                 i += 1
                 try:
-                    async with s.post(
-                        f"{w.url}/v1beta/models/{FLASH}:generateContent",
-                        json=gen_body(),
-                        headers={"x-goog-api-key": "u"},
-                    ) as r:
-                        await r.read()
-                        results.append(r.status)
+                    results.append(await generate_status(s, w))
                 except aiohttp.ClientError:
                     results.append(0)
 
