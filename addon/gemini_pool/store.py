@@ -140,7 +140,9 @@ class UsageDelta:
 
 
 def _locked(e: Exception) -> bool:
-    return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
+    """Another connection holds the lock (SQLITE_BUSY / SQLITE_LOCKED, extended codes too)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def connect(path: str) -> sqlite3.Connection:
