@@ -494,11 +494,12 @@ def main() -> None:
                 setup.stop()
         if not only or "hooks" in only:
             # where the time goes: mitmproxy's dispatch of each hook, floor vs the addon, for
-            # unary requests at c1 and, as a timeline to the first byte, streams at c1 and c16
+            # unary requests at c1 and, as a timeline to the first byte, streams at c1, c16, c64
             for tag, floor, req, conc, count in (
                 ("unary", UNARY_FLOOR, gen_req, 1, s(600)),
                 ("sse-c1", STREAM_FLOOR, sse, 1, s(60)),
                 ("sse-c16", STREAM_FLOOR, sse, 16, s(480)),
+                ("sse-c64", STREAM_FLOOR, sse, 64, s(1600)),
             ):
                 floor_opts = (
                     []
@@ -510,11 +511,14 @@ def main() -> None:
                     ("proxy", gemini_proxy(upstream, f"bench-{tag}.db", timed=f"{tag}-proxy")),
                 ):
                     setups = [setup]
-                    asyncio.run(drive(setup.base, req(setup.headers), conc, count, setup.pid))
+                    st = asyncio.run(drive(setup.base, req(setup.headers), conc, count, setup.pid))
                     setup.stop()
                     path = tmp / f"hooks-{tag}-{who}.json"
                     if path.exists():
                         hook_times[f"{tag}-{who}"] = json.loads(path.read_text())
+                        # how much of the run the proxy process was on a core
+                        busy = 100 * st.cpu / st.elapsed if st.elapsed else 0.0
+                        hook_times[f"{tag}-{who}"]["busy"] = {"percent": busy}
     finally:
         for setup in setups:
             setup.stop()
@@ -574,13 +578,16 @@ def render_hooks(times: dict[str, dict[str, dict[str, float]]]) -> str:
             f"| {hook}{note} | {fmt(cell('unary-floor', hook, 'p50_ms'))} |"
             f" {fmt(cell('unary-proxy', hook, 'p50_ms'))} |"
         )
-    runs = ("sse-c1-floor", "sse-c1-proxy", "sse-c16-floor", "sse-c16-proxy")
+    runs = tuple(f"sse-c{c}-{who}" for c in (1, 16, 64) for who in ("floor", "proxy"))
     if not any(run in times for run in runs):
         return "\n".join(rows)
 
     def gap(run: str) -> float | None:
         a, b = cell(run, "request", "end_p50_ms"), cell(run, "responseheaders", "start_p50_ms")
         return b - a if a is not None and b is not None else None
+
+    def pct(value: float | None) -> str:
+        return f"{value:.0f} %" if value is not None else "-"
 
     rows += [
         "",
@@ -589,11 +596,15 @@ def render_hooks(times: dict[str, dict[str, dict[str, float]]]) -> str:
         " has run. In mitmdump+stream the upstream fetch lies between the end of `request` and the"
         " start of `responseheaders`; in gemini-proxy the addon's attempts run inside `request` and"
         " that gap is the relay hop (mitmproxy asks the relay, the relay answers, mitmproxy reads"
-        " it): each step waits for a turn of mitmproxy's event loop, which lasts longer the more"
-        " streams are in flight.",
+        " it): each step waits for a turn of mitmproxy's event loop. *Loop turn* is how late the"
+        " loop ran a 2 ms timer while flows were in flight (p50 / p90 ms): about the length of one"
+        " turn. *Busy* is the proxy process's CPU time over the run's wall time: near 100 % the"
+        " loop is the bottleneck, work queues up, and every turn (so every step to the first byte)"
+        " gets longer.",
         "",
-        "| milestone | mitmdump+stream c1 | gemini-proxy c1 | mitmdump+stream c16 | gemini-proxy c16 |",
-        "|---|---:|---:|---:|---:|",
+        "| milestone | mitmdump+stream c1 | gemini-proxy c1 | mitmdump+stream c16 | gemini-proxy c16"
+        " | mitmdump+stream c64 | gemini-proxy c64 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, hook, what in (
         ("`request` hook starts", "request", "start_p50_ms"),
@@ -605,6 +616,19 @@ def render_hooks(times: dict[str, dict[str, dict[str, float]]]) -> str:
     rows.append(
         "| end of `request` → start of `responseheaders` | "
         + " | ".join(fmt(gap(r)) for r in runs)
+        + " |"
+    )
+    rows.append(
+        "| loop turn p50 / p90 ms | "
+        + " | ".join(
+            f"{fmt(cell(r, 'loop_turn', 'p50_ms'))} / {fmt(cell(r, 'loop_turn', 'p90_ms'))}"
+            for r in runs
+        )
+        + " |"
+    )
+    rows.append(
+        "| busy (proxy CPU / wall time) | "
+        + " | ".join(pct(cell(r, "busy", "percent")) for r in runs)
         + " |"
     )
     return "\n".join(rows)
