@@ -91,7 +91,7 @@ class HookTimer:
         if lags:
             out["loop_turn"] = {
                 "n": len(lags),
-                "p50_ms": lags[len(lags) // 2],
+                "p50_ms": statistics.median(lags),
                 "p90_ms": lags[min(len(lags) - 1, len(lags) * 9 // 10)],
             }
         path = os.environ.get("HOOK_TIMER_OUT", "hook_timer.json")
