@@ -24,7 +24,7 @@ test *ARGS:
 lint:
     ./scripts/lint
 
-# benchmark against bare mitmdump and a direct connection; writes bench/RESULTS.md
+# benchmark against bare mitmdump and a direct connection; writes scripts/bench_results.md
 bench *ARGS:
     ./scripts/bench {{ARGS}}
 

@@ -1,4 +1,4 @@
-"""gemini-proxy: a key-pool reverse proxy for Google's Gemini API, as a mitmproxy addon.
+"""gemini-proxy: a key-pool reverse proxy for Google's Gemini API, as mitmproxy addons.
 
     mitmdump -s addon/gemini_proxy.py --mode reverse:https://generativelanguage.googleapis.com
 
@@ -11,6 +11,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gemini_pool.addon import GeminiProxy
+from gemini_pool.mitm import make_addons
 
-addons = [GeminiProxy()]
+addons = make_addons()

@@ -16,7 +16,7 @@ All sit in front of the project's fake Gemini on loopback:
   upstream call made as gemini-proxy makes it, without the addon's own work)
 The client sends `Accept-Encoding: gzip, deflate` as the Gemini SDKs do, so the fake answers
 gzip (streams flushed per event), as Google does for them. Prints a markdown table with ratios to
-each workload's floor and writes bench/RESULTS.md; a last pass (`hooks`) times mitmproxy's
+each workload's floor and writes scripts/bench_results.md; a last pass (`hooks`) times mitmproxy's
 dispatch of each hook at concurrency 1 (scripts/hook_timer.py).
 Not part of the test suite: numbers depend on the machine.
 """
@@ -296,7 +296,7 @@ def main() -> None:
         default=5,
         help="runs per workload (the setups interleaved); the median is reported",
     )
-    ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
+    ap.add_argument("--out", default=str(ROOT / "scripts" / "bench_results.md"))
     ap.add_argument(
         "--only",
         default="",
@@ -315,7 +315,24 @@ def main() -> None:
         " in `request` (no upstream) and fetching with aiohttp in `request`: extra rows that split"
         " gemini-proxy's cost into mitmproxy's, the upstream call's and the addon's own",
     )
+    ap.add_argument(
+        "--baseline",
+        default="",
+        metavar="DIR",
+        help="also run gemini-proxy from another checkout (e.g. `git worktree add /tmp/base HEAD~3`)"
+        " in every workload, interleaved with this tree's: before/after in the same run",
+    )
     args = ap.parse_args()
+    baseline = ""
+    if args.baseline:
+        base_dir = Path(args.baseline).resolve()
+        rev = subprocess.run(
+            ["git", "-C", str(base_dir), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        baseline = f"gemini-proxy @ {rev or base_dir.name}"
     print(
         "client sends Accept-Encoding: gzip, deflate (as the Gemini SDKs do): "
         "answers are gzipped as in production",
@@ -380,18 +397,21 @@ def main() -> None:
     if only:
         workloads = [w for w in workloads if w.name in only]
 
-    addon = ["-s", str(ROOT / "addon" / "gemini_proxy.py"), "--set", f"gemini_keys={keys_file}"]
+    def addon(tree: Path = ROOT) -> list[str]:
+        return ["-s", str(tree / "addon" / "gemini_proxy.py"), "--set", f"gemini_keys={keys_file}"]
 
     def timer(name: str) -> tuple[list[str], dict[str, str]]:
         """mitmdump arguments and environment that load scripts/hook_timer.py."""
         out = tmp / f"hooks-{name}.json"
         return ["-s", str(ROOT / "scripts" / "hook_timer.py")], {"HOOK_TIMER_OUT": str(out)}
 
-    def gemini_proxy(target: str, db: str, timed: str = "") -> Setup:
+    def gemini_proxy(
+        target: str, db: str, timed: str = "", tree: Path = ROOT, name: str = PROXY
+    ) -> Setup:
         extra, env = timer(timed) if timed else ([], {})
         proc, port = start_mitmdump(
             [
-                *addon,
+                *addon(tree),
                 *extra,
                 "--mode",
                 f"reverse:{target}",
@@ -403,7 +423,7 @@ def main() -> None:
             tmp / f"{db}.log",
             env,
         )
-        return Setup(PROXY, f"http://127.0.0.1:{port}", {"x-goog-api-key": "client"}, proc)
+        return Setup(name, f"http://127.0.0.1:{port}", {"x-goog-api-key": "client"}, proc)
 
     def bare(
         name: str, options: list[str], timed: str = "", env: dict[str, str] | None = None
@@ -420,7 +440,7 @@ def main() -> None:
 
     def headers_for(setup: Setup, name: str) -> dict[str, str]:
         if name.startswith("openai"):  # the OpenAI way of sending the credential
-            token = good[0] if setup.name != PROXY else "client"
+            token = "client" if setup.name in (PROXY, baseline) else good[0]
             return {"authorization": f"Bearer {token}"}
         return setup.headers
 
@@ -475,6 +495,8 @@ def main() -> None:
         if args.decompose:
             setups.append(bare(ANSWER, decompose, env={"BENCH_DECOMPOSE": "answer"}))
             setups.append(bare(FETCH, decompose, env={"BENCH_DECOMPOSE": "fetch"}))
+        if baseline:
+            setups.append(gemini_proxy(upstream, "bench-base.db", tree=base_dir, name=baseline))
         extras = [
             *([OLD_FLOOR] if args.old_floor else []),
             *([ANSWER, FETCH] if args.decompose else []),
@@ -483,6 +505,7 @@ def main() -> None:
         for wl in workloads:
             chosen = [by_name["direct"], by_name[wl.floor]]
             chosen += [by_name[n] for n in extras] if not wl.stream else []
+            chosen += [by_name[baseline]] if baseline else []
             run([*chosen, by_name[PROXY]], wl)
         for setup in setups:
             setup.stop()
@@ -525,7 +548,7 @@ def main() -> None:
         fake_proc.terminate()
         fake_bad_proc.terminate()
 
-    table = render(results, workloads, extras)
+    table = render(results, workloads, extras, baseline)
     goals = render_goals(results)
     if goals:
         table += "\n\n" + goals
@@ -647,14 +670,23 @@ def ratio_spread(values: list[float]) -> str:
 
 
 def render(
-    results: dict[tuple[str, str], Stats], workloads: Sequence[Workload], extras: Sequence[str]
+    results: dict[tuple[str, str], Stats],
+    workloads: Sequence[Workload],
+    extras: Sequence[str],
+    baseline: str = "",
 ) -> str:
     rows = [
         "| workload | setup | req/s | p50 ms | p99 ms | TTFB p50 ms | CPU ms/req | RSS start→end (peak) MiB | errors | req/s vs floor | added p50 ms | added TTFB ms | TTFB vs floor |",
         "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for wl in [*workloads, FAULTY]:
-        setups = ["direct", wl.floor, *(extras if not wl.stream else []), PROXY]
+        setups = [
+            "direct",
+            wl.floor,
+            *(extras if not wl.stream else []),
+            *([baseline] if baseline else []),
+            PROXY,
+        ]
         for setup in setups:
             st = results.get((setup, wl.name))
             if st is None:

@@ -21,7 +21,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 MAX_ENTRIES = 100_000  # per map (uploads, resources)
 HOUR = 3600.0
@@ -35,7 +34,6 @@ RESOURCE_TTL = {  # how long Google keeps each kind unless the answer says other
 KIND_UPLOAD = "upload"  # Pin.name = digest of the upload_id, owner = key name
 KIND_RESOURCE = "resource"  # Pin.name = "files/abc", owner = project
 UPLOAD_METHODS = frozenset({"POST", "PUT"})  # what the resumable protocol's follow-ups use
-UPLOAD_URL_HEADERS = frozenset({"x-goog-upload-url", "x-goog-upload-control-url", "location"})
 
 MAX_MATCHES = 64  # request bodies: at most this many candidate keys are examined
 MAX_VALUE = 2048  # bytes of a JSON string value read after such a key
@@ -47,12 +45,14 @@ _ID = re.compile(rb"[A-Za-z0-9_-]{1,128}")
 # the JSON keys a request body names a resource under, and the name their value must end in
 _FILE_VALUE = re.compile(rb"(?:^|/)(files/[A-Za-z0-9_-]{1,128})/?\Z")
 _CACHE_VALUE = re.compile(rb"(?:^|/)(cachedContents/[A-Za-z0-9_-]{1,128})/?\Z")
-_BODY_KEYS = (
-    (b'"fileUri"', _FILE_VALUE),
-    (b'"file_uri"', _FILE_VALUE),
-    (b'"cachedContent"', _CACHE_VALUE),
-    (b'"cached_content"', _CACHE_VALUE),
-)
+# the JSON keys a request body names a resource under: one pattern, so a body is scanned once
+_BODY_KEY = re.compile(rb'"(fileUri|file_uri|cachedContent|cached_content)"')
+_VALUE_OF = {
+    b"fileUri": _FILE_VALUE,
+    b"file_uri": _FILE_VALUE,
+    b"cachedContent": _CACHE_VALUE,
+    b"cached_content": _CACHE_VALUE,
+}
 # after the key: a colon and the opening quote of a string value, then the string (bounded)
 _STRING_VALUE = re.compile(
     rb'[ \t\r\n]{0,64}:[ \t\r\n]{0,64}"((?:[^"\\]|\\.){0,%d})"' % MAX_VALUE, re.DOTALL
@@ -124,23 +124,24 @@ def body_resource_names(body: bytes, limit: int = MAX_MATCHES) -> Iterator[str]:
     """The files/ID and cachedContents/ID a JSON request body names where Gemini reads them.
 
     Only the string values of `fileUri` / `file_uri` (ending in files/ID, often a full URL) and
-    `cachedContent` / `cached_content` (cachedContents/ID). Found with bytes.find, never a JSON
-    parse: linear in the body, at most `limit` keys examined, at most MAX_VALUE bytes read per
-    value. Never raises on hostile input (unterminated strings, escapes, non-UTF-8).
+    `cachedContent` / `cached_content` (cachedContents/ID). Found with one regular expression, never
+    a JSON parse: linear in the body, at most `limit` keys examined, at most MAX_VALUE bytes read per
+    value, the body scanned once. Never raises on hostile input (unterminated strings, escapes,
+    non-UTF-8).
     """
-    budget = limit
-    for needle, value_re in _BODY_KEYS:
-        i = body.find(needle)
-        while i >= 0 and budget > 0:
-            budget -= 1
-            end = i + len(needle)
-            m = _STRING_VALUE.match(body, end)
-            if m is not None:
-                name = _name_in_value(m.group(1), value_re)
-                if name is not None:
-                    yield name
-                end = m.end()
-            i = body.find(needle, end)
+    budget, pos = limit, 0
+    while budget > 0:
+        key = _BODY_KEY.search(body, pos)
+        if key is None:
+            return
+        budget -= 1
+        pos = key.end()
+        m = _STRING_VALUE.match(body, pos)
+        if m is not None:
+            name = _name_in_value(m.group(1), _VALUE_OF[key.group(1)])
+            if name is not None:
+                yield name
+            pos = m.end()
 
 
 def _name_in_value(raw: bytes, value_re: re.Pattern[bytes]) -> str | None:
@@ -338,26 +339,3 @@ class ResourcePins:
             if project is not None:
                 return project
         return None
-
-
-def rewrite_upload_headers(
-    headers: list[tuple[str, str]], upstream_host: str, proxy_origin: str
-) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Point upload / redirect URLs at Google back at this proxy.
-
-    Returns the new headers and (upload_id, path) of each upload URL they carried: the caller
-    remembers which key started each session and the path its follow-ups must use
-    (`ResourcePins.remember_upload(upload_id, key, path, now)`).
-    """
-    out: list[tuple[str, str]] = []
-    uploads: list[tuple[str, str]] = []
-    for k, v in headers:
-        if k.lower() in UPLOAD_URL_HEADERS and v.startswith(("http://", "https://")):
-            u = urlsplit(v)
-            if u.hostname == upstream_host:
-                upload_id = dict(parse_qsl(u.query)).get("upload_id")
-                if upload_id and (upload_id, u.path) not in uploads:
-                    uploads.append((upload_id, u.path))
-                v = proxy_origin + u.path + (f"?{u.query}" if u.query else "")
-        out.append((k, v))
-    return out, uploads

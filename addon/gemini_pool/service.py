@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import metrics
+from . import accounting, metrics
+from .access_log import log_request
 from .breaker import BreakerState
-from .classify import Outcome, pacific_day
+from .classify import pacific_day
 from .config import EMPTY, Config, ConfigError, load_config
 from .dispatch import Dispatcher, DispatchPolicy
 from .gate import Gate, digest
@@ -25,32 +25,10 @@ from .records import RequestRecord
 from .selector import KeyPool, PoolPolicy
 from .shared import SharedState
 from .store import Store, read_state_document, state_document
+from .uploads import IPNetwork
 from .upstream import UpstreamClient
 
 log = logging.getLogger("gemini_proxy")
-# One line per request. Its own handler (see install_access_log), not mitmproxy's: every record
-# on mitmproxy's loggers is also formatted and re-dispatched to all addons as an `add_log` event
-# from the event loop, which measurably slowed each request.
-access_log = logging.getLogger("gemini_proxy.access")
-access_log.propagate = False
-
-
-def install_access_log(stream: Any, level: int) -> None:
-    """Send request lines to `stream` (mitmdump's stdout), formatted like mitmproxy's own lines."""
-    if not access_log.handlers:
-        handler = logging.StreamHandler(stream)
-        handler.setFormatter(_AccessFormatter("[%(asctime)s.%(msecs)03d] %(message)s", "%H:%M:%S"))
-        access_log.addHandler(handler)
-    access_log.setLevel(level)
-
-
-class _AccessFormatter(logging.Formatter):
-    """mitmproxy's `[time] message` for text lines; a JSON line (gemini_log_json) goes bare."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = record.getMessage()
-        return line if line.startswith("{") else super().format(record)
-
 
 BREAKER_CODE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
@@ -62,6 +40,8 @@ class Settings:
     dispatch: DispatchPolicy = field(default_factory=DispatchPolicy)
     pool: PoolPolicy = field(default_factory=PoolPolicy)
     log_json: bool = False
+    public_url: str = ""  # gemini_public_url: upload URLs handed back point there
+    trusted_proxies: tuple[IPNetwork, ...] = ()  # gemini_trusted_proxies
 
 
 @dataclass
@@ -222,43 +202,19 @@ class ProxyService:
 
     def finish(self, rec: RequestRecord) -> None:
         """Count, log and store one finished client request (once). Its tap is finished: the
-        addon read it when the flow ended, for the flow's comment."""
+        mitmproxy layer read it when the flow ended, for the flow's comment."""
         if rec.finished:
             return
         rec.finished = True
         model = self.models.label(rec.model, 200 <= rec.status < 300 and rec.key is not None)
-        for a in rec.attempts:
-            metrics.ATTEMPTS.labels(a.key, model, str(a.verdict.outcome), str(a.status or 0)).inc()
-            metrics.LATENCY.labels(a.key, model).observe(a.seconds)
-            if a.verdict.outcome is Outcome.DEAD_KEY:
-                log.warning(
-                    "gemini-proxy: key %s answered %s: out of rotation until a check confirms it",
-                    a.key,
-                    a.verdict.reason,
-                )
-        for a in rec.attempts[:-1]:
-            metrics.RETRIES.labels(str(a.verdict.outcome)).inc()
-        metrics.REQUESTS.labels(rec.client or "-", rec.api, str(rec.status)).inc()
-        if rec.proxy_reason:
-            metrics.PROXY_ANSWERS.labels(str(rec.status), rec.proxy_reason).inc()
-        if rec.key:
-            if rec.ttfb is not None:
-                metrics.TTFB.labels(rec.key, model).observe(rec.ttfb)
-            if rec.tap.tokens_in:
-                metrics.TOKENS.labels(rec.key, model, "in").inc(rec.tap.tokens_in)
-            if rec.tap.tokens_out:
-                metrics.TOKENS.labels(rec.key, model, "out").inc(rec.tap.tokens_out)
+        accounting.count(rec, model)
         if rec.attempts:
             self.state_dirty = True
-        self._log(rec)
+        log_request(rec, self.settings.log_json)
         if self.store is not None:
-            self.store.record(rec.row(), rec.usage(self._projects, model))
-
-    def _log(self, rec: RequestRecord) -> None:
-        level = logging.WARNING if rec.status >= 500 or rec.stream_error else logging.INFO
-        # formatted lazily: costs nothing when the terminal log level hides it
-        if access_log.isEnabledFor(level):
-            access_log.log(level, "%s", _RequestLine(rec, self.settings.log_json))
+            self.store.record(
+                accounting.outcome_row(rec), accounting.usage_deltas(rec, self._projects, model)
+            )
 
     # --- views
 
@@ -365,43 +321,6 @@ class ProxyService:
         self.pool.restore({n: keys[n] for n in matched}, cooldowns, time.time())
         self.save_state()
         return len(matched)
-
-
-class _RequestLine:
-    """One request's log line (key=value text, or one JSON object), built only when emitted."""
-
-    __slots__ = ("as_json", "latency_ms", "rec")
-
-    def __init__(self, rec: RequestRecord, as_json: bool) -> None:
-        self.rec, self.as_json = rec, as_json
-        self.latency_ms = round(rec.latency * 1000, 1)
-
-    def __str__(self) -> str:
-        rec = self.rec
-        fields: dict[str, Any] = {
-            "request_id": rec.request_id,
-            "client": rec.client,
-            "key": rec.key,
-            "model": rec.model,
-            "api": rec.api,
-            "status": rec.status,
-            "attempts": len(rec.attempts),
-            "latency_ms": self.latency_ms,
-            "outcome": rec.outcome,
-        }
-        noteworthy = rec.retried or rec.proxy_reason or rec.stream_error
-        lines = rec.comment().splitlines() if noteworthy else []
-        if self.as_json:  # one JSON object per line, nothing before it
-            extra: dict[str, Any] = {"detail": lines[0]} if lines else {}
-            if rec.proxy_message:
-                extra["message"] = rec.proxy_message
-            if errors := rec.upstream_errors():
-                extra["upstream_errors"] = errors
-            return json.dumps(
-                {"time": round(rec.started_wall, 3), "event": "request", **fields, **extra}
-            )
-        text = "gemini " + " ".join(f"{k}={'-' if v is None else v}" for k, v in fields.items())
-        return " | ".join([text, *lines])  # one line per request, Google's messages included
 
 
 def constant_time_equal(a: str, b: str) -> bool:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 import zlib
 
+from .codings import coding_of, wbits
+
 # at most 15 digits: a longer number is no token count (and would not fit SQLite's INTEGER)
 _TOKENS_IN = re.compile(rb'"(?:promptTokenCount|prompt_tokens)"\s*:\s*(\d{1,15})(?![0-9])')
 _TOKENS_OUT = re.compile(rb'"(?:candidatesTokenCount|completion_tokens)"\s*:\s*(\d{1,15})(?![0-9])')
@@ -27,63 +29,6 @@ PIECE = 64 * 1024  # most decoded bytes produced by one inflate step
 WINDOW = 16 * 1024  # most encoded bytes handed to one run of inflate steps
 MAX_RATIO = 100  # decoded bytes per wire byte before the tap calls it a bomb ...
 RATIO_FLOOR = 64 * 1024 * 1024  # ... once past this much decoded output
-
-_GZIP_OR_ZLIB = 47  # wbits: auto-detect a gzip or zlib header
-_RAW_DEFLATE = -15
-
-
-def _coding(encoding: str) -> str | None:
-    """The one coding to undo: "" for none, None for what the proxy cannot decode."""
-    codings = [c for c in (t.strip().lower() for t in encoding.split(",")) if c and c != "identity"]
-    if not codings:
-        return ""
-    if len(codings) == 1 and codings[0] in ("gzip", "x-gzip", "deflate"):
-        return codings[0]
-    return None  # br, zstd, layered codings, nonsense
-
-
-def _wbits(coding: str, head: bytes) -> int:
-    """gzip is gzip (or a mislabelled zlib stream); "deflate" is zlib, or raw deflate in the wild."""
-    if coding != "deflate" or head[:2] == b"\x1f\x8b" or len(head) < 2:
-        return _GZIP_OR_ZLIB
-    cmf, flg = head[0], head[1]
-    if cmf & 0x0F == 8 and (cmf << 8 | flg) % 31 == 0:
-        return _GZIP_OR_ZLIB  # a valid zlib header
-    return _RAW_DEFLATE
-
-
-def decoded(body: bytes, encoding: str, limit: int) -> bytes | None:
-    """A whole answer body with its Content-Encoding undone.
-
-    None when it cannot be decoded (unknown coding, corrupt or truncated data) or when the result
-    would be longer than `limit` (never more than `limit` + 1 bytes are inflated).
-    """
-    coding = _coding(encoding)
-    if coding is None:
-        return None
-    if not coding:
-        return body if len(body) <= limit else None
-    if len(body) < 2:
-        return None
-    out: list[bytes] = []
-    room = limit
-    rest = body
-    try:
-        while rest:  # concatenated gzip members decode to the concatenation
-            inflate = zlib.decompressobj(_wbits(coding, rest))
-            piece = inflate.decompress(rest, room + 1)
-            if len(piece) > room:
-                return None
-            if not inflate.eof:
-                return None  # truncated
-            out.append(piece)
-            room -= len(piece)
-            rest = inflate.unused_data
-            if rest and rest[:2] != b"\x1f\x8b":
-                return None  # only gzip members may follow one another; anything else is junk
-    except zlib.error:
-        return None
-    return b"".join(out)
 
 
 class UsageTap:
@@ -100,7 +45,7 @@ class UsageTap:
         self.events = 0  # SSE events seen ("data:"; a piece split between chunks is missed)
         self.stream_error = False
         self._tail = b""
-        self._coding: str | None = _coding(encoding) if encoding else ""
+        self._coding: str | None = coding_of(encoding) if encoding else ""
         self._inflate: zlib._Decompress | None = None
         self._pending = b""  # the first bytes of a deflate answer, until its header is known
         self._decoded = 0  # bytes inflated so far
@@ -136,7 +81,7 @@ class UsageTap:
                     self._pending += data
                     return True
                 data, self._pending = self._pending + data, b""
-                self._inflate = zlib.decompressobj(_wbits(coding, data))
+                self._inflate = zlib.decompressobj(wbits(coding, data))
             inflate = self._inflate
             while True:
                 piece = inflate.decompress(data, PIECE)

@@ -17,39 +17,12 @@ from gemini_pool.pins import (
     ResourcePins,
     body_resource_names,
     parse_rfc3339,
-    rewrite_upload_headers,
     upload_digest,
 )
 
 GOOGLE = "generativelanguage.googleapis.com"
 GEN = "/v1beta/models/m:generateContent"
 NOW = 1_800_000_000.0
-
-
-def test_upload_urls_point_at_the_proxy_and_name_their_upload() -> None:
-    headers = [
-        (
-            "X-Goog-Upload-URL",
-            f"https://{GOOGLE}/upload/v1beta/files?upload_id=abc&upload_protocol=resumable",
-        ),
-        ("Location", "https://storage.example.com/elsewhere"),
-        ("Content-Type", "text/plain"),
-    ]
-    out, started = rewrite_upload_headers(headers, GOOGLE, "http://127.0.0.1:8080")
-    ids = [upload_id for upload_id, _ in started]
-    assert out[0] == (
-        "X-Goog-Upload-URL",
-        "http://127.0.0.1:8080/upload/v1beta/files?upload_id=abc&upload_protocol=resumable",
-    )
-    assert out[1:] == headers[1:]  # other hosts and headers untouched
-    assert ids == ["abc"]
-    control = (
-        "X-Goog-Upload-Control-URL",
-        f"https://{GOOGLE}/upload/v1beta/files?upload_id=abc&upload_protocol=resumable",
-    )
-    out2, uploads = rewrite_upload_headers([*headers, control], GOOGLE, "http://p")
-    assert uploads == [("abc", "/upload/v1beta/files")]  # one session, with its path
-    assert out2[3] == (control[0], "http://p/upload/v1beta/files?" + control[1].split("?")[1])
 
 
 def test_resources_are_pinned_to_the_project_that_made_them() -> None:

@@ -29,6 +29,7 @@ from gemini_pool.classify import (
     classify,
     next_pacific_midnight,
 )
+from gemini_pool.codings import decoded
 from gemini_pool.config import MAX_WEIGHT, NAME_RE, Config, ConfigError, parse_config
 from gemini_pool.errors import error_body
 from gemini_pool.pins import (
@@ -41,7 +42,7 @@ from gemini_pool.pins import (
     resource_names,
 )
 from gemini_pool.routing import CREDENTIAL_PARAMS, Api, RouteError, query_credentials, route
-from gemini_pool.usage import UsageTap, decoded
+from gemini_pool.usage import UsageTap
 from gemini_pool.watcher import FileWatcher
 
 # every character, lone surrogates included (st.text() leaves them out)

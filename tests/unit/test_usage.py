@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from gemini_pool.usage import MAX_RATIO, PIECE, RATIO_FLOOR, TAIL, UsageTap, decoded
+from gemini_pool.codings import decoded
+from gemini_pool.usage import MAX_RATIO, PIECE, RATIO_FLOOR, TAIL, UsageTap
 
 
 def sse(events: list[dict[str, Any]]) -> bytes:
@@ -168,21 +169,6 @@ def test_garbage_does_not_raise_and_keeps_what_it_read() -> None:
     tap = feed_in(UsageTap("gzip"), good + b"trailing garbage", 4)  # what came before counts
     assert tap.tokens_out == 2
     assert decoded(good + b"trailing garbage", "gzip", 1 << 20) is None
-
-
-def test_decoded() -> None:
-    body = json.dumps({"name": "files/abc"}).encode()
-    assert decoded(gzip.compress(body), "gzip", 1000) == body
-    assert decoded(zlib.compress(body), "deflate", 1000) == body
-    assert decoded(gzip_stream([body], -15), "deflate", 1000) == body
-    assert decoded(body, "", 1000) == body and decoded(body, "identity", 1000) == body
-    assert decoded(gzip.compress(body), "gzip", len(body)) == body
-    assert decoded(gzip.compress(body), "gzip", len(body) - 1) is None  # over the limit
-    assert decoded(body, "", len(body) - 1) is None
-    assert decoded(gzip.compress(body)[:-5], "gzip", 1000) is None  # truncated
-    assert decoded(body, "gzip", 1000) is None  # not gzip
-    assert decoded(body, "br", 1000) is None
-    assert decoded(b"", "gzip", 1000) is None
 
 
 def test_identity_stays_a_slice() -> None:

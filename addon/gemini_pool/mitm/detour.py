@@ -8,14 +8,27 @@ the request that went upstream.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from mitmproxy import http
 
-from .records import Detour
-from .relay import TICKET_FIELD
+from ..relay import TICKET_FIELD
 
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _TICKET_ONLY = frozenset({TICKET_FIELD})
 _RELAY_ONLY = _FRAMING | _TICKET_ONLY
+
+
+@dataclass
+class Detour:
+    """What pointing a flow at the relay changed on its request, put back once the answer is in."""
+
+    scheme: bytes
+    host: str
+    port: int
+    body: bytes | None  # the relay hop of a held stream carries no body
+    framing: tuple[tuple[bytes, bytes], ...]  # content-length / transfer-encoding header fields
+    streamed: bool = False  # a refused request whose body streams into the relay's sink
 
 
 def point_at_relay(flow: http.HTTPFlow, port: int, ticket: str, keep_body: bool) -> Detour:

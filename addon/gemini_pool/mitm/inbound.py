@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
-import re
-from collections.abc import Collection
-
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
-from .gate import STRIPPED_FIELDS, Arrival, Target, parse_ip
-from .routing import query_credentials
-
-_HOSTPORT = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
+from ..gate import STRIPPED_FIELDS, Arrival, Target
+from ..routing import query_credentials
+from ..uploads import HOSTPORT, Where
 
 
 def reverse_target(spec: str | ProxyMode) -> Target | None:
@@ -57,42 +52,19 @@ def strip_credentials(req: http.Request) -> None:
 def client_host(req: http.Request) -> str:
     """The host[:port] the caller addressed (with keep_host_header), if it looks like one."""
     host = req.host_header or ""
-    return host if _HOSTPORT.fullmatch(host) else ""
+    return host if HOSTPORT.fullmatch(host) else ""
 
 
-def proxy_origin(
-    flow: http.HTTPFlow,
-    host: str,
-    public_url: str = "",
-    trusted: Collection[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
-) -> str:
-    """Where the caller reaches this proxy: upload URLs handed back point there.
-
-    The configured public URL wins; then X-Forwarded-Host/-Proto, but only from a trusted front
-    proxy (anyone else could point an upload at a host of their choosing); then the Host the
-    caller used (through a TCP forwarder, NAT or a Service that is the address it knows); last,
-    the socket it connected to.
-    """
-    if public_url:
-        return public_url.rstrip("/")
+def where(flow: http.HTTPFlow, host: str) -> Where:
+    """How the caller reached the proxy, for the upload URLs the pipeline hands back."""
+    headers = flow.request.headers
     peer = flow.client_conn.peername
-    if peer and trusted and _in_networks(str(peer[0]), trusted):
-        fwd = flow.request.headers.get("x-forwarded-host", "").split(",")[0].strip()
-        proto = flow.request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
-        if fwd and _HOSTPORT.fullmatch(fwd):
-            scheme = proto if proto in ("http", "https") else "https"
-            return f"{scheme}://{fwd}"
-    scheme = "https" if flow.client_conn.tls else "http"
-    if host:
-        return f"{scheme}://{host}"
-    ip, port = flow.client_conn.sockname[:2]
-    if ":" in ip:
-        ip = f"[{ip}]"
-    return f"{scheme}://{ip}:{port}"
-
-
-def _in_networks(
-    ip: str, networks: Collection[ipaddress.IPv4Network | ipaddress.IPv6Network]
-) -> bool:
-    address = parse_ip(ip)
-    return address is not None and any(address in net for net in networks)
+    local = flow.client_conn.sockname
+    return Where(
+        host=host,
+        tls=bool(flow.client_conn.tls),
+        local=(str(local[0]), int(local[1])),
+        peer=str(peer[0]) if peer else "",
+        forwarded_host=headers.get("x-forwarded-host", ""),
+        forwarded_proto=headers.get("x-forwarded-proto", ""),
+    )

@@ -1,14 +1,15 @@
-"""What outlives a flow: the runtime state, the side servers, housekeeping and the shutdown drain.
+"""What outlives a flow and a script reload: the service, the side servers, housekeeping, the drain.
 
-State that must outlive a script reload (the pool, the admin server, the relay, the database)
-lives in the module-level Runtime: mitmproxy re-imports only the entry script on reload.
+mitmproxy re-imports only the entry script on reload, so the state the addons share (the service
+with its pool and database, the pipeline, the relay, the admin server, the requests in flight)
+lives in one module-level Runtime here (`current()`). No mitmproxy import: the addons in `mitm/`
+hand in what they need (the master at shutdown).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import resource
 import signal
@@ -17,33 +18,95 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import metrics
 from .config import ConfigError
+from .pipeline import Pipeline
 from .records import RequestRecord
 from .relay import StreamRelay
 from .service import ProxyService
 from .watcher import FileWatcher
 
 log = logging.getLogger("gemini_proxy")
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 HOUSEKEEPING_TICK = 0.25
 PIN_PRUNE_EVERY = 60.0
+STARTUP_WAIT = 10.0  # longest a request waits for the side servers at start
+
+
+class InFlight:
+    """The requests in flight: their records by flow id, and the flows of each client connection
+    (a connection that closes settles the flows no hook will end). Counts them for the service's
+    health and the inflight gauge."""
+
+    def __init__(self, service: ProxyService) -> None:
+        self.service = service
+        self.records: dict[str, RequestRecord] = {}
+        self.of_connection: dict[str, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __bool__(self) -> bool:
+        return bool(self.records)
+
+    def open(self, flow_id: str, connection_id: str | None = None) -> RequestRecord:
+        rec = RequestRecord()
+        self.records[flow_id] = rec
+        if connection_id is not None:
+            self.of_connection.setdefault(connection_id, set()).add(flow_id)
+        self.service.inflight += 1
+        metrics.INFLIGHT.inc()
+        return rec
+
+    def get(self, flow_id: str) -> RequestRecord | None:
+        return self.records.get(flow_id)
+
+    def close(self, flow_id: str, connection_id: str) -> RequestRecord | None:
+        """The flow ended (answered or failed): its record, no longer in flight."""
+        rec = self.records.pop(flow_id, None)
+        if rec is None:
+            return None
+        flows = self.of_connection.get(connection_id)
+        if flows is not None:
+            flows.discard(flow_id)
+        self._ended()
+        return rec
+
+    def close_connection(self, connection_id: str) -> list[RequestRecord]:
+        """The connection closed: the records of its flows that no hook ended."""
+        out = []
+        for flow_id in self.of_connection.pop(connection_id, ()):
+            rec = self.records.pop(flow_id, None)
+            if rec is not None:
+                self._ended()
+                out.append(rec)
+        return out
+
+    def _ended(self) -> None:
+        self.service.inflight -= 1
+        metrics.INFLIGHT.dec()
 
 
 @dataclass
 class Runtime:
     service: ProxyService = field(default_factory=ProxyService)
     relay: StreamRelay = field(default_factory=StreamRelay)
-    records: dict[str, RequestRecord] = field(default_factory=dict)
-    flows_of: dict[str, set[str]] = field(default_factory=dict)  # client connection -> flow ids
     watcher: FileWatcher = field(default_factory=FileWatcher)
     admin: Any = None  # AdminServer, started in `running`
     admin_bind: tuple[str, int, str] | None = None
     db_path: str | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     started: asyncio.Event | None = None
-    public_url: str = ""  # gemini_public_url
-    trusted_proxies: tuple[IPNetwork, ...] = ()  # gemini_trusted_proxies
     sharing: tuple[str, str, str] = ("", "", "")  # gemini_redis, its prefix, this worker's name
+
+    def __post_init__(self) -> None:
+        self.pipeline = Pipeline(self.service)
+        self.flows = InFlight(self.service)
+
+    async def ready(self, timeout: float = STARTUP_WAIT) -> None:
+        """Wait (bounded) until `running` started the relay and the side servers."""
+        if self.started is not None and not self.started.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.started.wait(), timeout)
 
     async def start(self, admin: tuple[str, int, str] | None, watch_ms: Callable[[], int]) -> None:
         assert self.started is not None
@@ -124,10 +187,10 @@ class Runtime:
         if ps is not None:
             with contextlib.suppress(Exception):
                 await ps.servers.update([])
-        if self.records and drain_timeout:
+        if self.flows and drain_timeout:
             log.info(
                 "gemini-proxy: draining %d requests in flight (up to %.0fs)",
-                len(self.records),
+                len(self.flows),
                 drain_timeout,
             )
             hurry = asyncio.Event()
@@ -135,11 +198,11 @@ class Runtime:
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.add_signal_handler(sig, hurry.set)
             deadline = loop.time() + drain_timeout
-            while self.records and loop.time() < deadline and not hurry.is_set():
+            while self.flows and loop.time() < deadline and not hurry.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(hurry.wait(), 0.05)
-            if self.records:
-                log.warning("gemini-proxy: %d requests still in flight at exit", len(self.records))
+            if self.flows:
+                log.warning("gemini-proxy: %d requests still in flight at exit", len(self.flows))
         for task in self.tasks:
             task.cancel()
         await self.service.checker.close()
@@ -150,6 +213,23 @@ class Runtime:
             await self.admin.stop()
         await self.service.upstream.close()
         self.service.close_store()
+
+
+_CURRENT: Runtime | None = None
+
+
+def current() -> Runtime:
+    """The one Runtime of this process (made on first use; a script reload keeps it)."""
+    global _CURRENT
+    if _CURRENT is None:
+        _CURRENT = Runtime()
+    return _CURRENT
+
+
+def forget() -> None:
+    """After the shutdown drain (and between tests): the next `current()` starts afresh."""
+    global _CURRENT
+    _CURRENT = None
 
 
 def raise_fd_limit() -> None:

@@ -6,9 +6,11 @@ import time
 
 from mitmproxy import http
 
-from .errors import error_body
-from .routing import Api
-from .upstream import UpstreamAnswer
+from ..errors import error_body
+from ..pipeline import ProxyAnswer
+from ..records import RequestRecord
+from ..routing import Api
+from ..upstream import UpstreamAnswer
 
 
 def s(raw: bytes) -> str:
@@ -67,3 +69,11 @@ def upstream_response(answer: UpstreamAnswer, extra: list[tuple[str, str]]) -> h
         now,
         now,
     )
+
+
+def answer_with(flow: http.HTTPFlow, rec: RequestRecord, a: ProxyAnswer) -> None:
+    """The proxy's own answer on the flow, noted on the record."""
+    flow.response = error_response(
+        Api(rec.api), rec.request_id, a.status, a.message, a.reason, a.retry_after, a.close
+    )
+    rec.answered(a.status, a.reason, a.message)

@@ -1,0 +1,101 @@
+"""The console as a mitmproxy addon: the gemini.* commands, and what each flow shows in mitmweb.
+
+Commands work in mitmweb's and mitmproxy's command bar (`gemini.keys`, `gemini.disable NAME`, ...).
+`annotate` puts a request's comment, metadata and mark (built in `comments.py`) on its flow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from mitmproxy import command, exceptions, http
+
+from ..comments import comment, mark, metadata
+from ..records import RequestRecord
+from ..runtime import Runtime
+
+
+def annotate(flow: http.HTTPFlow, rec: RequestRecord) -> None:
+    flow.comment = text = comment(rec)
+    if rec.ended:
+        rec.final_comment = text
+    flow.metadata["gemini"] = metadata(rec)
+    marker = mark(rec)
+    if marker is not None:
+        flow.marked = marker
+
+
+class Console:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    @command.command("gemini.keys")
+    def keys_cmd(self) -> Sequence[str]:
+        """Every key, one line each: status, breaker, cooldowns, health, last error."""
+        lines = [describe_line(k) for k in self.rt.service.describe_keys()]
+        return lines or ["no keys configured"]
+
+    def _operate(self, name: str, action: str) -> str:
+        before = next((k for k in self.rt.service.describe_keys() if k["name"] == name), None)
+        if before is None:
+            raise exceptions.CommandError(f"no key named {name!r}")
+        after = self.rt.service.operator(name, action)
+        return f"{action}: {name} was {_condition(before)}, now {_condition(after)}"
+
+    @command.command("gemini.enable")
+    def enable_cmd(self, name: str) -> str:
+        """Enable a key (overrides the YAML and a dead-key disable)."""
+        return self._operate(name, "enable")
+
+    @command.command("gemini.disable")
+    def disable_cmd(self, name: str) -> str:
+        """Disable a key until enabled again (survives restarts)."""
+        return self._operate(name, "disable")
+
+    @command.command("gemini.reset")
+    def reset_cmd(self, name: str) -> str:
+        """Forget a key's failures, cooldowns, dead mark and operator overrides."""
+        return self._operate(name, "reset")
+
+    @command.command("gemini.reload")
+    def reload_cmd(self) -> str:
+        """Re-read the key file now."""
+        before = set(self.rt.service.pool.keys)
+        if not self.rt.reload_keys("gemini.reload command"):
+            raise exceptions.CommandError("reload failed; the old config stays (see the log)")
+        after = set(self.rt.service.pool.keys)
+        added, removed = sorted(after - before), sorted(before - after)
+        return (
+            f"reloaded {self.rt.service.settings.keys_path}: {len(after)} keys"
+            f"; added: {', '.join(added) or '-'}; removed: {', '.join(removed) or '-'}"
+        )
+
+
+def describe_line(k: dict[str, Any]) -> str:
+    """One key as one line, for the command bar and the log."""
+    cool = ", ".join(f"{m} {c['seconds_left']:.0f}s" for m, c in k["cooldowns"].items())
+    return (
+        f"{k['name']} ({k['key']}) {k['status']}"
+        + (
+            f" ({k['disabled_reason'] or k['suspect']})"
+            if k["disabled_reason"] or k["suspect"]
+            else ""
+        )
+        + f" project={k['project']} weight={k['weight']} breaker={k['breaker']['state']}"
+        + f" health={k['health']}"
+        + (f" cooling=[{cool}]" if cool else "")
+        + (f" next_check={k['next_check_in']:.0f}s" if k["next_check_in"] is not None else "")
+        + (f" last_error={k['last_error']}" if k["last_error"] else "")
+    )
+
+
+def _condition(k: dict[str, Any]) -> str:
+    why = k["disabled_reason"] or k["suspect"]
+    cool = ", ".join(f"{m} cooling {c['seconds_left']:.0f}s" for m, c in k["cooldowns"].items())
+    return (
+        str(k["status"])
+        + (f" ({why})" if why else "")
+        + f", weight {k['weight']}"
+        + (f", {cool}" if cool else "")
+    )

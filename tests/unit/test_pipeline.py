@@ -1,0 +1,207 @@
+"""The request pipeline without mitmproxy: a plain request in, a decision out, the fake upstream
+behind it (in process, with Google's error bodies)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gemini_pool.config import Config, KeySpec
+from gemini_pool.gate import Admit, Target
+from gemini_pool.pipeline import Incoming, Pipeline, ProxyAnswer, Stream, Unary
+from gemini_pool.records import RequestRecord
+from gemini_pool.routing import Api, Route
+from gemini_pool.service import ProxyService
+from gemini_pool.uploads import Where
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from fake_gemini import FakeGemini, make_app
+
+A, B = "AIzaSyPIPE-A", "AIzaSyPIPE-B"
+GEN = "/v1beta/models/gemini-2.5-flash:generateContent"
+STREAM = "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+BODY = json.dumps({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}).encode()
+JSON = [("content-type", "application/json")]
+
+Scenario = Callable[[Pipeline, Target, FakeGemini], Awaitable[None]]
+
+
+def run(scenario: Scenario, keys: dict[str, str], projects: dict[str, str] | None = None) -> None:
+    """A fresh fake on 127.0.0.1 and a service with keys a (A) and b (B); `scenario` ≤ 5 s."""
+    fake = FakeGemini()
+    fake.keys = dict(keys)
+    fake.projects = dict(projects or {})
+
+    async def main() -> None:
+        runner = web.AppRunner(make_app(fake), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        service = ProxyService()
+        service.apply_config(
+            Config(
+                (
+                    KeySpec("a", A, (projects or {}).get(A, "a")),
+                    KeySpec("b", B, (projects or {}).get(B, "b")),
+                ),
+                (),
+                "test",
+            )
+        )
+        try:
+            await asyncio.wait_for(scenario(Pipeline(service), Target("http", host, port), fake), 5)
+        finally:
+            await service.upstream.close()
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def admit(upstream: Target, **kw: Any) -> Admit:
+    return Admit("alice", Api.NATIVE, False, "", upstream, **kw)
+
+
+def request(
+    upstream: Target | None,
+    path: str = GEN,
+    body: bytes = BODY,
+    method: str = "POST",
+    query: str = "",
+    headers: list[tuple[str, str]] = JSON,
+    where: Callable[[], Where] = Where,
+) -> Incoming:
+    return Incoming(
+        method, path, query, headers, body, admit(upstream) if upstream else None, where
+    )
+
+
+def upstream_keys(fake: FakeGemini) -> list[str | None]:
+    return [e.get("key") for e in fake.log]
+
+
+def test_a_request_the_gate_never_admitted_is_refused_and_nothing_goes_upstream() -> None:
+    async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        rec = RequestRecord()
+        d = await p.handle(request(None), rec)
+        assert isinstance(d, ProxyAnswer) and (d.status, d.reason) == (401, "invalid_token")
+        assert rec.status == 401 and rec.proxy_reason == "invalid_token"
+        assert fake.log == []
+
+    run(scenario, {A: "ok", B: "ok"})
+
+
+def test_a_body_over_the_limit_is_answered_413_and_the_connection_closed() -> None:
+    async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        p.service.settings = type(p.service.settings)(max_body=10)
+        d = await p.handle(request(up), RequestRecord())
+        assert isinstance(d, ProxyAnswer) and d.status == 413 and d.close
+        assert "at most 10" in d.message and fake.log == []
+
+    run(scenario, {A: "ok", B: "ok"})
+
+
+def test_a_request_that_cannot_be_routed_is_the_callers_mistake() -> None:
+    async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        for path in ("/v1beta/files/../models", "/elsewhere/x"):
+            rec = RequestRecord()
+            d = await p.handle(request(up, path=path), rec)
+            assert isinstance(d, ProxyAnswer) and d.status in (400, 404), path
+            assert rec.upstream_path is None
+        assert fake.log == []
+
+    run(scenario, {A: "ok", B: "ok"})
+
+
+def test_a_dead_key_is_retried_on_the_other_and_the_answer_names_the_key_that_served() -> None:
+    async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        rec = RequestRecord()
+        for _ in range(2):  # whichever key is picked first, both requests end on b
+            rec = RequestRecord()
+            d = await p.handle(request(up), rec)
+            assert isinstance(d, Unary) and d.answer.status == 200
+            assert ("x-gemini-proxy-key", "b") in d.headers
+            assert rec.key == "b" and rec.status == 200 and rec.model == "gemini-2.5-flash"
+        assert A in upstream_keys(fake) and upstream_keys(fake)[-1] == B
+        assert [a.key for a in rec.attempts] in (["b"], ["a", "b"])
+
+    run(scenario, {A: "dead", B: "ok"})
+
+
+def test_a_stream_is_handed_back_open() -> None:
+    async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        rec = RequestRecord()
+        d = await p.handle(request(up, path=STREAM, query="alt=sse"), rec)
+        assert isinstance(d, Stream) and d.answer.stream is not None
+        rest = await d.answer.stream.read()
+        d.answer.stream.release()
+        assert b"data: " in d.answer.body + rest and rec.streaming
+
+    run(scenario, {A: "ok", B: "ok"})
+
+
+def test_a_check_answers_before_any_upstream_call() -> None:
+    def only_flash_lite(req: Incoming, route: Route, rec: RequestRecord) -> ProxyAnswer | None:
+        if route.model != "gemini-2.5-flash-lite":
+            return ProxyAnswer(403, f"model {route.model} is not allowed", "model_not_allowed")
+        return None
+
+    async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        p.checks.append(only_flash_lite)
+        rec = RequestRecord()
+        d = await p.handle(request(up), rec)
+        assert isinstance(d, ProxyAnswer) and d.status == 403
+        assert rec.proxy_reason == "model_not_allowed" and rec.attempts == []
+        assert fake.log == []
+
+    run(scenario, {A: "ok", B: "ok"})
+
+
+def test_an_upload_url_points_back_at_the_proxy_and_its_session_at_its_key() -> None:
+    async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        start = [
+            *JSON,
+            ("x-goog-upload-protocol", "resumable"),
+            ("x-goog-upload-command", "start"),
+            ("x-goog-upload-header-content-length", "5"),
+        ]
+        asked: list[bool] = []
+
+        def where() -> Where:
+            asked.append(True)
+            return Where(host="proxy.example:8443", tls=True)
+
+        meta = json.dumps({"file": {"display_name": "d"}}).encode()
+        d = await p.handle(
+            request(up, path="/upload/v1beta/files", body=meta, headers=start, where=where),
+            RequestRecord(),
+        )
+        assert isinstance(d, Unary) and asked == [True]
+        url = d.answer.header("x-goog-upload-url")
+        assert url.startswith("https://proxy.example:8443/upload/v1beta/files?")
+        upload_id = url.split("upload_id=")[1].split("&")[0]
+        session = p.service.pins.upload_session(upload_id, "PUT", "/upload/v1beta/files", 0)
+        assert session is not None
+        assert session.key == {A: "a", B: "b"}[fake.log[0]["key"]]
+
+    run(scenario, {A: "ok", B: "ok"})
+
+
+def test_a_created_file_is_remembered_and_follow_ups_go_to_its_project() -> None:
+    async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        p.service.pins.remember_resources(b'{"name": "files/abc"}', "p2", time.time())
+        for _ in range(4):  # round robin alone would send half of these to p1
+            d = await p.handle(
+                request(up, path="/v1beta/files/abc", method="GET", body=b""), RequestRecord()
+            )
+            assert isinstance(d, Unary)
+        assert set(upstream_keys(fake)) == {B}
+
+    run(scenario, {A: "ok", B: "ok"}, {A: "p1", B: "p2"})
