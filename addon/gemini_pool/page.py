@@ -95,7 +95,9 @@ def key_state(k: dict[str, Any], now: float) -> tuple[str, str]:
         for model, c in sorted(cooling.items()):
             left = float(c.get("seconds_left") or 0)
             what = "all models" if model == "*" else model
-            parts.append(f"{what} until {clock(now + left)} ({c.get('reason')})")
+            parts.append(
+                f"{what} until {clock(now + left)}, in {seconds(left)} ({c.get('reason')})"
+            )
         label = "cooling" if status == "cooling" else "active"
         return ("cooling" if status == "cooling" else "active"), f"{label}: " + "; ".join(parts)
     return "active", "active"
@@ -130,7 +132,7 @@ def _key_row(k: dict[str, Any], data: PageData) -> str:
         f"<td>{esc(k.get('project'))}</td>"
         f'<td class="state">{esc(state)}</td>'
         f"<td>{esc(breaker)}</td>"
-        f'<td><meter min="0" max="1" low="0.5" optimum="1" value="{health:.3f}"></meter>'
+        f'<td class="num"><meter min="0" max="1" low="0.5" optimum="1" value="{health:.3f}"></meter>'
         f" {health:.0%}</td>"
         f"<td>{esc(weight)}</td>"
         f'<td class="num">{today}</td>'
@@ -217,7 +219,7 @@ SECTIONS: list[Section] = [
 def render_summary(data: PageData) -> str:
     h = data.health
     counts = " · ".join(
-        f'<span class="count {esc(k)}">{esc(h.get(k, 0))} {esc(k)}</span>'
+        f'<span class="count {esc(k) if h.get(k) else "zero"}">{esc(h.get(k, 0))} {esc(k)}</span>'
         for k in ("active", "cooling", "open", "suspect", "dead", "disabled")
     )
     worker = f" · worker {esc(data.worker)}" if data.worker else ""
@@ -241,7 +243,7 @@ def _document(title: str, body: str) -> str:
         "<!doctype html>"
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        '<meta name="referrer" content="no-referrer">'
+        '<meta name="referrer" content="same-origin">'
         f"<title>{esc(title)}</title>"
         f'<link rel="stylesheet" href="{PREFIX}/page.css">'
         f'<script src="{PREFIX}/page.js" defer></script>'

@@ -26,13 +26,13 @@ button { font: inherit; font-size: .85rem; padding: .2rem .6rem; border-radius: 
 button:hover { border-color: var(--mute); } button.warn { color: var(--bad); }
 .summary { color: var(--mute); margin: .8rem 0 0; }
 .count.active { color: var(--ok); } .count.cooling, .count.open { color: var(--warn); }
-.count.dead, .count.suspect { color: var(--bad); }
+.count.dead, .count.suspect { color: var(--bad); } .count.zero { color: var(--mute); }
 table { border-collapse: collapse; width: 100%; background: var(--card);
   border: 1px solid var(--line); border-radius: 8px; }
 th, td { text-align: left; vertical-align: top; padding: .45rem .6rem; border-bottom: 1px solid var(--line); }
 th { font-weight: 600; color: var(--mute); font-size: .8rem; text-transform: uppercase; letter-spacing: .03em; }
 tr:last-child td { border-bottom: 0; }
-td.name { font-weight: 600; } td.mask, .mono { font-family: ui-monospace, Menlo, monospace; font-size: .85em; }
+td.name { font-weight: 600; white-space: nowrap; } td.mask, .mono { font-family: ui-monospace, Menlo, monospace; font-size: .85em; }
 td.num { white-space: nowrap; font-variant-numeric: tabular-nums; }
 td.error { color: var(--mute); max-width: 28rem; overflow-wrap: anywhere; }
 td.actions { white-space: nowrap; } td.actions form + form { margin-left: .3rem; }
