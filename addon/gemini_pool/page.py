@@ -24,8 +24,10 @@ def esc(value: object) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def clock(t: float) -> str:
-    return time.strftime("%H:%M:%S", time.gmtime(t)) + " UTC"
+def clock(t: float, now: float | None = None) -> str:
+    """HH:MM:SS UTC; with the date when `t` is not on `now`'s day."""
+    same_day = now is None or time.gmtime(t)[:3] == time.gmtime(now)[:3]
+    return time.strftime("%H:%M:%S" if same_day else "%b %d %H:%M", time.gmtime(t)) + " UTC"
 
 
 def seconds(s: float) -> str:
@@ -34,7 +36,9 @@ def seconds(s: float) -> str:
         return f"{s:.0f} s"
     if s < 7200:
         return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h"
+    if s < 48 * 3600:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.0f} days"
 
 
 @dataclass
@@ -88,7 +92,7 @@ def key_state(k: dict[str, Any], now: float) -> tuple[str, str]:
         return "dead", f"suspected dead: {k.get('suspect')} (being checked)"
     if status == "open":
         left = float(k.get("breaker", {}).get("seconds_left") or 0)
-        return "cooling", f"breaker open until {clock(now + left)} (in {seconds(left)})"
+        return "cooling", f"breaker open until {clock(now + left, now)} (in {seconds(left)})"
     cooling = k.get("cooldowns") or {}
     if cooling:
         parts = []
@@ -96,7 +100,7 @@ def key_state(k: dict[str, Any], now: float) -> tuple[str, str]:
             left = float(c.get("seconds_left") or 0)
             what = "all models" if model == "*" else model
             parts.append(
-                f"{what} until {clock(now + left)}, in {seconds(left)} ({c.get('reason')})"
+                f"{what} until {clock(now + left, now)}, in {seconds(left)} ({c.get('reason')})"
             )
         label = "cooling" if status == "cooling" else "active"
         return ("cooling" if status == "cooling" else "active"), f"{label}: " + "; ".join(parts)
@@ -165,9 +169,7 @@ def _attempts(attempts: Any) -> str:
     parts = []
     for a in attempts:
         if isinstance(a, dict):
-            parts.append(
-                f"{a.get('key')} {a.get('status') or '-'} {a.get('reason') or a.get('outcome')}"
-            )
+            parts.append(f"{a.get('key')}: {a.get('reason') or a.get('outcome')}")
     return " → ".join(parts)
 
 
@@ -188,7 +190,7 @@ def render_failures(data: PageData) -> str:
         )
         rows.append(
             "<tr>"
-            f"<td>{esc(clock(float(f.get('t') or 0)))}</td>"
+            f"<td>{esc(clock(float(f.get('t') or 0), data.now))}</td>"
             f'<td><a href="{PREFIX}/requests?{esc(urlencode({"status": status}))}">{esc(status)}</a></td>'
             f"<td>{esc(f.get('outcome'))}</td>"
             f"<td>{key_link}</td>"

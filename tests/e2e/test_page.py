@@ -26,13 +26,17 @@ class Browser:
     and which Origin a request carries."""
 
     def __init__(self, proxy: Proxy) -> None:
-        self.base = proxy.admin_url
+        self.proxy = proxy  # every body seen is checked for key strings after the test
 
     def get(self, path: str, **kw: Any) -> httpx.Response:
-        return httpx.get(self.base + path, timeout=10, follow_redirects=False, **kw)
+        r = httpx.get(self.proxy.admin_url + path, timeout=10, follow_redirects=False, **kw)
+        self.proxy.remember(r.content)
+        return r
 
     def post(self, path: str, **kw: Any) -> httpx.Response:
-        return httpx.post(self.base + path, timeout=10, follow_redirects=False, **kw)
+        r = httpx.post(self.proxy.admin_url + path, timeout=10, follow_redirects=False, **kw)
+        self.proxy.remember(r.content)
+        return r
 
 
 def browser(proxy: Proxy) -> Browser:
@@ -178,6 +182,10 @@ def test_actions_need_the_session_csrf_token_and_the_page_origin(
     assert r.status_code == 404
     r = client.post("/page/reload", data={"csrf": csrf}, headers=own)
     assert r.status_code == 303
+    proxy.keys_file.write_text("keys: [{name: broken}]\n")  # no key: the old config stays
+    r = client.post("/page/reload", data={"csrf": csrf}, headers=own)
+    assert r.status_code == 422 and "Reload failed, the old config stays" in r.text
+    assert "keys.yaml:1" in r.text and 'data-key="alpha-key"' in r.text
     # a bearer caller (curl) needs no CSRF token: a browser cannot forge the header
     bearer = {"Authorization": f"Bearer {proxy.admin_token}"}
     r = client.post("/page/keys/beta-key/reset", headers=bearer)
@@ -205,3 +213,16 @@ def test_recent_failures_are_listed_and_linked_to_the_request_history(
     assert [r["model"] for r in rows.json()["requests"]] == ["no-such-model"]
     for s in secrets.values():
         assert s not in text and s not in rows.text
+
+
+def test_without_an_admin_token_the_page_says_how_to_set_one(fake: Fake, make_proxy: Any) -> None:
+    secret = new_secret()
+    fake.configure({secret: "ok"})
+    proxy = make_proxy([key_entry("alpha-key", secret)], admin_token="")
+    client = browser(proxy)
+    r = client.get("/page/")
+    assert r.status_code == 403 and "GEMINI_ADMIN_TOKEN" in r.text and "alpha-key" not in r.text
+    r = client.post("/page/login", data={"token": ""}, headers={"Origin": proxy.admin_url})
+    assert r.status_code == 403 and "set-cookie" not in r.headers
+    assert client.get("/", headers={"Authorization": "Bearer x"}).status_code == 303
+    assert client.get("/page/live", headers={"Authorization": "Bearer x"}).status_code == 401

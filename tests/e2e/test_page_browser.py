@@ -182,6 +182,7 @@ def test_the_page_in_chromium_signs_in_shows_the_keys_refreshes_and_acts(
                 "document.readyState === 'complete' && !!document.getElementById('token')"
             )
             signed_out = await cdp.js("document.documentElement.outerHTML")
+            proxy.remember(signed_out.encode())
             for name in secrets:
                 assert name not in signed_out
             await cdp.js("document.getElementById('token').focus()")
@@ -201,6 +202,7 @@ def test_the_page_in_chromium_signs_in_shows_the_keys_refreshes_and_acts(
             )
             assert await cdp.js("document.cookie") == ""  # HttpOnly: no script reads the session
             html = await cdp.js("document.documentElement.outerHTML")
+            proxy.remember(html.encode())
             assert "no-such-model" in html and proxy.admin_token not in html
             for s in secrets.values():
                 assert s not in html

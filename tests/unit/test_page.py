@@ -109,6 +109,8 @@ def test_a_key_state_says_what_and_why() -> None:
     one_model = words(cooldowns={"gemini-2.5-pro": {"reason": "429", "seconds_left": 30}})
     assert one_model.startswith("active: gemini-2.5-pro until ")
     assert "breaker open until" in words(status="open", breaker={"seconds_left": 12})
+    month = words(status="cooling", cooldowns={"*": {"reason": "cap", "seconds_left": 20 * 86400}})
+    assert re.search(r"until [A-Z][a-z]{2} \d\d \d\d:\d\d UTC, in 20 days", month), month
 
 
 def test_the_signed_out_page_shows_a_form_and_nothing_of_the_pool() -> None:
