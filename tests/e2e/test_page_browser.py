@@ -183,6 +183,8 @@ def test_the_page_in_chromium_signs_in_shows_the_keys_refreshes_and_acts(
             )
             signed_out = await cdp.js("document.documentElement.outerHTML")
             proxy.remember(signed_out.encode())
+            png = await cdp.call("Page.captureScreenshot", format="png")
+            (ARTIFACTS / "page-signin.png").write_bytes(base64.b64decode(png["data"]))
             for name in secrets:
                 assert name not in signed_out
             await cdp.js("document.getElementById('token').focus()")
