@@ -25,6 +25,7 @@ from .websession import (
     SECURITY_HEADERS,
     Session,
     Sessions,
+    SignInThrottle,
     cookie_header,
     csrf_ok,
     same_origin,
@@ -69,6 +70,7 @@ class PageRoutes:
         self.token = token
         self.requests_view = requests_view  # the admin API's /admin/requests handler
         self.sessions = Sessions()
+        self.throttle = SignInThrottle()
 
     def add_to(self, router: web.UrlDispatcher) -> None:
         router.add_get("/", self.root)
@@ -201,12 +203,17 @@ class PageRoutes:
             return _refused(403, "Refused: this request did not come from the page itself.")
         if not self.token():
             return _answer(page.render_login(off=True), 403)
+        address, now = request.remote or "-", time.time()
+        wait = self.throttle.retry_after(address, now)
+        if wait > 0:
+            resp = _answer(page.render_login("Too many wrong tokens: try again in a minute."), 429)
+            resp.headers["Retry-After"] = str(int(wait) + 1)
+            return resp
         form = await request.post()
         given = form.get("token")
         if not isinstance(given, str) or not constant_time_equal(given, self.token()):
-            log.warning(
-                "gemini-proxy: page: a sign-in with a wrong admin token from %s", request.remote
-            )
+            self.throttle.failed(address, now)
+            log.warning("gemini-proxy: page: a sign-in with a wrong admin token from %s", address)
             return _answer(page.render_login("Wrong admin token."), 401)
         session = self.sessions.create(time.time())
         cookie = cookie_header(session.sid, request.secure, int(self.sessions.lifetime))

@@ -84,6 +84,30 @@ class Sessions:
             del self._by_id[sid]
 
 
+class SignInThrottle:
+    """Wrong admin tokens per remote address: past `limit` within `window` seconds that address
+    is answered 429 until the window has passed (a form invites guessing; the token still
+    decides)."""
+
+    def __init__(self, limit: int = 10, window: float = 60.0, addresses: int = 1024) -> None:
+        self.limit, self.window, self.addresses = limit, window, addresses
+        self._failures: dict[str, list[float]] = {}
+
+    def retry_after(self, address: str, now: float) -> float:
+        """Seconds until `address` may try again (0: now)."""
+        recent = [t for t in self._failures.get(address, []) if t > now - self.window]
+        if not recent:
+            self._failures.pop(address, None)
+            return 0.0
+        self._failures[address] = recent
+        return recent[0] + self.window - now if len(recent) >= self.limit else 0.0
+
+    def failed(self, address: str, now: float) -> None:
+        if address not in self._failures and len(self._failures) >= self.addresses:
+            self._failures.pop(next(iter(self._failures)))  # a bound, oldest first
+        self._failures.setdefault(address, []).append(now)
+
+
 def csrf_ok(session: Session, given: str | None) -> bool:
     return bool(given) and hmac.compare_digest(
         session.csrf.encode(), (given or "").encode("utf-8", "surrogateescape")

@@ -74,6 +74,7 @@ def test_signed_out_page_names_no_key_and_a_bearer_or_a_wrong_token_gets_what_it
 ) -> None:
     proxy, secrets = page_proxy(fake, make_proxy)
     client = browser(proxy)
+    origin = proxy.admin_url
     root = client.get("/")
     assert root.status_code == 303 and root.headers["location"] == "/page/"
     signed_out = client.get("/page/")
@@ -115,6 +116,13 @@ def test_signed_out_page_names_no_key_and_a_bearer_or_a_wrong_token_gets_what_it
     # the script and the stylesheet come from the admin port itself
     assert "fetch(" in client.get("/page/page.js").text
     assert client.get("/page/page.css").headers["content-type"].startswith("text/css")
+    # ten wrong tokens from one address within a minute: that address waits, the right token too
+    for _ in range(9):
+        wrong_form = client.post("/page/login", data={"token": "guess"}, headers={"Origin": origin})
+        assert wrong_form.status_code == 401
+    held = client.post("/page/login", data={"token": proxy.admin_token}, headers={"Origin": origin})
+    assert held.status_code == 429 and int(held.headers["retry-after"]) > 0
+    assert "set-cookie" not in held.headers
 
 
 def test_form_sign_in_gives_a_session_cookie_and_sign_out_ends_it(

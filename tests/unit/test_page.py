@@ -9,7 +9,13 @@ from typing import Any
 from gemini_pool import page
 from gemini_pool.config import ClientSpec, Config, KeySpec
 from gemini_pool.service import ProxyService
-from gemini_pool.websession import Sessions, cookie_header, csrf_ok, same_origin
+from gemini_pool.websession import (
+    Sessions,
+    SignInThrottle,
+    cookie_header,
+    csrf_ok,
+    same_origin,
+)
 
 SECRETS = {"alpha": "AIzaSyAlphaSecretValue0123456789abcdefg", "beta": "AIzaSyBetaSecret98765"}
 HOSTILE = '<script>alert("x")</script>'
@@ -163,3 +169,16 @@ def test_the_cookie_is_httponly_strict_and_only_for_the_page() -> None:
     assert c.startswith("gemini_proxy_session=sid123;")
     assert "; HttpOnly" in c and "; SameSite=Strict" in c and "; Path=/page/" in c
     assert "Secure" not in c and "; Secure" in cookie_header("s", secure=True, max_age=60)
+
+
+def test_wrong_sign_ins_are_throttled_per_address() -> None:
+    t = SignInThrottle(limit=3, window=60, addresses=2)
+    for i in range(3):
+        assert t.retry_after("a", i) == 0
+        t.failed("a", i)
+    assert t.retry_after("a", 10) == 50  # the oldest failure leaves the window at 60
+    assert t.retry_after("b", 10) == 0  # another address is not affected
+    assert t.retry_after("a", 61) == 0
+    t.failed("b", 70)
+    t.failed("c", 70)  # past the address bound the oldest address is forgotten
+    assert t.retry_after("a", 70) == 0 and len(t._failures) == 2
