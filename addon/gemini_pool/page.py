@@ -68,8 +68,7 @@ def _form(action: str, label: str, csrf: str, cls: str = "") -> str:
     return (
         f'<form method="post" action="{esc(action)}">'
         f'<input type="hidden" name="csrf" value="{esc(csrf)}">'
-        f'<button type="submit"{f" class={chr(34)}{esc(cls)}{chr(34)}" if cls else ""}>'
-        f"{esc(label)}</button></form>"
+        f'<button type="submit" class="{esc(cls)}">{esc(label)}</button></form>'
     )
 
 
@@ -102,8 +101,8 @@ def key_state(k: dict[str, Any], now: float) -> tuple[str, str]:
             parts.append(
                 f"{what} until {clock(now + left, now)}, in {seconds(left)} ({c.get('reason')})"
             )
-        label = "cooling" if status == "cooling" else "active"
-        return ("cooling" if status == "cooling" else "active"), f"{label}: " + "; ".join(parts)
+        label = "cooling" if status == "cooling" else "active"  # active: only some models cool
+        return label, f"{label}: " + "; ".join(parts)
     return "active", "active"
 
 
