@@ -1,4 +1,4 @@
-"""The admin HTTP server (aiohttp): /healthz, /readyz, /metrics and the /admin/ API.
+"""The admin HTTP server (aiohttp): /healthz, /readyz, /metrics, the /admin/ API and the page (/).
 
 Everything under /admin/ needs `Authorization: Bearer <admin token>` (constant-time
 compare). Bad input answers 4xx JSON and changes nothing.
@@ -16,7 +16,9 @@ from aiohttp import web
 
 from . import metrics
 from .config import MAX_WEIGHT, NAME_RE, ConfigError
-from .service import ProxyService, constant_time_equal
+from .page_routes import PageRoutes
+from .service import ProxyService
+from .websession import constant_time_equal
 
 log = logging.getLogger("gemini_proxy")
 # aiohttp logs a malformed request's whole header line (a bearer token with a stray byte would
@@ -37,6 +39,7 @@ class AdminServer:
         self.token = token
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
+        self.page = PageRoutes(service, lambda: self.token, self.requests)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_ADMIN_BODY, middlewares=[self._guard])
@@ -54,6 +57,7 @@ class AdminServer:
         r.add_get("/admin/requests", self.requests)
         r.add_get("/admin/state", self.state_export)
         r.add_post("/admin/state", self.state_import)
+        self.page.add_to(r)  # GET / and /page/: the pool's page (page_routes.py)
         return app
 
     async def start(self, host: str, port: int) -> None:

@@ -6,7 +6,6 @@ No mitmproxy import: the addon translates flows into calls here.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from dataclasses import dataclass, field
@@ -321,10 +320,3 @@ class ProxyService:
         self.pool.restore({n: keys[n] for n in matched}, cooldowns, time.time())
         self.save_state()
         return len(matched)
-
-
-def constant_time_equal(a: str, b: str) -> bool:
-    """Compare secrets in constant time; any text (odd bytes arrive surrogate-escaped) is fine."""
-    return hmac.compare_digest(
-        a.encode("utf-8", "surrogateescape"), b.encode("utf-8", "surrogateescape")
-    )

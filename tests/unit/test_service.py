@@ -8,7 +8,8 @@ import pytest
 
 from gemini_pool.config import ClientSpec, Config, KeySpec
 from gemini_pool.gate import Admit, Arrival, Refuse, Target
-from gemini_pool.service import ProxyService, constant_time_equal
+from gemini_pool.service import ProxyService
+from gemini_pool.websession import constant_time_equal
 
 GOOGLE = Target("https", "generativelanguage.googleapis.com", 443)
 
