@@ -137,3 +137,38 @@ def test_every_metric_the_alerts_and_the_dashboard_name_is_on_a_live_metrics(
     for source, names in named.items():
         missing = sorted(names - exposed)
         assert not missing, f"{source} names metrics that /metrics does not have: {missing}"
+
+
+COMPOSE = DEPLOY / "compose.yaml"
+HAPROXY_CFG = DEPLOY / "haproxy.cfg"
+
+
+def test_the_compose_workers_and_haproxy_s_servers_agree() -> None:
+    """compose.yaml's workers each share the pool on Redis under their own name and volume, and
+    HAProxy's backend lists exactly them (adding a worker means both)."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    workers = sorted(name for name, s in services.items() if "build" in s)
+    assert len(workers) >= 2 and {"redis", "haproxy"} <= set(services)
+    for name in workers:
+        s = services[name]
+        cmd = s["command"]
+        sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+        assert f"gemini_worker={name}" in sets and "gemini_redis=redis://redis:6379/0" in sets
+        assert cmd[cmd.index("-p") + 1] == "8080" and "0.0.0.0" in cmd
+        assert f"{name}-state:/var/lib/gemini-proxy" in s["volumes"]
+        assert any(v.endswith(":/etc/gemini-proxy/keys.yaml:ro") for v in s["volumes"])
+    assert sorted(services["haproxy"]["depends_on"]) == workers
+    servers = re.findall(r"^\s+server (\S+) (\S+)$", HAPROXY_CFG.read_text(), re.M)
+    assert sorted(servers) == [(w, f"{w}:8080") for w in workers]
+
+
+def test_the_haproxy_config_passes_haproxy_check(tmp_path: Path) -> None:
+    exe = shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/sbin/haproxy") if Path(p).exists()), None
+    )
+    if exe is None:
+        pytest.skip("no haproxy here (./scripts/run --workers installs it)")
+    r = subprocess.run(
+        [exe, "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
