@@ -9,7 +9,8 @@ everything stays on 127.0.0.1), then checks, PASS/FAIL each:
   non-root user, mitmdump as PID 1 (it gets SIGTERM itself);
 * SIGTERM drains: `podman stop` while a stream is in flight; the stream arrives whole, the
   container exits 0, and the SQLite file on the state volume holds both requests;
-* keys from GEMINI_API_KEYS, no file: served by env-1;
+* keys from GEMINI_API_KEYS, no file: served by env-1; an argument's --set gemini_db replaces the
+  entrypoint's default;
 * neither: a clear error and exit status 2, before anything listens;
 * no key secret in any container log.
 
@@ -298,7 +299,10 @@ def scenario_env_keys(pod: Podman, check: Check, work: Path, tag: str) -> list[s
             name,
             {"GEMINI_ADMIN": f"127.0.0.1:{admin_port}", "GEMINI_API_KEYS": key},
             [],
-            ["--mode", f"reverse:{fake_url}", "--listen-host", "127.0.0.1", "-p", str(port)],
+            [
+                *("--mode", f"reverse:{fake_url}", "--listen-host", "127.0.0.1", "-p", str(port)),
+                *("--set", "gemini_db=/var/lib/gemini-proxy/env.db"),  # not the entrypoint's
+            ],
         )
         up = wait_for(lambda: ready(f"http://127.0.0.1:{admin_port}"), 60)
         status, _ = (
@@ -311,6 +315,11 @@ def scenario_env_keys(pod: Podman, check: Check, work: Path, tag: str) -> list[s
             "GEMINI_API_KEYS without a key file: served by that key",
             status == 200 and seen == [key] and "keys from GEMINI_API_KEYS" in pod.logs(name),
             f"status {status}, fake saw {len(seen)}; log {pod.logs(name)[-400:]!r}",
+        )
+        check(
+            "an option given as an argument replaces the entrypoint's (--set gemini_db=...)",
+            "database /var/lib/gemini-proxy/env.db" in pod.logs(name),
+            pod.logs(name)[-400:],
         )
         stop = pod.run("stop", "-t", "40", name, timeout=60)
         code = pod.state(name).get("ExitCode")
