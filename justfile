@@ -31,3 +31,7 @@ bench *ARGS:
 # LiteLLM, LangChain and the Gemini CLI through the proxy (installs them into .cache/clients first)
 check-clients *ARGS:
     ./scripts/check_clients {{ARGS}}
+
+# build the container image (scripts/deploy/Containerfile) and run it against the fake Gemini (podman; installs it first)
+check-container *ARGS:
+    ./scripts/check_container {{ARGS}}
