@@ -468,8 +468,11 @@ class GeminiProxy:
         flow.request.headers.pop("expect", None)
         if not (d.body_expected and self.rt.relay.port):
             self._reply(flow, rec, d.status, d.message, d.reason, close=d.body_expected)
+            if d.allow and flow.response is not None:
+                flow.response.headers["allow"] = d.allow
             return
         headers, body = error_parts(d.api, rec.request_id, d.status, d.message, d.reason)
+        headers += [("allow", d.allow)] if d.allow else []
         rec.status, rec.proxy_reason, rec.proxy_message = d.status, d.reason, d.message
         rec.refused = True
         rec.relay_ticket = self.rt.relay.refuse(d.status, "", headers, body, after_body=True)
