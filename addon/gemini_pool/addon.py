@@ -470,6 +470,8 @@ class GeminiProxy:
             self._reply(flow, rec, d.status, d.message, d.reason, close=d.body_expected)
             if d.allow and flow.response is not None:
                 flow.response.headers["allow"] = d.allow
+            if flow.request.method == "HEAD" and flow.response is not None:
+                flow.response.content = b""  # mitmproxy would send a body on a HEAD answer
             return
         headers, body = error_parts(d.api, rec.request_id, d.status, d.message, d.reason)
         headers += [("allow", d.allow)] if d.allow else []
