@@ -41,10 +41,12 @@ from .lifecycle import Runtime, raise_fd_limit
 from .metrics import GATE_REFUSALS, INFLIGHT
 from .pins import UPLOAD_URL_HEADERS, rewrite_upload_headers
 from .records import RequestRecord
+from .redis_url import redis_url_problem
 from .relay import Held
 from .routing import Api, RouteError, route
 from .selector import PoolPolicy
 from .service import ProxyService, Settings, install_access_log
+from .shared import await_ready
 from .store import Store, StoreError
 from .upstream import UpstreamAnswer
 from .usage import UsageTap, decoded
@@ -261,11 +263,8 @@ class GeminiProxy:
                 ) from None
         self.rt.public_url, self.rt.trusted_proxies = public, tuple(trusted)
         redis_url = o.gemini_redis.strip()
-        if redis_url and not re.fullmatch(r"(rediss?|unix)://[^\s@]+", redis_url):
-            raise exceptions.OptionsError(
-                "gemini_redis must be redis://HOST:PORT/DB or rediss://... without a password "
-                f"(give it in $GEMINI_REDIS_PASSWORD), got {redis_url.split('@')[-1]!r}"
-            )
+        if (problem := redis_url_problem(redis_url)) is not None:
+            raise exceptions.OptionsError(problem)
         if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", o.gemini_redis_prefix):
             raise exceptions.OptionsError("gemini_redis_prefix: 1-64 of A-Z a-z 0-9 _ . : -")
         worker = o.gemini_worker.strip() or f"{socket.gethostname()}:{os.getpid()}"
@@ -507,6 +506,8 @@ class GeminiProxy:
 
     async def _forward(self, flow: http.HTTPFlow, rec: RequestRecord) -> None:
         assert rec.upstream is not None
+        if self.rt.sharing[0]:  # a joining worker serves nothing before it knows the pool
+            await await_ready(lambda: self.service.shared)
         req = flow.request
         body = req.raw_content or b""
         if len(body) > self.service.settings.max_body:
