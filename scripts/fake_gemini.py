@@ -39,7 +39,15 @@ event in a 200 stream). Behaviours apply to every endpoint below, resources incl
 Unknown keys answer API_KEY_INVALID.
 
 Per-request knobs (headers): x-fake-events (stream events, default 3), x-fake-delay-ms (between
-events), x-fake-latency-ms (before answering), x-fake-event-bytes (padding per stream event).
+events), x-fake-latency-ms (before answering), x-fake-event-bytes (padding per stream event),
+x-fake-poison: close | garbage (answer this request normally, then spoil its kept-alive
+connection: the next request on it gets no answer, the connection closed as in a keep-alive race
+(`close`), or bytes that are no status line (`garbage`); logged with status 0 and "poisoned").
+
+Google's wrong-ways, on purpose: HEAD (any path) is answered with a body, as some upstreams and
+middleboxes do; a client that reuses that connection reads the body as its next status line.
+Credentials as Google takes them: `key` and `$key` (percent-encoded names decoded) both count.
+Every log entry has "headers" (lower-case names) beside "query".
 
 Compression: when Accept-Encoding allows gzip (and "gzip" is on), every answer with a body
 (unary JSON, errors, uploads) has Content-Encoding: gzip; streams (SSE, JSON array,
@@ -781,6 +789,7 @@ class FakeGemini:
         self.uploads: dict[str, dict[str, Any]] = {}
         self.caches: dict[str, dict[str, Any]] = {}  # id -> {"project", "expires", "doc"}
         self.batches: dict[str, dict[str, Any]] = {}  # id -> {"project", "doc"}
+        self.poisoned: dict[Any, str] = {}  # transport -> how its next request goes wrong
 
     # --- control
     async def set_config(self, request: web.Request) -> web.Response:
@@ -826,8 +835,8 @@ class FakeGemini:
         found = []
         if request.headers.get("x-goog-api-key"):
             found.append(request.headers["x-goog-api-key"])
-        if request.query.get("key"):
-            found.append(request.query["key"])
+        for name in ("key", "$key"):
+            found += [v for v in request.query.getall(name, []) if v]
         auth = request.headers.get("authorization", "")
         if auth.lower().startswith("bearer "):
             found.append(auth[7:])
@@ -874,9 +883,47 @@ class FakeGemini:
     def compress(self, request: web.Request) -> bool:
         return self.gzip and accepts_gzip(request.headers.get("Accept-Encoding", ""))
 
+    def spoilt(self, request: web.Request) -> web.StreamResponse | None:
+        """A request on a connection an earlier answer spoilt: no answer, or garbage."""
+        how = self.poisoned.pop(request.transport, None)
+        if how is None or request.transport is None:
+            return None
+        self.log.append(
+            {
+                "key": request.headers.get("x-goog-api-key"),
+                "method": request.method,
+                "path": request.path,
+                "query": request.query_string,
+                "headers": {k.lower(): v for k, v in request.headers.items()},
+                "model": None,
+                "stream": False,
+                "t": time.time(),
+                "status": 0,
+                "poisoned": how,
+            }
+        )
+        if how == "garbage":
+            request.transport.write(b"\x00\x01not a status line\r\n\r\n")
+        request.transport.abort()
+        return web.Response()
+
+    @staticmethod
+    def head_with_body(request: web.Request) -> web.Response:
+        """HEAD answered the wrong way: a body follows the head (written past aiohttp)."""
+        body = b'{"wrong": "a HEAD answer has no body"}'
+        assert request.transport is not None
+        request.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        return web.Response(status=200)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         openai = path.startswith("/v1beta/openai/")
+        spoilt = self.spoilt(request)
+        if spoilt is not None:
+            return spoilt
         if path.startswith("/upload/") and "upload_id" in request.query:
             return await self.upload_chunk(request)
         key, err = self.credential(request, openai)
@@ -890,6 +937,7 @@ class FakeGemini:
             "method": request.method,
             "path": path,
             "query": request.query_string,
+            "headers": {k.lower(): v for k, v in request.headers.items()},
             "model": model,
             "stream": stream,
             "body": body[:4096].decode("utf-8", "replace"),  # what arrived (tests compare it)
@@ -898,6 +946,9 @@ class FakeGemini:
         }
         self.log.append(entry)
         self.count(operation_of(request.method, path))
+        if request.method == "HEAD":
+            entry["status"] = 200
+            return self.head_with_body(request)
         if err is not None:
             entry["status"] = err.status
             return err
@@ -921,6 +972,9 @@ class FakeGemini:
             return self.error(fault[0], fault[1], openai)
         resp = await self.answer(request, path, body, key, model, stream, behaviour, openai)
         entry["status"] = resp.status
+        poison = request.headers.get("x-fake-poison", "")
+        if poison in ("close", "garbage") and request.transport is not None:
+            self.poisoned[request.transport] = poison
         return resp
 
     async def answer(

@@ -102,15 +102,18 @@ class AdminServer:
 
     async def readyz(self, request: web.Request) -> web.Response:
         usable = self.service.pool.usable_count(time.time())
-        doc: dict[str, Any] = {"ready": usable > 0, "usable_keys": usable}
         shared = self.service.shared
+        # a joining worker is not ready before its first sync with the pool (or READY_WAIT)
+        synced = shared is None or shared.ready.is_set()
+        doc: dict[str, Any] = {"ready": usable > 0 and synced, "usable_keys": usable}
         if shared is not None:  # a worker serves on its own state while Redis is away
             doc["shared_state"] = {
                 "up": shared.up,
+                "synced": synced,
                 "worker": shared.worker,
                 **({"error": shared.last_error} if shared.last_error else {}),
             }
-        return web.json_response(doc, status=200 if usable else 503)
+        return web.json_response(doc, status=200 if doc["ready"] else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")

@@ -175,6 +175,7 @@ class Dispatcher:
                 req.body,
                 stream=req.route.streaming,
                 timeout=max(math.ceil(time_left), 1),  # whole seconds: timeouts get reused
+                repeatable=req.route.repeatable,
             )
         except UpstreamError as e:
             return None, network_verdict(str(e), e.sent), time.perf_counter() - t0

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from .routing import Api, api_for_path, query_credentials, query_param
 
 MAX_TOKEN = 4096
-# request headers that carry a credential Google would accept, or that Google checks against a
-# key's restrictions (so a caller could make a key look dead): never forwarded
+# request headers that carry a credential Google would accept, name who is billed or counted
+# (X-Goog-User-Project, X-Goog-Quota-User), or that Google checks against a key's restrictions
+# (so a caller could make a key look dead): never forwarded
 CREDENTIAL_FIELDS = frozenset({b"x-goog-api-key", b"authorization"})
 STRIPPED_FIELDS = CREDENTIAL_FIELDS | {
     b"proxy-authorization",
@@ -32,8 +33,21 @@ STRIPPED_FIELDS = CREDENTIAL_FIELDS | {
     b"x-android-cert",
     b"x-ios-bundle-identifier",
     b"x-goog-user-project",
+    b"x-goog-quota-user",
     b"x-forwarded-for",
 }
+# the methods Gemini's API has (the SDKs use no other); PUT only for an upload session's bytes
+# (the resumable protocol's follow-ups). Anything else (HEAD, TRACE, OPTIONS, a made-up token)
+# gets 405 from the proxy: an upstream or middlebox that answers HEAD with a body would poison
+# the pooled connection.
+API_METHODS = ("GET", "POST", "PATCH", "DELETE")
+UPLOAD_METHODS = (*API_METHODS, "PUT")
+
+
+def allowed_methods(path: str) -> tuple[str, ...]:
+    return UPLOAD_METHODS if path.startswith("/upload/") else API_METHODS
+
+
 # a header name as HTTP defines it (RFC 9110 token); anything else is refused, not guessed at
 _TOKEN_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # what a browser sends with a request another site made it send
@@ -91,6 +105,7 @@ class Refuse:
     api: Api
     body_expected: bool = False
     error: str | None = None  # what raised, for the log (never shown to the caller)
+    allow: str | None = None  # the Allow header of a 405
 
 
 def digest(token: str) -> bytes:
@@ -327,6 +342,18 @@ class Gate:
         # 6. a path the proxy serves
         if found is None:
             return Refuse(404, unknown_path_message(a.path), "unknown_path", api, body_expected)
+
+        # 7. a method the API has
+        allowed = allowed_methods(a.path)
+        if a.method not in allowed:
+            return Refuse(
+                405,
+                f"method {a.method[:20]!r} is not allowed here; allowed: {', '.join(allowed)}",
+                "method_not_allowed",
+                api,
+                body_expected,
+                allow=", ".join(allowed),
+            )
         return Admit(
             client,
             api,

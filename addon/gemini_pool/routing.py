@@ -27,8 +27,13 @@ _MODEL_RE = re.compile(r"/(?:models|tunedModels)/([^/:?]+)(?::([A-Za-z]+))?")
 # what a model id may look like (gemini-2.5-flash, text-embedding-004, a tuned model's id): it
 # names cooldown buckets, usage rows and log fields, so nothing else gets that far
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-# query parameters Google takes as a credential: never forwarded (ours is injected)
-CREDENTIAL_PARAMS = frozenset({"key", "access_token", "oauth_token"})
+# query parameters (Google's "system parameters") that carry a credential or name who is billed
+# or counted: never forwarded (ours is injected). Google takes each plain or `$`-prefixed, and
+# camelCase or snake_case; names are compared as `param_name` folds them.
+CREDENTIAL_PARAMS = frozenset(
+    {"key", "access_token", "oauth_token", "bearer_token", "quotaUser", "userProject"}
+)
+_FOLDED_PARAMS = frozenset(n.lower().replace("_", "") for n in CREDENTIAL_PARAMS)
 # native methods that change nothing at Google (repeating one costs quota, nothing else)
 REPEATABLE_RPCS = frozenset(
     {
@@ -105,8 +110,30 @@ class QueryCredentials:
     malformed: bool  # a credential parameter that does not decode
 
 
+def param_name(raw: str) -> str:
+    """A parameter's name folded the way every spelling Google might take folds alike.
+
+    Percent-decoded until it stops changing (`%2524key`), `+` as a space, stripped, lower case,
+    without leading `$` and without `_`/`-`: `$Key`, `%24key`, `ACCESS_TOKEN`, `quota_user` and
+    `$userProject` fold to `key`, `accesstoken`, `quotauser`, `userproject`.
+    """
+    name = raw
+    for _ in range(8):
+        decoded = unquote_plus(name, errors="replace")
+        if decoded == name:
+            break
+        name = decoded
+    return name.strip().lower().lstrip("$").replace("_", "").replace("-", "")
+
+
+def is_credential_param(raw_name: str) -> bool:
+    """Does a query parameter of this (raw, still encoded) name carry a credential or a billing
+    or quota identity?"""
+    return param_name(raw_name) in _FOLDED_PARAMS
+
+
 def query_credentials(query: str) -> QueryCredentials:
-    """Take every credential parameter out of a query string, however its name is encoded."""
+    """Take every credential parameter out of a query string, however its name is spelled."""
     if not query:
         return QueryCredentials(query, (), False)
     kept: list[str] = []
@@ -114,12 +141,10 @@ def query_credentials(query: str) -> QueryCredentials:
     malformed = False
     for part in query.split("&"):
         raw_name, _, raw_value = part.partition("=")
-        name = unquote_plus(raw_name, errors="replace").strip().lower()
-        if name not in CREDENTIAL_PARAMS:
+        name = param_name(raw_name)
+        if name not in _FOLDED_PARAMS:
             if ";" in part and any(
-                unquote_plus(p.partition("=")[0], errors="replace").strip().lower()
-                in CREDENTIAL_PARAMS
-                for p in part.split(";")[1:]
+                is_credential_param(p.partition("=")[0]) for p in part.split(";")[1:]
             ):
                 malformed = True  # `x=1;key=T`: servers that split on ';' see a credential
                 continue

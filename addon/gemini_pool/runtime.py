@@ -24,6 +24,7 @@ from .pipeline import Pipeline
 from .records import RequestRecord
 from .relay import StreamRelay
 from .service import ProxyService
+from .shared import await_ready
 from .watcher import FileWatcher
 
 log = logging.getLogger("gemini_proxy")
@@ -103,10 +104,14 @@ class Runtime:
         self.flows = InFlight(self.service)
 
     async def ready(self, timeout: float = STARTUP_WAIT) -> None:
-        """Wait (bounded) until `running` started the relay and the side servers."""
+        """Wait (bounded) until `running` started the relay and the side servers, and a joining
+        worker's first sync with the pool's shared state is done: it serves nothing before it
+        knows the pool (dead keys, cooling projects, operators' disables)."""
         if self.started is not None and not self.started.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.started.wait(), timeout)
+        if self.sharing[0]:
+            await await_ready(lambda: self.service.shared)
 
     async def start(self, admin: tuple[str, int, str] | None, watch_ms: Callable[[], int]) -> None:
         assert self.started is not None

@@ -16,6 +16,12 @@ everything they know (a Redis restarted empty gets the whole state again).
 Layout (every key under `prefix:`): hashes `marks` and `breakers` (field: key fingerprint),
 `cooldowns` (field: project, model), `pins` (field: kind, name); channel `events`; locks
 `probe:<fingerprint>` and `check:<fingerprint>` (SET NX PX). Never a secret: fingerprints, names.
+
+Entries that expire (cooldowns, pins, upload sessions) are deleted from Redis once expired, at
+every sync and every PRUNE_EVERY seconds, by every worker (Redis 7.0 has no per-field TTL). A
+field that does not parse is skipped with one warning, never a reconnect: the merge scripts
+overwrite it on the next write. A worker that joins takes no request before its first sync
+(`await_ready`), or READY_WAIT seconds, whichever comes first.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from redis import asyncio as aioredis
@@ -34,7 +40,11 @@ from redis.exceptions import RedisError
 
 from . import metrics
 from .pins import Pin, ResourcePins
+from .redis_url import shown
 from .selector import KeyPool, KeyState
+from .shared_scripts import MERGE as _MERGE
+from .shared_scripts import MERGE_MARKS as _MERGE_MARKS
+from .shared_scripts import RELEASE as _RELEASE
 
 log = logging.getLogger("gemini_proxy")
 
@@ -43,51 +53,12 @@ QUEUE_LIMIT = 50_000  # changes waiting to be written; past it they are dropped,
 PROBE_LOCK_MS = 10_000  # a probe grant; renewed while the breaker still waits for its probe
 CHECK_LOCK_MS = 30_000
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+READY_WAIT = 5.0  # longest a joining worker holds requests back waiting for its first sync
+PRUNE_EVERY = 300.0  # seconds between deletions of expired entries from Redis
+WARNED_LIMIT = 1000  # malformed fields remembered (each is warned about once)
 
-# Write a hash field only if the new value is newer: by `t` (marks, breakers) or by the later
-# expiry (cooldowns: `until`, pins: `expires`). Returns 1 if written.
-_MERGE = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur then
-  local old = cjson.decode(cur)[ARGV[3]] or 0
-  local new = cjson.decode(ARGV[2])[ARGV[3]] or 0
-  if old >= new then return 0 end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"""
 _ORDER = {"marks": "t", "breakers": "t", "cooldowns": "until", "pins": "expires"}
-# marks merge field-wise (selector.merge_marks): the newer change wins, but a dead mark stays
-# until the key was revived after it
-_MERGE_MARKS = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if not cur then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return 1 end
-local a = cjson.decode(cur)
-local b = cjson.decode(ARGV[2])
-local function num(x) if type(x) == 'number' then return x end return 0 end
-local function marked(x) return (x['dead'] and x['dead'] ~= cjson.null) or (x['suspect'] and x['suspect'] ~= cjson.null) end
-local new, old = a, b
-if num(b['t']) > num(a['t']) then new, old = b, a end
-local out = {}
-for k, v in pairs(old) do out[k] = v end
-for k, v in pairs(new) do out[k] = v end
-local dead_at = math.max(num(new['dead_at']), num(old['dead_at']))
-local revived_at = math.max(num(new['revived_at']), num(old['revived_at']))
-out['dead_at'] = dead_at
-out['revived_at'] = revived_at
-if (not marked(new)) and marked(old) and num(old['dead_at']) > revived_at then
-  for _, f in ipairs({'dead', 'suspect', 'next_check', 'backoff'}) do out[f] = old[f] end
-end
-local enc = cjson.encode(out)
-if enc == cur then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], enc)
-return 1
-"""
-# a probe grant ends with the probe (the breaker closed or opened again): free it if it is ours
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+_EXPIRY = {"cooldowns": "until", "pins": "expires"}  # tables whose entries expire
 
 
 class SharedState:
@@ -99,12 +70,19 @@ class SharedState:
         prefix: str,
         worker: str,
         on_change: Callable[[], None] = lambda: None,
+        *,
+        socket_timeout: float = 5.0,
+        ready_wait: float = READY_WAIT,
     ) -> None:
         self.pool, self.pins = pool, pins
         self.url, self.prefix, self.worker = url, prefix, worker
         self.on_change = on_change  # local state changed (persist it)
+        self.socket_timeout, self.ready_wait = socket_timeout, ready_wait
         self.up = False
         self.last_error: str | None = None
+        self.ready = asyncio.Event()  # set by the first sync, or after `ready_wait` without one
+        self.syncs = 0  # full syncs with Redis (one per connection)
+        self._warned: set[tuple[str, str]] = set()
         self._queue: asyncio.Queue[tuple[str, str, dict[str, Any] | None]] = asyncio.Queue(
             QUEUE_LIMIT
         )
@@ -146,7 +124,19 @@ class SharedState:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._run())
+            loop.call_later(self.ready_wait, self._ready_anyway)
+
+    def _ready_anyway(self) -> None:
+        if not self.ready.is_set():
+            log.warning(
+                "gemini-proxy: no sync with the shared state within %.0f s of start (%s): "
+                "serving on this worker's local state until it comes",
+                self.ready_wait,
+                self.last_error or "Redis did not answer",
+            )
+            self.ready.set()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -174,7 +164,7 @@ class SharedState:
                 state.breaker.probe_granted = False
 
     def _where(self) -> str:
-        return self.url.split("@")[-1]  # no credentials in logs
+        return shown(self.url)  # no credentials in logs
 
     async def _close(self) -> None:
         if self._redis is not None:
@@ -190,9 +180,10 @@ class SharedState:
                     self.url,
                     password=os.environ.get("GEMINI_REDIS_PASSWORD") or None,
                     socket_connect_timeout=2,
-                    socket_timeout=5,
+                    socket_timeout=self.socket_timeout,
                     health_check_interval=5,
                     decode_responses=True,
+                    encoding_errors="replace",  # bytes that are no UTF-8: a malformed field
                 )
                 await self._redis.ping()
                 merge = self._redis.register_script(_MERGE)
@@ -202,8 +193,9 @@ class SharedState:
                 await pubsub.subscribe(self._k("events"))
                 await self._resync(merge)
                 self._set_up(True)
+                self.ready.set()
                 attempt = 0
-                await _first_failure(self._listen(pubsub), self._write(merge))
+                await _first_failure(self._listen(pubsub), self._write(merge), self._prune())
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, ConnectionError, TimeoutError, ValueError) as e:
@@ -223,11 +215,13 @@ class SharedState:
     async def _resync(self, merge: Any) -> None:
         """Learn everything Redis holds, then write back everything this worker knows."""
         assert self._redis is not None
+        now = time.time()
         for table in _ORDER:
             entries = await self._redis.hgetall(self._k(table))
-            for field, raw in entries.items():
-                with contextlib.suppress(ValueError, TypeError, KeyError):
-                    self._apply(table, str(field), json.loads(raw))
+            expired = list(self._apply_stored(table, entries.items(), now))
+            if expired:
+                await self._redis.hdel(self._k(table), *expired)
+        self.syncs += 1
         self._overflow = False
         while not self._queue.empty():  # superseded by the full state below
             self._queue.get_nowait()
@@ -250,6 +244,52 @@ class SharedState:
             )
         await self._flush(merge, items, publish=True)
         self.on_change()
+
+    def _apply_stored(
+        self, table: str, entries: Iterable[tuple[Any, Any]], now: float
+    ) -> Iterable[str]:
+        """Apply fields read from Redis; yield the ones that have expired (to delete)."""
+        for field, raw in entries:
+            try:
+                value = json.loads(raw)
+                if not isinstance(value, dict):
+                    raise TypeError(f"a JSON {type(value).__name__}, not an object")
+                until = value.get(_EXPIRY[table]) if table in _EXPIRY else None
+                if until is not None and float(until) <= now:
+                    yield str(field)
+                    continue
+                self._apply(table, str(field), value)
+            except Exception as e:  # whatever is in there: skip it, keep the connection
+                self._malformed(table, str(field), e)
+
+    def _malformed(self, table: str, field: str, e: Exception) -> None:
+        if (table, field) in self._warned:
+            return
+        if len(self._warned) < WARNED_LIMIT:
+            self._warned.add((table, field))
+        log.warning(
+            "gemini-proxy: skipping a malformed shared-state field %s %r: %s: %s",
+            self._k(table),
+            field[:80],
+            type(e).__name__,
+            str(e)[:200],
+        )
+
+    async def _prune(self) -> None:
+        """Delete expired cooldowns, pins and upload sessions from Redis, now and then."""
+        while True:
+            await asyncio.sleep(PRUNE_EVERY)
+            assert self._redis is not None
+            now = time.time()
+            for table in _EXPIRY:
+                expired = []
+                async for field, raw in self._redis.hscan_iter(self._k(table), count=500):
+                    with contextlib.suppress(Exception):
+                        value = json.loads(raw)
+                        if float(value[_EXPIRY[table]]) <= now:
+                            expired.append(field)
+                for i in range(0, len(expired), 500):
+                    await self._redis.hdel(self._k(table), *expired[i : i + 500])
 
     async def _write(self, merge: Any) -> None:
         while True:
@@ -289,15 +329,23 @@ class SharedState:
         async for message in pubsub.listen():
             if message.get("type") != "message":
                 continue
+            changed = False
             try:
                 doc = json.loads(message["data"])
                 if doc.get("w") == self.worker:
                     continue
-                changed = False
-                for table, field, value in doc["items"]:
-                    changed |= self._apply(table, field, value)
-            except (ValueError, TypeError, KeyError) as e:
-                log.warning("gemini-proxy: ignoring a malformed shared-state event: %s", e)
+                for item in doc["items"]:
+                    try:
+                        table, field, value = item
+                        changed |= self._apply(table, field, value)
+                    except Exception as e:  # one bad item spoils nothing else
+                        self._malformed("events", repr(item)[:80], e)
+            except Exception as e:  # never a reason to drop the subscription
+                log.warning(
+                    "gemini-proxy: ignoring a malformed shared-state event: %s: %s",
+                    type(e).__name__,
+                    str(e)[:200],
+                )
                 continue
             if changed:
                 self.on_change()
@@ -368,3 +416,23 @@ async def _first_failure(*coros: Any) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def await_ready(get: Callable[[], SharedState | None], timeout: float = READY_WAIT) -> None:
+    """The request path's wait for a joining worker's first sync with the pool (bounded).
+
+    `get` returns the worker's SharedState; it is None until the event loop runs, though sharing
+    is configured. Returns at once once the first sync is done (or `ready_wait` has passed).
+    """
+    shared = get()
+    if shared is not None and shared.ready.is_set():
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while shared is None:
+        if loop.time() >= deadline:
+            return
+        await asyncio.sleep(0.01)
+        shared = get()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(shared.ready.wait(), max(0.0, deadline - loop.time()))

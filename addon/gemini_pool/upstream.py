@@ -11,6 +11,8 @@ import asyncio
 import functools
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 import aiohttp
 import yarl
@@ -96,11 +98,38 @@ def forwardable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
 
 
+async def _on_reuse(_session: Any, ctx: SimpleNamespace, _params: Any) -> None:
+    if isinstance(ctx.trace_request_ctx, SimpleNamespace):
+        ctx.trace_request_ctx.reused = True
+
+
+def _tracing() -> aiohttp.TraceConfig:
+    """Tells a request sent on a pooled (kept-alive) connection from one on a new connection."""
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_reuseconn.append(_on_reuse)
+    return trace
+
+
+def stale_connection(e: BaseException) -> bool:
+    """A failure a kept-alive connection gives when the server closed or spoilt it while it sat
+    in the pool: closed (ServerDisconnectedError), reset (ClientOSError), or bytes that are no
+    answer ("Bad status line", a protocol error). Not a failure to connect."""
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return False
+    if isinstance(e, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return True
+    return isinstance(e, aiohttp.ClientResponseError) and isinstance(
+        e.__cause__, aiohttp.http_exceptions.HttpProcessingError
+    )
+
+
 class UpstreamClient:
     def __init__(self, connect_timeout: float = 10.0, read_timeout: float = 300.0) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None
+        self.stale_retries = 0  # requests re-sent on a fresh connection after a stale one failed
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -109,8 +138,20 @@ class UpstreamClient:
                 auto_decompress=False,
                 connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
                 cookie_jar=aiohttp.DummyCookieJar(),
+                trace_configs=[_tracing()],
             )
         return self._session
+
+    @property
+    def fresh(self) -> aiohttp.ClientSession:
+        """A new connection for every request: for what must not meet a stale pooled one."""
+        if self._fresh is None or self._fresh.closed:
+            self._fresh = aiohttp.ClientSession(
+                auto_decompress=False,
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, force_close=True),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._fresh
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - a few distinct values, client lives forever
     def _timeout(self, stream: bool, timeout: float) -> aiohttp.ClientTimeout:
@@ -123,9 +164,10 @@ class UpstreamClient:
         )
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        for session in (self._session, self._fresh):
+            if session is not None and not session.closed:
+                await session.close()
+        self._session = self._fresh = None
 
     async def send(
         self,
@@ -136,11 +178,17 @@ class UpstreamClient:
         *,
         stream: bool,
         timeout: float,
+        repeatable: bool = True,
     ) -> UpstreamAnswer:
         """Send one attempt. A 2xx streaming answer comes back open, with its first chunk read.
 
         Reading the first chunk here makes a stream that breaks before it a failed attempt, retried
         on another key like any other, since nothing has reached the caller yet.
+
+        A kept-alive connection can go stale in the pool (the server closed it, or an answer left
+        stray bytes on it). A repeatable request that fails that way on a reused connection is
+        sent once more on a new connection before the failure counts (against no key so far);
+        a request that is not safe to repeat (a create, a delete) always gets a new connection.
         """
         lower = {k.lower() for k, _ in headers}
         skip = [
@@ -152,18 +200,26 @@ class UpstreamClient:
             out = [(k, v) for k, v in out if k.lower() != "accept-encoding"]
             out.append(("Accept-Encoding", accept_encoding(accepted)))
         t = self._timeout(stream, timeout)
-        try:
-            resp = await self.session.request(
-                method,
-                yarl.URL(url, encoded=True),  # forward the path exactly as routed
-                headers=out,
-                data=body or None,
-                skip_auto_headers=skip,
-                allow_redirects=False,
-                timeout=t,
-            )
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise UpstreamError(_describe(e), sent=not _never_connected(e)) from None
+        session = self.session if repeatable else self.fresh
+        for last in (False, True):
+            ctx = SimpleNamespace(reused=False)
+            try:
+                resp = await session.request(
+                    method,
+                    yarl.URL(url, encoded=True),  # forward the path exactly as routed
+                    headers=out,
+                    data=body or None,
+                    skip_auto_headers=skip,
+                    allow_redirects=False,
+                    timeout=t,
+                    trace_request_ctx=ctx,
+                )
+                break
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                if last or not ctx.reused or not stale_connection(e):
+                    raise UpstreamError(_describe(e), sent=not _never_connected(e)) from None
+                self.stale_retries += 1
+                session = self.fresh
         out_headers = forwardable(list(resp.headers.items()))
         if stream and 200 <= resp.status < 300:
             try:

@@ -92,11 +92,16 @@ class Gatekeeper:
         rec.answered(d.status, d.reason, d.message)
         relay = self.rt.relay
         if not (d.body_expected and relay.port):
-            flow.response = error_response(
+            flow.response = response = error_response(
                 d.api, rec.request_id, d.status, d.message, d.reason, close=d.body_expected
             )
+            if d.allow:
+                response.headers["allow"] = d.allow
+            if flow.request.method == "HEAD":
+                response.content = b""  # mitmproxy would send a body on a HEAD answer
             return
         headers, body = error_parts(d.api, rec.request_id, d.status, d.message, d.reason)
+        headers += [("allow", d.allow)] if d.allow else []
         rec.relay_ticket = relay.refuse(d.status, "", headers, body, after_body=True)
         rec.detour = point_at_relay(flow, relay.port, rec.relay_ticket, keep_body=True)
         flow.request.stream = True

@@ -27,6 +27,7 @@ from ..access_log import install_access_log
 from ..breaker import BreakerPolicy
 from ..config import ConfigError
 from ..dispatch import DispatchPolicy
+from ..redis_url import redis_url_problem
 from ..runtime import Runtime
 from ..selector import PoolPolicy
 from ..service import Settings
@@ -210,11 +211,8 @@ class Options:
                     f"gemini_trusted_proxies: {entry!r} is not an IP address or network"
                 ) from None
         redis_url = o.gemini_redis.strip()
-        if redis_url and not re.fullmatch(r"(rediss?|unix)://[^\s@]+", redis_url):
-            raise exceptions.OptionsError(
-                "gemini_redis must be redis://HOST:PORT/DB or rediss://... without a password "
-                f"(give it in $GEMINI_REDIS_PASSWORD), got {redis_url.split('@')[-1]!r}"
-            )
+        if (problem := redis_url_problem(redis_url)) is not None:
+            raise exceptions.OptionsError(problem)
         if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", o.gemini_redis_prefix):
             raise exceptions.OptionsError("gemini_redis_prefix: 1-64 of A-Z a-z 0-9 _ . : -")
         worker = o.gemini_worker.strip() or f"{socket.gethostname()}:{os.getpid()}"
