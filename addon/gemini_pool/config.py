@@ -22,7 +22,11 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_KEYS_VAR = "GEMINI_API_KEYS"
 
 KEY_FIELDS = {"name", "key", "key_env", "project", "weight", "enabled"}
-CLIENT_FIELDS = {"name", "token", "token_env"}
+CLIENT_FIELDS = {"name", "token", "token_env", "group", "limits"}
+LIMIT_FIELDS = {"rpm", "concurrent", "requests_per_day", "tokens_per_day", "models"}
+MAX_LIMIT = 10**12
+MODEL_GLOB = re.compile(r"[A-Za-z0-9._*?-]{1,128}")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # routing.MODEL_ID
 TOP_FIELDS = {"keys", "clients"}
 
 
@@ -66,9 +70,35 @@ class KeySpec:
 
 
 @dataclass(frozen=True)
+class ClientLimits:
+    """A client's limits; None (or no models): no limit of that kind."""
+
+    rpm: int | None = None  # requests per rolling minute
+    concurrent: int | None = None  # requests in flight
+    requests_per_day: int | None = None  # per Pacific day, as Google counts days
+    tokens_per_day: int | None = None  # input + output tokens per Pacific day
+    models: tuple[str, ...] = ()  # globs of the models it may use
+
+    @property
+    def any(self) -> bool:
+        return self != NO_LIMITS
+
+
+NO_LIMITS = ClientLimits()
+
+
+@dataclass(frozen=True)
 class ClientSpec:
     name: str
     token: str = field(repr=False)
+    group: str = ""  # clients of one group share resources; default: a group of its own
+    limits: ClientLimits = NO_LIMITS
+
+    @property
+    def group_name(self) -> str:
+        """Who shares this client's resources: its `group`, else itself alone (a name no
+        configured group can take: group names have no ':')."""
+        return self.group or f"client:{self.name}"
 
 
 @dataclass(frozen=True)
@@ -260,10 +290,53 @@ def parse_config(data: bytes, source: str, env: Mapping[str, str] | None = None)
             entry.fail("same token as another client", "token")
         if token in secrets:
             entry.fail("a client token must not be one of the API keys", "token")
+        group = entry.string("group") or ""
+        if group and not NAME_RE.match(group):
+            entry.fail("must be 1-64 characters of letters, digits, '_', '.', '-'", "group")
+        limits = _limits(entry, top.line) if "limits" in entry.raw else NO_LIMITS
         client_names.add(name)
         tokens.add(token)
-        clients.append(ClientSpec(name, token))
+        clients.append(ClientSpec(name, token, group, limits))
     return Config(tuple(keys), tuple(clients), source)
+
+
+def _limits(client: _Entry, parent_line: int) -> ClientLimits:
+    """A client's `limits:` mapping: positive whole numbers, and model globs that can match."""
+    raw = client.raw.get("limits")
+    if raw is None:
+        return NO_LIMITS
+    entry = _Entry(client.source, f"{client.what} limits", raw, LIMIT_FIELDS, parent_line)
+    numbers: dict[str, int | None] = {}
+    for fld in sorted(LIMIT_FIELDS - {"models"}):
+        value = entry.raw.get(fld)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT
+        ):
+            entry.fail(f"must be a whole number from 1 to {MAX_LIMIT}, got {value!r}", fld)
+        numbers[fld] = value
+    globs = entry.raw.get("models")
+    if globs is None:
+        globs = []
+    if not isinstance(globs, list) or not all(isinstance(g, str) for g in globs):
+        entry.fail("must be a list of model names or globs (gemini-2.5-flash*)", "models")
+    models: list[str] = []
+    for glob in globs:
+        g = glob.strip().removeprefix("models/")
+        # a glob must be able to match some model name: * and ? stand for name characters
+        if not MODEL_GLOB.fullmatch(g) or not _MODEL_NAME.fullmatch(
+            g.replace("*", "x").replace("?", "x")
+        ):
+            entry.fail(
+                f"{glob!r} matches no model name (letters, digits, . _ -, and * ?)", "models"
+            )
+        models.append(g)
+    return ClientLimits(
+        rpm=numbers["rpm"],
+        concurrent=numbers["concurrent"],
+        requests_per_day=numbers["requests_per_day"],
+        tokens_per_day=numbers["tokens_per_day"],
+        models=tuple(models),
+    )
 
 
 def keys_from_env(value: str, source: str = ENV_KEYS_VAR) -> Config:

@@ -69,6 +69,14 @@ clients:
             6,
             "must not be one of the API keys",
         ),
+        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits: {rpm: -1}\n", 7, "field 'rpm': must be a whole number"),
+        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits: {rpm: 1.5}\n", 7, "field 'rpm'"),
+        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits: {concurrent: true}\n", 7, "field 'concurrent'"),
+        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits: {rmp: 60}\n", 7, "unknown field(s) rmp"),
+        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits:\n      models: ['gemini/*']\n", 8, "matches no model name"),
+        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits:\n      models: ['']\n", 8, "matches no model name"),
+        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits:\n      models: gemini-2.5-flash\n", 8, "must be a list"),
+        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    group: 'team a'\n", 7, "field 'group'"),
     ],
 )
 def test_errors_name_file_line_and_field(text: str, line: int, fragment: str) -> None:
@@ -135,3 +143,20 @@ def test_a_field_error_names_the_fields_own_line() -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(data, "keys.yaml", {})
     assert str(e.value).startswith("keys.yaml:7: keys[1] (beta), field 'weight'")
+
+
+def test_clients_groups_and_limits() -> None:
+    c = parse(
+        "keys:\n  - {name: a, key: k1}\nclients:\n"
+        "  - name: alice\n    token: t1\n    group: team-a\n"
+        "    limits: {rpm: 60, concurrent: 4, requests_per_day: 5000, tokens_per_day: 2000000,"
+        " models: ['gemini-2.5-flash*', 'models/text-embedding-*']}\n"
+        "  - {name: bob, token: t2, group: team-a}\n"
+        "  - {name: carol, token: t3}\n"
+    )
+    alice, bob, carol = c.clients
+    assert alice.group_name == bob.group_name == "team-a"
+    assert carol.group_name == "client:carol" and not carol.limits.any
+    assert alice.limits.rpm == 60 and alice.limits.concurrent == 4
+    assert alice.limits.requests_per_day == 5000 and alice.limits.tokens_per_day == 2_000_000
+    assert alice.limits.models == ("gemini-2.5-flash*", "text-embedding-*")
