@@ -105,7 +105,7 @@ import time
 import uuid
 import warnings
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -430,6 +430,35 @@ def seconds(duration: Any, default: float) -> float:
         with contextlib.suppress(ValueError):
             return float(duration[:-1])
     return default
+
+
+def page_of(query: Mapping[str, str] | None, kind: str, items: list[Any]) -> web.Response:
+    """One page of a list, as Google pages them: pageSize (default 10, at most 100) and an
+    opaque nextPageToken; an empty list is an empty object."""
+    query = query or {}
+    try:
+        size = min(100, max(1, int(query.get("pageSize", "10"))))
+        token = query.get("pageToken", "")
+        start = int(token, 36) if token else 0
+    except ValueError:
+        return web.json_response(
+            _status(400, "INVALID_ARGUMENT", "Invalid page token."), status=400
+        )
+    chunk = items[start : start + size]
+    doc: dict[str, Any] = {kind: chunk} if chunk else {}
+    if start + size < len(items):
+        doc["nextPageToken"] = _base36(start + size)
+    return web.json_response(doc)
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if not n:
+            return out
 
 
 def field(doc: Any, camel: str) -> Any:
@@ -786,6 +815,7 @@ class FakeGemini:
         self.log: list[dict[str, Any]] = []
         self.counts: dict[str, int] = dict.fromkeys(COUNTED, 0)
         self.files: dict[str, str] = {}  # file id -> project
+        self.file_names: dict[str, str] = {}  # file id -> displayName (echoed as Google does)
         self.uploads: dict[str, dict[str, Any]] = {}
         self.caches: dict[str, dict[str, Any]] = {}  # id -> {"project", "expires", "doc"}
         self.batches: dict[str, dict[str, Any]] = {}  # id -> {"project", "doc"}
@@ -1030,7 +1060,7 @@ class FakeGemini:
             return await self.upload_start(request, key, body)
         if openai:
             return await self.openai_answer(request, path, model, stream, behaviour, doc)
-        resource = self.resource_answer(request.method, path, doc, key, model)
+        resource = self.resource_answer(request.method, path, doc, key, model, request.query)
         if resource is not None:
             return resource
         return await self.native_answer(request, path, model, stream, behaviour, body)
@@ -1079,7 +1109,13 @@ class FakeGemini:
         return None
 
     def resource_answer(
-        self, method: str, path: str, doc: Any, key: str, model: str | None
+        self,
+        method: str,
+        path: str,
+        doc: Any,
+        key: str,
+        model: str | None,
+        request_query: Mapping[str, str] | None = None,
     ) -> web.Response | None:
         """Files, cached contents and batches, or None if the path is none of them."""
         found = re.fullmatch(
@@ -1095,7 +1131,7 @@ class FakeGemini:
         if kind == "files":
             if rid is None:
                 mine = [self.file_doc(f) for f, p in self.files.items() if p == project]
-                return web.json_response({"files": mine} if mine else {})
+                return page_of(request_query, "files", mine)
             if self.files.get(rid) != project:
                 return self.error(403, file_denied(rid), False)
             if method == "DELETE":
@@ -1111,7 +1147,7 @@ class FakeGemini:
                     for i, c in list(self.caches.items())
                     if self.live_cache(i, project) is not None
                 ]
-                return web.json_response({"cachedContents": mine} if mine else {})
+                return page_of(request_query, "cachedContents", mine)
             cache = self.live_cache(rid, project)
             if cache is None:
                 return self.error(403, denied(CACHE_DENIED), False)
@@ -1126,7 +1162,7 @@ class FakeGemini:
         # batches
         if rid is None:
             mine = [b["doc"] for b in self.batches.values() if b["project"] == project]
-            return web.json_response({"operations": mine} if mine else {})
+            return page_of(request_query, "operations", mine)
         batch = self.batches.get(rid)
         if batch is None or batch["project"] != project:
             return self.error(403, denied(BATCH_DENIED), False)
@@ -1279,8 +1315,10 @@ class FakeGemini:
 
     # --- uploads (resumable protocol), files are bound to the uploading key's project
     def file_doc(self, file_id: str) -> dict[str, Any]:
+        display = self.file_names.get(file_id)
         return {
             "name": f"files/{file_id}",
+            **({"displayName": display} if display is not None else {}),
             "mimeType": "text/plain",
             "sizeBytes": "5",
             "state": "ACTIVE",
@@ -1289,7 +1327,16 @@ class FakeGemini:
 
     async def upload_start(self, request: web.Request, key: str, body: bytes) -> web.Response:
         upload_id = uuid.uuid4().hex
-        self.uploads[upload_id] = {"project": self.project(key), "data": b""}
+        try:
+            meta = field(json.loads(body), "file") if body else None
+        except ValueError:
+            meta = None
+        display = field(meta, "displayName")
+        self.uploads[upload_id] = {
+            "project": self.project(key),
+            "data": b"",
+            "display": display if isinstance(display, str) else None,
+        }
         host = request.headers.get("host", request.host)
         url = f"http://{host}{request.path}?upload_id={upload_id}&upload_protocol=resumable"
         return web.Response(
@@ -1324,6 +1371,8 @@ class FakeGemini:
             return web.Response(headers={"X-Goog-Upload-Status": "active"})
         file_id = uuid.uuid4().hex[:12]
         self.files[file_id] = up["project"]
+        if up.get("display") is not None:
+            self.file_names[file_id] = up["display"]
         return web.json_response(
             {"file": self.file_doc(file_id)}, headers={"X-Goog-Upload-Status": "final"}
         )

@@ -55,6 +55,7 @@ class AdminServer:
         r.add_get("/admin/health", self.health)
         r.add_get("/admin/rotation", self.rotation)
         r.add_get("/admin/requests", self.requests)
+        r.add_post("/admin/resources", self.hand_over)
         r.add_get("/admin/state", self.state_export)
         r.add_post("/admin/state", self.state_import)
         self.page.add_to(r)  # GET / and /page/: the pool's page (page_routes.py)
@@ -194,6 +195,25 @@ class AdminServer:
         store.write_pending()  # include what finished a moment ago (never waits for a lock)
         rows = await asyncio.to_thread(store.recent, limit, key, status, tried)
         return web.json_response({"requests": rows})
+
+    async def hand_over(self, request: web.Request) -> web.Response:
+        """POST {"name": "files/abc", "client": "alice" | "group": "team-a", "project": "p"}."""
+        doc = await self._json(request)
+        fields = {"name", "client", "group", "project"}
+        if not isinstance(doc, dict) or set(doc) - fields or not isinstance(doc.get("name"), str):
+            raise web.HTTPBadRequest(
+                reason='body must be {"name": "files/ID", "client": NAME or "group": NAME,'
+                ' "project": PROJECT (optional)}'
+            )
+        if not all(isinstance(doc.get(f), str | None) for f in fields):
+            raise web.HTTPBadRequest(reason="every field is a string")
+        try:
+            done = self.service.hand_over(
+                doc["name"], doc.get("client"), doc.get("group"), doc.get("project") or ""
+            )
+        except ValueError as e:
+            raise web.HTTPBadRequest(reason=str(e)[:300]) from None
+        return web.json_response(done)
 
     async def state_export(self, request: web.Request) -> web.Response:
         return web.json_response(self.service.export_state())

@@ -18,9 +18,9 @@ import json
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 MAX_ENTRIES = 100_000  # per map (uploads, resources)
 HOUR = 3600.0
@@ -46,10 +46,12 @@ _ID = re.compile(rb"[A-Za-z0-9_-]{1,128}")
 _FILE_VALUE = re.compile(rb"(?:^|/)(files/[A-Za-z0-9_-]{1,128})/?\Z")
 _CACHE_VALUE = re.compile(rb"(?:^|/)(cachedContents/[A-Za-z0-9_-]{1,128})/?\Z")
 # the JSON keys a request body names a resource under: one pattern, so a body is scanned once
-_BODY_KEY = re.compile(rb'"(fileUri|file_uri|cachedContent|cached_content)"')
+_BODY_KEY = re.compile(rb'"(fileUri|file_uri|fileName|file_name|cachedContent|cached_content)"')
 _VALUE_OF = {
     b"fileUri": _FILE_VALUE,
     b"file_uri": _FILE_VALUE,
+    b"fileName": _FILE_VALUE,  # a batch's input file (inputConfig.fileName)
+    b"file_name": _FILE_VALUE,
     b"cachedContent": _CACHE_VALUE,
     b"cached_content": _CACHE_VALUE,
 }
@@ -158,29 +160,6 @@ def _name_in_value(raw: bytes, value_re: re.Pattern[bytes]) -> str | None:
     return m.group(1).decode() if m else None
 
 
-def _answer_expiries(body: bytes) -> dict[str, float]:
-    """name -> expiry of each object in a JSON answer that carries its own expireTime."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):
-        return {}
-    out: dict[str, float] = {}
-    stack: list[Any] = [doc]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            name = node.get("name")
-            when = node.get("expireTime", node.get("expirationTime"))
-            if isinstance(name, str) and isinstance(when, str):
-                t = parse_rfc3339(when)
-                if t is not None:
-                    out[name] = t
-            stack.extend(v for v in node.values() if isinstance(v, dict | list))
-        elif isinstance(node, list):
-            stack.extend(v for v in node if isinstance(v, dict | list))
-    return out
-
-
 def _ttl(name: str) -> float:
     for prefix, ttl in RESOURCE_TTL.items():
         if name.startswith(prefix):
@@ -188,7 +167,17 @@ def _ttl(name: str) -> float:
     return 48 * HOUR
 
 
-class _Lru[V](OrderedDict[str, V]):
+class PinKind(Protocol):
+    """Pins of another kind, persisted and shared with these (resource owners: owners.py)."""
+
+    def restore_pin(self, pin: Pin, now: float) -> bool: ...
+
+    def pins(self, now: float) -> list[Pin]: ...
+
+    def prune(self, now: float) -> None: ...
+
+
+class Lru[V](OrderedDict[str, V]):
     def put(self, k: str, v: V) -> None:
         self[k] = v
         self.move_to_end(k)
@@ -198,9 +187,13 @@ class _Lru[V](OrderedDict[str, V]):
 
 class ResourcePins:
     def __init__(self, on_pin: Callable[[Pin], None] | None = None) -> None:
-        self.uploads: _Lru[UploadPin] = _Lru()  # upload_digest(upload_id) -> session
-        self.resources: _Lru[tuple[str, float]] = _Lru()  # "files/abc" -> (project, expires)
+        self.uploads: Lru[UploadPin] = Lru()  # upload_digest(upload_id) -> session
+        self.resources: Lru[tuple[str, float]] = Lru()  # "files/abc" -> (project, expires)
         self.on_pin = on_pin  # told of every pin added or changed (the store saves it)
+        self.kinds: dict[str, PinKind] = {}  # pins kept elsewhere (owners.py), by kind
+
+    def emit(self, pin: Pin) -> None:
+        self._emit(pin)
 
     def _emit(self, pin: Pin) -> None:
         if self.on_pin is not None:
@@ -209,11 +202,18 @@ class ResourcePins:
     # --- persistence
 
     def restore(self, rows: Iterable[Pin], now: float) -> int:
-        """Take pins loaded from the store (oldest expiry first); expired ones are skipped.
-        Does not call on_pin. Returns how many were taken."""
+        """Take pins loaded from the store or told by another worker. An expired pin ends the
+        entry it names (a deletion or a finished upload elsewhere). Does not call on_pin.
+        Returns how many were taken."""
         n = 0
         for p in rows:
+            other = self.kinds.get(p.kind)
+            if other is not None:
+                n += other.restore_pin(p, now)
+                continue
             if p.expires <= now:
+                ended: Lru[Any] = self.uploads if p.kind == KIND_UPLOAD else self.resources
+                ended.pop(p.name, None)
                 continue
             if p.kind == KIND_UPLOAD:
                 self.uploads.put(p.name, UploadPin(p.owner, p.path, p.expires))
@@ -236,6 +236,8 @@ class ResourcePins:
             for name, (owner, expires) in self.resources.items()
             if expires > now
         ]
+        for other in self.kinds.values():
+            out += other.pins(now)
         return out
 
     def prune(self, now: float) -> None:
@@ -244,6 +246,8 @@ class ResourcePins:
             del self.uploads[k]
         for k in [k for k, (_, exp) in self.resources.items() if exp <= now]:
             del self.resources[k]
+        for other in self.kinds.values():
+            other.prune(now)
 
     # --- upload sessions
 
@@ -288,21 +292,19 @@ class ResourcePins:
 
     # --- files, cached contents, batches, operations
 
-    def remember_resources(self, body: bytes, project: str, now: float | None = None) -> None:
-        """Note every resource named in a successful (decoded) answer as `project`'s.
+    def remember(
+        self, names: Mapping[str, float | None], project: str, now: float | None = None
+    ) -> None:
+        """Note resources as `project`'s: name -> its own expiry if the answer said one.
 
-        Tolerant: names anywhere in the answer (`name`, `file.name`, `uri`, ...). An object's own
-        `expireTime` / `expirationTime` sets its expiry; otherwise a new pin gets the kind's TTL
-        and a known one keeps its expiry (seeing a file again does not extend its life at
-        Google). Answers over MAX_ANSWER_SCAN bytes are skipped.
+        The names come from `resources.py` (an answer's own names, never any string in it).
+        Without an expiry a new pin gets the kind's TTL and a known one keeps its expiry
+        (seeing a file again does not extend its life at Google).
         """
-        if len(body) > MAX_ANSWER_SCAN:
-            return
         now = time.time() if now is None else now
-        explicit = _answer_expiries(body) if b"xpir" in body else {}
-        for name in dict.fromkeys(resource_names(body)):
+        for name, explicit in names.items():
             old = self.resources.get(name)
-            expires = explicit.get(name)
+            expires = explicit
             if expires is None:
                 if old is not None and old[0] == project and old[1] > now:
                     self.resources.move_to_end(name)
@@ -313,6 +315,12 @@ class ResourcePins:
                 continue
             self.resources.put(name, (project, expires))
             self._emit(Pin(KIND_RESOURCE, name, project, "", expires))
+
+    def forget(self, name: str, now: float | None = None) -> None:
+        """The resource was deleted: its pin ends here and, through the store and Redis, everywhere."""
+        entry = self.resources.pop(name, None)
+        if entry is not None:
+            self._emit(Pin(KIND_RESOURCE, name, entry[0], "", time.time() if now is None else now))
 
     def project_of(self, name: str, now: float) -> str | None:
         """The project owning one resource name, if pinned and not expired."""

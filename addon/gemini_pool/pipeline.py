@@ -19,15 +19,18 @@ The RequestRecord is where each step notes what happened (for mitmweb, the log a
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
+from . import listing, resources
 from .codings import decoded
-from .dispatch import ProxyRequest
+from .dispatch import Attempt, ProxyRequest, Result
 from .gate import Admit
+from .ownership import NOT_FOUND
 from .records import RequestRecord
-from .routing import Route, RouteError, route
+from .routing import Route, RouteError, query_param, route
 from .uploads import Where, names_upload_urls, proxy_origin, rewrite_upload_headers
 from .upstream import UpstreamAnswer
 from .usage import UsageTap
@@ -46,6 +49,7 @@ RESOURCE_PATHS = (
     ":async",
 )
 MAX_RESOURCE_ANSWER = 4 << 20  # larger answers are not read for names
+MAX_LIST_PAGES = 10  # upstream pages one list call of a tenant may read past empty ones
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,7 @@ class ProxyAnswer:
     reason: str
     retry_after: float | None = None
     close: bool = False  # close the connection (a body the proxy did not read may follow)
+    detail: str = ""  # for the log, mitmweb and the admin API only (which keys were tried)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +107,14 @@ class Pipeline:
     def __init__(self, service: ProxyService, checks: Sequence[Check] = ()) -> None:
         self.service = service
         self.checks = list(checks)
+        self.ownership = service.ownership
 
     async def handle(self, req: Incoming, rec: RequestRecord) -> Decision:
         """Walk the steps; every answer the proxy makes itself is noted on `rec`."""
         decision = await self._walk(req, rec)
         if isinstance(decision, ProxyAnswer):
-            rec.answered(decision.status, decision.reason, decision.message)
+            message = f"{decision.message} ({decision.detail})" if decision.detail else None
+            rec.answered(decision.status, decision.reason, message or decision.message)
         return decision
 
     async def _walk(self, req: Incoming, rec: RequestRecord) -> Decision:
@@ -132,14 +139,20 @@ class Pipeline:
             return ProxyAnswer(e.status, e.message, e.reason)
         rec.api, rec.model, rec.streaming = str(r.api), r.model, r.streaming
         rec.upstream_path = r.path_and_query
-        # 3. owner and pins
+        # 3. owners and pins
         now = time.time()
-        project = self._project(req, admit, r, now)
+        group = self.ownership.group(admit, now)
+        if self.ownership.foreign(r, req.body, group, now) is not None:
+            return ProxyAnswer(404, NOT_FOUND, "not_found")
+        kind = resources.list_kind(req.method, r.path) if group is not None else None
+        project = self.ownership.project(admit, r, req.body, now)
         # 4. limits and budgets
         for check in self.checks:
             refusal = check(req, r, rec)
             if refusal is not None:
                 return refusal
+        if kind is not None and group is not None:
+            return await self._listing(req, admit, r, rec, group, kind, now)
         # 5. dispatch
         proxy_req = ProxyRequest(
             req.method, admit.upstream.base, r, list(req.headers), req.body, project
@@ -147,7 +160,7 @@ class Pipeline:
         result = await service.dispatcher.dispatch(proxy_req)
         rec.attempts, rec.waited = result.attempts, result.waited
         if result.proxy_made:
-            return ProxyAnswer(result.status, result.message, result.reason, result.retry_after)
+            return self._no_answer(result, r, group)
         answer, key = result.answer, result.key
         assert answer is not None and key is not None
         rec.key, rec.status = key.name, answer.status
@@ -169,19 +182,104 @@ class Pipeline:
             )
             for upload_id, upload_path in started if admit.upload_id is None else ():
                 service.pins.remember_upload(upload_id, key.name, upload_path, now)
-        # 7. what a 2xx answer created
+                self.ownership.upload_started(upload_id, group, now)
+        if admit.upload_id is not None and _upload_over(answer):
+            self.ownership.upload_ended(admit.upload_id, now)
+        # 7. what a 2xx answer created, listed, changed or deleted
         if 200 <= answer.status < 300 and any(p in r.path for p in RESOURCE_PATHS):
             plain = decoded(answer.body, encoding, MAX_RESOURCE_ANSWER)
             if plain is not None:
-                service.pins.remember_resources(plain, key.project, now)
+                self.ownership.answered(req.method, r, plain, key.project, group, now)
         # 8. Google's whole answer
         return Unary(answer, headers)
 
-    def _project(self, req: Incoming, admit: Admit, r: Route, now: float) -> str | None:
-        """The project a request must go to: an upload session's own key's, or the owner of a
-        resource it names (path or body); None: any."""
+    def _no_answer(self, result: Result, r: Route, group: str | None) -> ProxyAnswer:
+        """The proxy answers for the pool (no key could serve). A tenant client learns what to
+        do, not which keys were tried or why: that goes to the log, mitmweb and the admin API."""
+        full = result.message
+        if group is None:
+            return ProxyAnswer(result.status, full, result.reason, result.retry_after)
+        public = PUBLIC_NO_ANSWER.get(result.reason, "the proxy could not serve this request")
+        public = public.format(model=r.model_or_default, attempts=len(result.attempts))
+        if result.retry_after is not None:
+            public += f"; retry in {result.retry_after:.0f}s"
+        return ProxyAnswer(result.status, public, result.reason, result.retry_after, detail=full)
+
+    async def _listing(
+        self,
+        req: Incoming,
+        admit: Admit,
+        r: Route,
+        rec: RequestRecord,
+        group: str,
+        kind: str,
+        now: float,
+    ) -> Decision:
+        """A list call of a tenant: one project's page, only what `group` owns, our page token."""
         service = self.service
-        if admit.upload_key is not None:
-            spec = service.config.key(admit.upload_key)
-            return spec.project if spec else None
-        return service.pins.project_for(r.path, req.body, now)
+        owned = set(service.owners.names_of(group, kind + "/", now))
+        held = Counter(p for n in owned if (p := service.pins.project_of(n, now)))
+        projects = dict(sorted(held.items()))  # project -> how many of the group's it holds
+        page = listing.decode(query_param(r.query, "pageToken") or "", projects)
+        if page is None and not projects:
+            return Unary(_json_answer(b"{}"), [("x-request-id", rec.request_id)])
+        if page is None:
+            return ProxyAnswer(400, "Invalid page token.", "invalid_page_token")
+        items: list[Any] = []
+        attempts: list[Attempt] = []
+        following: listing.Page | None = page
+        headers = [("x-request-id", rec.request_id)]
+        for _ in range(MAX_LIST_PAGES):  # skip pages with nothing of the group's, bounded
+            listed = replace(r, query=listing.upstream_query(r.query, page))
+            rec.upstream_path = listed.path_and_query
+            result = await service.dispatcher.dispatch(
+                ProxyRequest(
+                    req.method, admit.upstream.base, listed, list(req.headers), b"", page.project
+                )
+            )
+            attempts += result.attempts
+            rec.attempts, rec.waited = attempts, rec.waited + result.waited
+            if result.proxy_made:
+                return self._no_answer(result, r, group)
+            answer, key = result.answer, result.key
+            assert answer is not None and key is not None
+            rec.key, rec.status = key.name, answer.status
+            headers = [
+                ("x-gemini-proxy-key", key.name),
+                ("x-gemini-proxy-attempts", str(len(attempts))),
+                ("x-request-id", rec.request_id),
+            ]
+            if not 200 <= answer.status < 300:
+                return Unary(answer, headers)
+            plain = decoded(answer.body, answer.header("content-encoding"), MAX_RESOURCE_ANSWER)
+            found = None if plain is None else listing.owned_items(plain, kind, owned)
+            if plain is None or found is None:
+                return ProxyAnswer(502, "Google's list answer could not be read", "bad_list")
+            service.pins.remember(resources.listed(plain, kind), key.project, now)
+            items += found[0]
+            following = listing.next_page(page, found[1], len(found[0]), projects)
+            if items or following is None:
+                break
+            page = following
+        return Unary(_json_answer(listing.render(kind, items, following)), headers)
+
+
+PUBLIC_NO_ANSWER = {
+    "all_keys_cooling": "every API key for {model} is out of quota for now",
+    "keys_unavailable": "no API key can serve {model} right now",
+    "no_usable_key": "the proxy has no usable API key",
+    "upstream_timeout": "Google did not answer in time",
+    "upstream_unreachable": "Google could not be reached",
+    "attempts_exhausted": "no key answered after {attempts} attempts",
+}
+
+
+def _upload_over(answer: UpstreamAnswer) -> bool:
+    """An upload follow-up's answer that ends the session: finalized, cancelled or failed."""
+    status = answer.header("x-goog-upload-status").lower()
+    return status in ("final", "cancelled") or answer.status >= 400
+
+
+def _json_answer(body: bytes) -> UpstreamAnswer:
+    """An answer the proxy composed itself in Google's place (a filtered list)."""
+    return UpstreamAnswer(200, "OK", [("content-type", "application/json; charset=UTF-8")], body)

@@ -19,6 +19,8 @@ from .config import EMPTY, Config, ConfigError, load_config
 from .dispatch import Dispatcher, DispatchPolicy
 from .gate import Gate, digest
 from .keycheck import KeyChecker
+from .owners import Owners
+from .ownership import Ownership
 from .pins import Pin, ResourcePins
 from .records import RequestRecord
 from .selector import KeyPool, PoolPolicy
@@ -66,6 +68,9 @@ class ProxyService:
         self.gate.upload_lookup = self._upload_key
         self.shared: SharedState | None = None
         self.pins.on_pin = self._on_pin
+        self.owners = Owners(self.pins)  # with clients configured: which group owns what
+        self.ownership = Ownership(self)
+        self.groups: dict[str, str] = {}  # client name -> its group
         metrics.set_state_source(self.gauge_rows)
 
     def _on_pin(self, pin: Pin) -> None:
@@ -134,6 +139,7 @@ class ProxyService:
         self.pool.apply_config(config)
         self.config = config
         self.gate.clients = {digest(c.token): c.name for c in config.clients}
+        self.groups = {c.name: c.group_name for c in config.clients}
         self._projects = {k.name: k.project for k in config.keys}
         after = set(self.pool.keys)
         log.info(
@@ -303,6 +309,28 @@ class ProxyService:
         )
         self.save_state()
         return self.pool.describe(self.pool.keys[name], time.time())
+
+    def hand_over(
+        self, name: str, client: str | None = None, group: str | None = None, project: str = ""
+    ) -> dict[str, str]:
+        """An operator gives a resource the proxy never saw created (or another group's) to a
+        client's group: from then on that group sees and uses it. Raises ValueError."""
+        groups = set(self.groups.values())
+        if (client is None) == (group is None):
+            raise ValueError("name exactly one of client or group")
+        if client is not None:
+            if client not in self.groups:
+                raise ValueError(f"no client named {client!r}")
+            group = self.groups[client]
+        assert group is not None
+        if group not in groups:
+            raise ValueError(f"no client has the group {group!r}")
+        if project and project not in {k.project for k in self.config.keys}:
+            raise ValueError(f"no key of project {project!r} is configured")
+        canonical = self.ownership.hand_over(name, group, project or None)
+        log.info("gemini-proxy: operator handed %s to group %s", canonical, group)
+        self.state_dirty = True
+        return {"name": canonical, "group": group, "project": project}
 
     def export_state(self) -> dict[str, Any]:
         keys = {n: self.pool.snapshot_key(s) for n, s in self.pool.keys.items()}

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from gemini_pool import resources
 from gemini_pool.pins import (
     HOUR,
     KIND_RESOURCE,
@@ -25,26 +26,37 @@ GEN = "/v1beta/models/m:generateContent"
 NOW = 1_800_000_000.0
 
 
+def remember(pins: ResourcePins, body: bytes, project: str, now: float | None = None) -> None:
+    """What the pipeline pins from an answer: its own names and the names it lists."""
+    names = dict(resources.created(body))
+    for kind in resources.LISTS:
+        names.update(resources.listed(body, kind))
+    pins.remember(names, project, now)
+
+
 def test_resources_are_pinned_to_the_project_that_made_them() -> None:
     pins = ResourcePins()
-    pins.remember_resources(b'{"file": {"name": "files/abc123", "uri": "..."}}', "proj-a", NOW)
+    remember(pins, b'{"file": {"name": "files/abc123", "uri": "..."}}', "proj-a", NOW)
     assert pins.project_for("/v1beta/files/abc123", b"", NOW) == "proj-a"
     body = (
         b'{"contents": [{"parts": [{"fileData": {"fileUri": "https://x/v1beta/files/abc123"}}]}]}'
     )
     assert pins.project_for(GEN, body, NOW) == "proj-a"
     assert pins.project_for("/v1beta/files/other", b"", NOW) is None
-    pins.remember_resources(b'{"name": "batches/b-1", "metadata": {}}', "proj-b", NOW)
+    remember(pins, b'{"name": "batches/b-1", "metadata": {}}', "proj-b", NOW)
     assert pins.project_for("/v1beta/batches/b-1:cancel", b"", NOW) == "proj-b"
     # the old call forms still work (they read the clock)
-    pins.remember_resources(b'{"name": "operations/op1"}', "proj-c")
+    remember(pins, b'{"name": "operations/op1"}', "proj-c")
     assert pins.project_for("/v1beta/operations/op1", b"") == "proj-c"
 
 
 def test_request_bodies_are_read_only_where_gemini_names_resources() -> None:
     pins = ResourcePins()
-    pins.remember_resources(
-        b'{"name": "cachedContents/c-9"} {"name": "files/abc123"}', "proj-a", NOW
+    remember(
+        pins,
+        b'{"files": [{"name": "files/abc123"}], "cachedContents": [{"name": "cachedContents/c-9"}]}',
+        "proj-a",
+        NOW,
     )
     full = (
         b'{"contents": [{"parts": [{"fileData": {"fileUri": "https://x/v1beta/files/abc123"}}]}]}'
@@ -76,7 +88,7 @@ def test_request_bodies_are_read_only_where_gemini_names_resources() -> None:
 
 def test_a_large_body_is_scanned_fast_and_a_late_reference_is_found() -> None:
     pins = ResourcePins()
-    pins.remember_resources(b'{"name": "files/abc123"}', "proj-a", NOW)
+    remember(pins, b'{"name": "files/abc123"}', "proj-a", NOW)
     inline = b"files/abc123 x " * 700_000  # 10.5 MB of inline text naming the file in prose
     head = b'{"contents": [{"parts": [{"text": "' + inline + b'"}'
     t0 = time.perf_counter()
@@ -91,7 +103,7 @@ def test_a_large_body_is_scanned_fast_and_a_late_reference_is_found() -> None:
 
 def test_hostile_request_bodies_cost_bounded_work() -> None:
     pins = ResourcePins()
-    pins.remember_resources(b'{"name": "files/zz"}', "proj-a", NOW)
+    remember(pins, b'{"name": "files/zz"}', "proj-a", NOW)
     bodies = [
         b'"fileUri": "' + b"a" * 10_000_000,  # unterminated, huge value
         b'"fileUri": "' + b"\\" * 5_000_000,  # all escapes
@@ -137,14 +149,19 @@ def _fuzz_body(rng: random.Random) -> bytes:
 def _check_never_raises(pins: ResourcePins, body: bytes) -> None:
     pins.project_for(GEN, body, NOW)
     list(body_resource_names(body))
-    pins.remember_resources(body, "proj-x", NOW)
+    remember(pins, body, "proj-x", NOW)
     pins.project_for(body.decode("utf-8", "surrogateescape"), body, NOW)
 
 
 def test_hostile_bodies_never_raise_seeded_fuzz() -> None:
     rng = random.Random(20261129)
     pins = ResourcePins()
-    pins.remember_resources(b'{"name": "files/zz"} {"name": "cachedContents/zz"}', "p", NOW)
+    remember(
+        pins,
+        b'{"files": [{"name": "files/zz"}], "cachedContents": [{"name": "cachedContents/zz"}]}',
+        "p",
+        NOW,
+    )
     for _ in range(3000):
         _check_never_raises(pins, _fuzz_body(rng))
     for _ in range(300):
@@ -155,7 +172,7 @@ def test_hostile_bodies_never_raise_hypothesis() -> None:
     hypothesis = pytest.importorskip("hypothesis")  # not a dependency yet: skipped without it
     st = pytest.importorskip("hypothesis.strategies")
     pins = ResourcePins()
-    pins.remember_resources(b'{"name": "files/zz"}', "p", NOW)
+    remember(pins, b'{"name": "files/zz"}', "p", NOW)
 
     @hypothesis.settings(max_examples=300, deadline=None)
     @hypothesis.given(
@@ -169,13 +186,14 @@ def test_hostile_bodies_never_raise_hypothesis() -> None:
 
 def test_resources_expire() -> None:
     pins = ResourcePins()
-    pins.remember_resources(b'{"name": "files/f1"}', "proj-a", NOW)
+    remember(pins, b'{"name": "files/f1"}', "proj-a", NOW)
     assert pins.project_for("/v1beta/files/f1", b"", NOW + 47 * HOUR) == "proj-a"
     # seeing it again does not extend its life (Google keeps a file 48 h from its creation)
-    pins.remember_resources(b'{"name": "files/f1"}', "proj-a", NOW + 47 * HOUR)
+    remember(pins, b'{"name": "files/f1"}', "proj-a", NOW + 47 * HOUR)
     assert pins.project_for("/v1beta/files/f1", b"", NOW + 49 * HOUR) is None
     # a file's own expirationTime and a cached content's expireTime win
-    pins.remember_resources(
+    remember(
+        pins,
         b'{"file": {"name": "files/f2", "expirationTime": "2027-01-17T08:00:00Z"},'
         b' "cachedContents": [{"name": "cachedContents/c1", "model": "m",'
         b' "expireTime": "2027-01-15T08:00:00.123456789Z"}, {"name": "cachedContents/c2"}]}',
@@ -189,12 +207,15 @@ def test_resources_expire() -> None:
     assert pins.project_for(GEN, b'{"cachedContent": "cachedContents/c1"}', NOW + 0.1) == "proj-b"
     assert pins.project_for(GEN, b'{"cachedContent": "cachedContents/c1"}', NOW + 1) is None
     # a PATCH answer extending the TTL moves the expiry
-    pins.remember_resources(
-        b'{"name": "cachedContents/c1", "expireTime": "2027-01-16T08:00:00+01:00"}', "proj-b", NOW
+    remember(
+        pins,
+        b'{"name": "cachedContents/c1", "expireTime": "2027-01-16T08:00:00+01:00"}',
+        "proj-b",
+        NOW,
     )
     assert pins.resources["cachedContents/c1"][1] == NOW + 23 * HOUR
     # answers too large to scan are skipped
-    pins.remember_resources(b'{"name": "files/big"}' + b" " * MAX_ANSWER_SCAN, "proj-a", NOW)
+    remember(pins, b'{"name": "files/big"}' + b" " * MAX_ANSWER_SCAN, "proj-a", NOW)
     assert "files/big" not in pins.resources
 
 
@@ -233,8 +254,8 @@ def test_pins_are_reported_and_restored() -> None:
     saved: list[Pin] = []
     pins = ResourcePins(on_pin=saved.append)
     pins.remember_upload("up-1", "alpha", "/upload/v1beta/files", NOW)
-    pins.remember_resources(b'{"name": "files/f1", "uri": "https://x/v1beta/files/f1"}', "p", NOW)
-    pins.remember_resources(b'{"name": "files/f1"}', "p", NOW + 10)  # nothing new: not reported
+    remember(pins, b'{"name": "files/f1", "uri": "https://x/v1beta/files/f1"}', "p", NOW)
+    remember(pins, b'{"name": "files/f1"}', "p", NOW + 10)  # nothing new: not reported
     pins.forget_upload("up-1", NOW + 20)
     assert saved == [
         Pin(KIND_UPLOAD, upload_digest("up-1"), "alpha", "/upload/v1beta/files", NOW + 24 * HOUR),
@@ -267,5 +288,5 @@ def test_maps_stay_bounded(monkeypatch: Any) -> None:
     pins = ResourcePins()
     for i in range(5):
         pins.remember_upload(f"u{i}", "k", "/upload/v1beta/files", NOW)
-        pins.remember_resources(b'{"name": "files/f%d"}' % i, "p", NOW)
+        remember(pins, b'{"name": "files/f%d"}' % i, "p", NOW)
     assert len(pins.uploads) == 3 and list(pins.resources) == ["files/f2", "files/f3", "files/f4"]

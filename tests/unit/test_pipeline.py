@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gemini_pool.config import Config, KeySpec
+from gemini_pool.config import ClientSpec, Config, KeySpec
 from gemini_pool.gate import Admit, Target
 from gemini_pool.pipeline import Incoming, Pipeline, ProxyAnswer, Stream, Unary
 from gemini_pool.records import RequestRecord
@@ -196,7 +196,7 @@ def test_an_upload_url_points_back_at_the_proxy_and_its_session_at_its_key() -> 
 
 def test_a_created_file_is_remembered_and_follow_ups_go_to_its_project() -> None:
     async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
-        p.service.pins.remember_resources(b'{"name": "files/abc"}', "p2", time.time())
+        p.service.pins.remember({"files/abc": None}, "p2", time.time())
         for _ in range(4):  # round robin alone would send half of these to p1
             d = await p.handle(
                 request(up, path="/v1beta/files/abc", method="GET", body=b""), RequestRecord()
@@ -205,3 +205,141 @@ def test_a_created_file_is_remembered_and_follow_ups_go_to_its_project() -> None
         assert set(upstream_keys(fake)) == {B}
 
     run(scenario, {A: "ok", B: "ok"}, {A: "p1", B: "p2"})
+
+
+def tenant_run(scenario: Scenario) -> None:
+    """Keys a (project p1) and b (p2); clients alice and carol in group team-a, bob alone."""
+
+    async def wrapped(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        keys = p.service.config.keys
+        clients = (
+            ClientSpec("alice", "tok-a", "team-a"),
+            ClientSpec("carol", "tok-c", "team-a"),
+            ClientSpec("bob", "tok-b"),
+        )
+        p.service.apply_config(Config(keys, clients, "test"))
+        await scenario(p, up, fake)
+
+    run(wrapped, {A: "ok", B: "ok"}, {A: "p1", B: "p2"})
+
+
+def as_client(up: Target, client: str, **kw: Any) -> Incoming:
+    kw.setdefault("body", b"")
+    kw.setdefault("method", "GET")
+    req = request(up, **kw)
+    return Incoming(
+        req.method,
+        req.path,
+        req.query,
+        req.headers,
+        req.body,
+        Admit(client, Api.NATIVE, False, req.query, up),
+        req.where,
+    )
+
+
+def test_tenants_see_and_use_only_their_groups_resources() -> None:
+    async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        cache = json.dumps({"model": "models/gemini-2.5-flash", "displayName": "files/x"})
+        made = await p.handle(
+            as_client(
+                up, "alice", path="/v1beta/cachedContents", method="POST", body=cache.encode()
+            ),
+            RequestRecord(),
+        )
+        assert isinstance(made, Unary) and made.answer.status == 200
+        name = json.loads(made.answer.body)["name"]
+        creator = fake.log[-1]["key"]
+        seen = len(fake.log)
+        # bob: another group. Get, delete, use in a body, and list: as if it did not exist
+        for req in (
+            as_client(up, "bob", path=f"/v1beta/{name}"),
+            as_client(up, "bob", path=f"/v1beta/{name}", method="DELETE"),
+            as_client(
+                up,
+                "bob",
+                path=GEN,
+                method="POST",
+                body=json.dumps(
+                    {"cachedContent": name, "contents": [{"parts": [{"text": "hi"}]}]}
+                ).encode(),
+            ),
+        ):
+            rec = RequestRecord()
+            d = await p.handle(req, rec)
+            assert isinstance(d, ProxyAnswer) and (d.status, d.reason) == (404, "not_found")
+        listed = await p.handle(
+            as_client(up, "bob", path="/v1beta/cachedContents"), RequestRecord()
+        )
+        assert isinstance(listed, Unary) and json.loads(listed.answer.body) == {}
+        assert len(fake.log) == seen  # nothing of bob's reached Google
+        # carol shares alice's group: she gets, lists and uses it, always on its own project
+        got = await p.handle(as_client(up, "carol", path=f"/v1beta/{name}"), RequestRecord())
+        assert isinstance(got, Unary) and got.answer.status == 200
+        mine = await p.handle(
+            as_client(up, "carol", path="/v1beta/cachedContents"), RequestRecord()
+        )
+        assert isinstance(mine, Unary)
+        assert [c["name"] for c in json.loads(mine.answer.body)["cachedContents"]] == [name]
+        assert {e["key"] for e in fake.log[seen:]} == {creator}
+        # a deletion forgets it: nobody can name it any more
+        gone = await p.handle(
+            as_client(up, "alice", path=f"/v1beta/{name}", method="DELETE"), RequestRecord()
+        )
+        assert isinstance(gone, Unary) and gone.answer.status == 200
+        again = await p.handle(as_client(up, "alice", path=f"/v1beta/{name}"), RequestRecord())
+        assert isinstance(again, ProxyAnswer) and again.status == 404
+
+    tenant_run(scenario)
+
+
+def test_a_display_name_that_looks_like_a_resource_re_homes_nothing() -> None:
+    async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        made = await p.handle(
+            as_client(
+                up,
+                "alice",
+                path="/v1beta/cachedContents",
+                method="POST",
+                body=b'{"model": "models/gemini-2.5-flash"}',
+            ),
+            RequestRecord(),
+        )
+        assert isinstance(made, Unary)
+        victim = json.loads(made.answer.body)["name"]
+        project = p.service.pins.project_of(victim, time.time())
+        # bob creates his own cache whose displayName is alice's cache's name
+        trick = json.dumps({"model": "models/gemini-2.5-flash", "displayName": victim}).encode()
+        for _ in range(4):  # whichever project serves bob, alice's pin stays
+            await p.handle(
+                as_client(up, "bob", path="/v1beta/cachedContents", method="POST", body=trick),
+                RequestRecord(),
+            )
+        assert p.service.pins.project_of(victim, time.time()) == project
+        assert p.service.owners.group_of(victim, time.time()) == "team-a"
+
+    tenant_run(scenario)
+
+
+def test_a_tenant_is_not_told_which_keys_were_tried() -> None:
+    async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        rec = RequestRecord()
+        d = await p.handle(as_client(up, "bob", path=GEN, method="POST", body=BODY), rec)
+        assert isinstance(d, ProxyAnswer) and d.status == 503
+        assert "a" not in d.message.split() and "tried" not in d.message
+        assert d.message.startswith("the proxy has no usable API key")
+        assert rec.proxy_message and "tried" in rec.proxy_message  # the log and mitmweb know
+
+    async def with_dead_pool(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        await scenario(p, up, fake)
+
+    def run_dead() -> None:
+        async def wrapped(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+            p.service.apply_config(
+                Config(p.service.config.keys, (ClientSpec("bob", "tok-b"),), "test")
+            )
+            await with_dead_pool(p, up, fake)
+
+        run(wrapped, {A: "dead", B: "dead"})
+
+    run_dead()

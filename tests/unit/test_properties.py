@@ -20,7 +20,7 @@ from urllib.parse import unquote, unquote_plus
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gemini_pool import routing
+from gemini_pool import resources, routing
 from gemini_pool.classify import (
     KEY_REASONS,
     PACIFIC,
@@ -168,6 +168,14 @@ openai_bodies = st.fixed_dictionaries(
 bodies = st.one_of(
     st.binary(max_size=64), openai_bodies, json_any.map(lambda v: json.dumps(v).encode())
 )
+
+
+def remember(pins: ResourcePins, body: bytes, project: str, now: float | None = None) -> None:
+    """What the pipeline pins from an answer: its own names and the names it lists."""
+    names = dict(resources.created(body))
+    for kind in resources.LISTS:
+        names.update(resources.listed(body, kind))
+    pins.remember(names, project, now)
 
 
 def _segments(path: str) -> set[str]:
@@ -693,7 +701,7 @@ def test_remember_resources_never_raises_and_pins_only_names(
 ) -> None:
     emitted: list[Pin] = []
     pins = ResourcePins(on_pin=emitted.append)
-    pins.remember_resources(body, project, now)
+    remember(pins, body, project, now)
     assert all(RESOURCE_NAME.fullmatch(n) for n in pins.resources)
     assert set(pins.resources) <= set(resource_names(body))
     for pin in emitted:
@@ -707,7 +715,7 @@ def test_project_for_never_raises_and_names_only_a_pinned_project(
     names: list[str], path: str, body: bytes, now: float
 ) -> None:
     pins = ResourcePins()
-    pins.remember_resources(json.dumps({"files": [{"name": n} for n in names]}).encode(), "p", now)
+    remember(pins, json.dumps({"files": [{"name": n} for n in names]}).encode(), "p", now)
     assert set(names) <= set(pins.resources)
     assert pins.project_for(path, body, now + 1) in (None, "p")
     # each pinned name is found again by path and in a body, escaped or not

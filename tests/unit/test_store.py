@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from gemini_pool import resources
 from gemini_pool.pins import KIND_RESOURCE, KIND_UPLOAD, Pin, ResourcePins, upload_digest
 from gemini_pool.store import (
     MIGRATIONS,
@@ -20,6 +21,14 @@ from gemini_pool.store import (
     read_state_document,
     state_document,
 )
+
+
+def remember(pins: ResourcePins, body: bytes, project: str, now: float | None = None) -> None:
+    """What the pipeline pins from an answer: its own names and the names it lists."""
+    names = dict(resources.created(body))
+    for kind in resources.LISTS:
+        names.update(resources.listed(body, kind))
+    pins.remember(names, project, now)
 
 
 def row(t: float, rid: str = "r", key: str = "a", status: int = 200) -> OutcomeRow:
@@ -266,7 +275,12 @@ def test_pins_survive_a_restart_and_expire(tmp_path: Path) -> None:
     s.start()
     pins = ResourcePins(on_pin=s.save_pin)
     pins.remember_upload("up-1", "alpha", "/upload/v1beta/files", 1000.0)
-    pins.remember_resources(b'{"name": "files/f1"} {"name": "cachedContents/c1"}', "proj", 1000.0)
+    remember(
+        pins,
+        b'{"files": [{"name": "files/f1"}], "cachedContents": [{"name": "cachedContents/c1"}]}',
+        "proj",
+        1000.0,
+    )
     pins.remember_upload("up-2", "beta", "/upload/v1beta/files", 1000.0)
     pins.forget_upload("up-2", 1001.0)  # ended: saved with an expiry in the past
     s.save_pin(Pin(KIND_RESOURCE, "files/short", "proj", "", 1500.0))

@@ -58,6 +58,15 @@ class Console:
         """Forget a key's failures, cooldowns, dead mark and operator overrides."""
         return self._operate(name, "reset")
 
+    @command.command("gemini.own")
+    def own_cmd(self, name: str, client: str) -> str:
+        """Hand a resource (files/ID, cachedContents/ID, ...) to a client's group."""
+        try:
+            done = self.rt.service.hand_over(name, client=client)
+        except ValueError as e:
+            raise exceptions.CommandError(str(e)) from None
+        return f"{done['name']} now belongs to {client}'s group ({done['group']})"
+
     @command.command("gemini.reload")
     def reload_cmd(self) -> str:
         """Re-read the key file now."""
