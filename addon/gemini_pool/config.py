@@ -16,12 +16,14 @@ from typing import Any
 
 import yaml
 
+from .egress import Egress, EgressError, parse_proxy_auth, parse_proxy_url
+
 MAX_FILE_BYTES = 1 << 20
 MAX_WEIGHT = 1000
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_KEYS_VAR = "GEMINI_API_KEYS"
 
-KEY_FIELDS = {"name", "key", "key_env", "project", "weight", "enabled"}
+KEY_FIELDS = {"name", "key", "key_env", "project", "weight", "enabled", "proxy", "proxy_auth_env"}
 CLIENT_FIELDS = {"name", "token", "token_env"}
 TOP_FIELDS = {"keys", "clients"}
 
@@ -55,6 +57,7 @@ class KeySpec:
     project: str
     weight: int = 1
     enabled: bool = True
+    egress: Egress | None = None  # keys[].proxy: where this key's requests leave through
 
     @property
     def mask(self) -> str:
@@ -243,7 +246,7 @@ def parse_config(data: bytes, source: str, env: Mapping[str, str] | None = None)
         project = entry.string("project") or name
         names.add(name)
         secrets[secret] = name
-        keys.append(KeySpec(name, secret, project, weight, enabled))
+        keys.append(KeySpec(name, secret, project, weight, enabled, _egress(entry, env)))
 
     clients: list[ClientSpec] = []
     client_names: set[str] = set()
@@ -264,6 +267,29 @@ def parse_config(data: bytes, source: str, env: Mapping[str, str] | None = None)
         tokens.add(token)
         clients.append(ClientSpec(name, token))
     return Config(tuple(keys), tuple(clients), source)
+
+
+def _egress(entry: _Entry, env: Mapping[str, str]) -> Egress | None:
+    """keys[].proxy and keys[].proxy_auth_env (the credentials, from the environment only)."""
+    url, auth_env = entry.string("proxy"), entry.string("proxy_auth_env")
+    if url is None:
+        if auth_env is not None:
+            entry.fail("needs 'proxy' too", "proxy_auth_env")
+        return None
+    try:
+        url = parse_proxy_url(url)
+    except EgressError as e:
+        entry.fail(str(e), "proxy")
+    auth = None
+    if auth_env is not None:
+        value = env.get(auth_env, "").strip()
+        if not value:
+            entry.fail(f"environment variable {auth_env} is not set or empty", "proxy_auth_env")
+        try:
+            auth = parse_proxy_auth(value)
+        except EgressError as e:
+            entry.fail(f"environment variable {auth_env} {e}", "proxy_auth_env")
+    return Egress(url, auth)
 
 
 def keys_from_env(value: str, source: str = ENV_KEYS_VAR) -> Config:

@@ -144,6 +144,8 @@ class Pipeline:
         proxy_req = ProxyRequest(
             req.method, admit.upstream.base, r, list(req.headers), req.body, project
         )
+        if admit.upload_key is not None and (spec := service.config.key(admit.upload_key)):
+            proxy_req.upload_egress = (spec.egress,)  # the upload's bytes leave as its start did
         result = await service.dispatcher.dispatch(proxy_req)
         rec.attempts, rec.waited = result.attempts, result.waited
         if result.proxy_made:

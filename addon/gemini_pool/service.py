@@ -135,6 +135,7 @@ class ProxyService:
         self.config = config
         self.gate.clients = {digest(c.token): c.name for c in config.clients}
         self._projects = {k.name: k.project for k in config.keys}
+        self._apply_egress(config)
         after = set(self.pool.keys)
         log.info(
             "gemini-proxy: %d keys from %s (added: %s; removed: %s); %d client tokens",
@@ -155,6 +156,14 @@ class ProxyService:
         if self.store is not None:
             self.save_state()
             self.store.write_pending()  # now: a reload is rare and its state worth having
+
+    def _apply_egress(self, config: Config) -> None:
+        """Keys' egress proxies: sessions of those no key names any more are retired."""
+        wanted = {k.egress for k in config.keys if k.egress is not None}
+        for url in self.upstream.keep_egresses(wanted):
+            log.info("gemini-proxy: egress proxy %s no longer used: its connections close", url)
+        if wanted:
+            log.info("gemini-proxy: egress proxies: %s", ", ".join(sorted({e.url for e in wanted})))
 
     # --- persistence
 
@@ -252,6 +261,7 @@ class ProxyService:
         for s in self.pool.keys.values():
             d = self.pool.describe(s, now)
             d["usage_today"] = usage.get(s.name, {})
+            d["egress"] = s.spec.egress.url if s.spec.egress else None  # never its credentials
             d["overrides_yaml"] = {
                 k: v
                 for k, v in (("enabled", s.operator_enabled), ("weight", s.operator_weight))

@@ -13,7 +13,10 @@ import re
 from dataclasses import dataclass
 
 import aiohttp
+import aiohttp_socks
 import yarl
+
+from .egress import Egress
 
 HOP_BY_HOP = frozenset(
     {
@@ -96,21 +99,69 @@ def forwardable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
 
 
+RETIRED_GRACE = 3600.0  # an egress gone from the key file: its last streams get this long
+
+
+def _new_session(egress: Egress | None) -> aiohttp.ClientSession:
+    connector: aiohttp.BaseConnector
+    if egress is not None and egress.scheme.startswith("socks5"):
+        host, port = egress.host_port
+        creds = egress.credentials
+        connector = aiohttp_socks.ProxyConnector(
+            host,
+            port,
+            aiohttp_socks.ProxyType.SOCKS5,
+            username=creds[0] if creds else None,
+            password=creds[1] if creds else None,
+            rdns=egress.scheme == "socks5h",
+            limit=0,
+            ttl_dns_cache=300,
+            keepalive_timeout=30,
+        )
+    else:  # direct, or an http:// proxy (given per request: aiohttp pools per proxy anyway)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+    return aiohttp.ClientSession(
+        auto_decompress=False, connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+    )
+
+
 class UpstreamClient:
+    """One pooled session per egress (direct, or each key's forward proxy), made on first use."""
+
     def __init__(self, connect_timeout: float = 10.0, read_timeout: float = 300.0) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[Egress | None, aiohttp.ClientSession] = {}
+        self._retired: set[asyncio.Task[None]] = set()
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                auto_decompress=False,
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
+        """The direct session (no egress proxy)."""
+        return self.session_for(None)
+
+    def session_for(self, egress: Egress | None) -> aiohttp.ClientSession:
+        session = self._sessions.get(egress)
+        if session is None or session.closed:
+            session = self._sessions[egress] = _new_session(egress)
+        return session
+
+    def keep_egresses(self, wanted: set[Egress]) -> list[str]:
+        """After a reload: sessions of egresses no key uses any more are retired (closed once
+        their connections are idle, at most RETIRED_GRACE later). Returns their URLs."""
+        gone = [e for e in self._sessions if e is not None and e not in wanted]
+        for egress in gone:
+            session = self._sessions.pop(egress)
+            try:
+                task = asyncio.get_running_loop().create_task(_retire(session))
+            except RuntimeError:  # no loop (at load): nothing can be in flight on it
+                continue
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+        return [e.url for e in gone if e is not None]
+
+    @property
+    def egress_sessions(self) -> int:
+        return sum(1 for e in self._sessions if e is not None)
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - a few distinct values, client lives forever
     def _timeout(self, stream: bool, timeout: float) -> aiohttp.ClientTimeout:
@@ -123,9 +174,12 @@ class UpstreamClient:
         )
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for task in list(self._retired):
+            task.cancel()
+        for session in sessions:
+            if not session.closed:
+                await session.close()
 
     async def send(
         self,
@@ -136,6 +190,7 @@ class UpstreamClient:
         *,
         stream: bool,
         timeout: float,
+        egress: Egress | None = None,
     ) -> UpstreamAnswer:
         """Send one attempt. A 2xx streaming answer comes back open, with its first chunk read.
 
@@ -152,8 +207,9 @@ class UpstreamClient:
             out = [(k, v) for k, v in out if k.lower() != "accept-encoding"]
             out.append(("Accept-Encoding", accept_encoding(accepted)))
         t = self._timeout(stream, timeout)
+        http_proxy = egress is not None and egress.scheme == "http"
         try:
-            resp = await self.session.request(
+            resp = await self.session_for(egress).request(
                 method,
                 yarl.URL(url, encoded=True),  # forward the path exactly as routed
                 headers=out,
@@ -161,9 +217,19 @@ class UpstreamClient:
                 skip_auto_headers=skip,
                 allow_redirects=False,
                 timeout=t,
+                proxy=egress.url if http_proxy and egress else None,
+                proxy_auth=_basic_auth(egress) if http_proxy else None,
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            if egress is not None and _egress_failed(e):
+                raise UpstreamError(_describe_egress(e, egress), sent=False) from None
             raise UpstreamError(_describe(e), sent=not _never_connected(e)) from None
+        except (aiohttp_socks.ProxyError, aiohttp_socks.ProxyConnectionError) as e:
+            assert egress is not None
+            raise UpstreamError(_describe_egress(e, egress), sent=False) from None
+        except aiohttp_socks.ProxyTimeoutError as e:
+            assert egress is not None
+            raise UpstreamError(_describe_egress(e, egress), sent=False) from None
         out_headers = forwardable(list(resp.headers.items()))
         if stream and 200 <= resp.status < 300:
             try:
@@ -179,6 +245,45 @@ class UpstreamClient:
         finally:
             resp.release()
         return UpstreamAnswer(resp.status, resp.reason or "", out_headers, body_out)
+
+
+async def _retire(session: aiohttp.ClientSession) -> None:
+    """Close a session once none of its connections is in use (a stream may still run on it)."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + RETIRED_GRACE
+    try:
+        while loop.time() < until and getattr(session.connector, "_acquired", None):
+            await asyncio.sleep(1.0)
+    finally:
+        await session.close()
+
+
+def _basic_auth(egress: Egress | None) -> aiohttp.BasicAuth | None:
+    creds = egress.credentials if egress is not None else None
+    return aiohttp.BasicAuth(*creds) if creds else None
+
+
+EGRESS_UNREACHABLE = "egress proxy unreachable"
+
+
+def _egress_failed(e: BaseException) -> bool:
+    """The egress proxy itself failed: no connection to it, or it refused the tunnel (407, 502)."""
+    return isinstance(e, aiohttp.ClientProxyConnectionError | aiohttp.ClientHttpProxyError)
+
+
+def _describe_egress(e: BaseException, egress: Egress) -> str:
+    """Why the egress proxy failed, naming it by its URL (which holds no credentials)."""
+    if isinstance(e, aiohttp.ClientHttpProxyError):
+        why = f"it answered {e.status}"
+    elif isinstance(e, aiohttp.ClientConnectorError):
+        why = str(e.os_error.strerror or e.os_error)
+    elif isinstance(e, aiohttp_socks.ProxyTimeoutError):
+        why = "timed out"
+    else:
+        why = type(e).__name__
+        if egress.auth is None or egress.auth not in str(e):
+            why = f"{why}: {e}"[:200]
+    return f"cannot connect to upstream: {EGRESS_UNREACHABLE} {egress.url} ({why})"
 
 
 def _never_connected(e: BaseException) -> bool:

@@ -1,0 +1,65 @@
+"""Egress per key in the key file: proxy URLs validated, credentials from the environment only."""
+
+from __future__ import annotations
+
+import pytest
+
+from gemini_pool.config import ConfigError, parse_config
+from gemini_pool.egress import Egress
+
+
+def parse(text: str, env: dict[str, str] | None = None):
+    return parse_config(text.encode(), "keys.yaml", env or {})
+
+
+def test_http_and_socks5_proxies_with_credentials_from_the_environment() -> None:
+    cfg = parse(
+        """
+keys:
+  - name: a
+    key: k1
+    proxy: http://127.0.0.1:3128
+  - name: b
+    key: k2
+    proxy: SOCKS5://proxy.example:1080/
+    proxy_auth_env: EGRESS_B
+  - name: c
+    key: k3
+""",
+        {"EGRESS_B": "user:s3cret-pass"},
+    )
+    a, b, c = cfg.keys
+    assert a.egress == Egress("http://127.0.0.1:3128")
+    assert b.egress is not None and b.egress.url == "socks5://proxy.example:1080"
+    assert b.egress.credentials == ("user", "s3cret-pass")
+    assert c.egress is None
+    assert "s3cret-pass" not in repr(cfg)  # the credentials never show in a repr (logs)
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ("proxy: ftp://h:21", "scheme must be one of"),
+        ("proxy: http://h", "explicit port"),
+        ("proxy: http://user:pw-in-file@h:3128", "must not hold credentials"),
+        ("proxy: http://h:3128/path", "nothing after the port"),
+        ("proxy: http://h:99999", "not a valid URL"),
+        ("proxy_auth_env: EGRESS", "needs 'proxy' too"),
+        ("proxy: http://h:1\n    proxy_auth_env: UNSET", "UNSET is not set"),
+        ("proxy: http://h:1\n    proxy_auth_env: NOCOLON", "must hold user:password"),
+    ],
+)
+def test_bad_egress_is_refused_naming_the_field(entry: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(f"keys:\n  - name: a\n    key: k1\n    {entry}\n", {"NOCOLON": "pw-alone"})
+    assert fragment in str(e.value)
+    assert "pw-in-file" not in str(e.value) and "pw-alone" not in str(e.value)
+    assert str(e.value).startswith("keys.yaml:")
+
+
+def test_changing_credentials_makes_another_egress() -> None:
+    text = "keys:\n  - name: a\n    key: k1\n    proxy: http://h:1\n    proxy_auth_env: E\n"
+    one = parse(text, {"E": "u:1"}).keys[0].egress
+    two = parse(text, {"E": "u:2"}).keys[0].egress
+    assert one is not None and two is not None
+    assert one != two and one.url == two.url  # a session of its own: reload picks up new ones
