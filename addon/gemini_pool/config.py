@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .answer_cache import CacheSpec
 from .egress import Egress, EgressError, parse_proxy_auth, parse_proxy_url
 
 MAX_FILE_BYTES = 1 << 20
@@ -25,7 +26,8 @@ ENV_KEYS_VAR = "GEMINI_API_KEYS"
 
 KEY_FIELDS = {"name", "key", "key_env", "project", "weight", "enabled", "proxy", "proxy_auth_env"}
 CLIENT_FIELDS = {"name", "token", "token_env"}
-TOP_FIELDS = {"keys", "clients"}
+TOP_FIELDS = {"keys", "clients", "cache"}
+CACHE_FIELDS = {"ttl_s", "max_entries", "max_bytes"}
 
 
 class ConfigError(ValueError):
@@ -79,6 +81,7 @@ class Config:
     keys: tuple[KeySpec, ...]
     clients: tuple[ClientSpec, ...]
     source: str
+    cache: CacheSpec | None = None  # the answer cache; None: off
 
     def key(self, name: str) -> KeySpec | None:
         return next((k for k in self.keys if k.name == name), None)
@@ -266,7 +269,27 @@ def parse_config(data: bytes, source: str, env: Mapping[str, str] | None = None)
         client_names.add(name)
         tokens.add(token)
         clients.append(ClientSpec(name, token))
-    return Config(tuple(keys), tuple(clients), source)
+    return Config(tuple(keys), tuple(clients), source, _cache(top))
+
+
+def _cache(top: _Entry) -> CacheSpec | None:
+    """`cache: {ttl_s, max_entries, max_bytes}`: the answer cache, off without it."""
+    raw = top.raw.get("cache")
+    if raw is None:
+        return None
+    entry = _Entry(top.source, "cache", raw, CACHE_FIELDS, top.line)
+    default = CacheSpec()
+    values: dict[str, int] = {}
+    for fld, low, high in (
+        ("ttl_s", 1, 30 * 86400),
+        ("max_entries", 1, 10_000_000),
+        ("max_bytes", 1024, 1 << 40),
+    ):
+        value = entry.raw.get(fld, getattr(default, fld))
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            entry.fail(f"must be an integer from {low} to {high}, got {value!r}", fld)
+        values[fld] = int(value)
+    return CacheSpec(float(values["ttl_s"]), values["max_entries"], values["max_bytes"])
 
 
 def _egress(entry: _Entry, env: Mapping[str, str]) -> Egress | None:
