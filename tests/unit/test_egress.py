@@ -63,3 +63,16 @@ def test_changing_credentials_makes_another_egress() -> None:
     two = parse(text, {"E": "u:2"}).keys[0].egress
     assert one is not None and two is not None
     assert one != two and one.url == two.url  # a session of its own: reload picks up new ones
+
+
+def test_the_documented_example_names_an_egress() -> None:
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "keys.yaml.example"
+    env = {"GEMINI_KEY_BETA": "b", "GEMINI_KEY_GAMMA": "g", "BATCH_JOBS_TOKEN": "t"}
+    cfg = parse_config(example.read_bytes(), str(example), env)
+    assert [k.egress.url if k.egress else None for k in cfg.keys] == [
+        None,
+        None,
+        "socks5://10.0.0.5:1080",
+    ]
