@@ -107,3 +107,53 @@ def test_a_dead_egress_is_retried_on_another_key_and_blames_no_key(
         if a["key"] == "cut-off"
     )
     wait_for(lambda: "egress proxy unreachable" in proxy.logs())
+
+
+def test_key_checks_and_upload_bytes_leave_through_the_keys_egress(
+    fake: Fake, make_proxy: Any, forward: list[ForwardProxy]
+) -> None:
+    via = ForwardProxy("http").start()
+    forward.append(via)
+    up, other = new_secret(), new_secret()
+    fake.configure({up: "ok", other: "ok"})
+    keys = [key_entry("up", up, project="p", proxy=via.url)]
+    proxy = make_proxy(keys)
+    start = proxy.http.post(
+        "/upload/v1beta/files",
+        headers={
+            "x-goog-upload-protocol": "resumable",
+            "x-goog-upload-command": "start",
+            "x-goog-api-key": "u",
+        },
+        json={"file": {"display_name": "x"}},
+    )
+    assert start.status_code == 200, start.text
+    url = start.headers["x-goog-upload-url"]
+    assert len(via.requests) == 1 and "/upload/v1beta/files" in via.requests[0]
+    # the key that started the upload is disabled; another key of its project sends the bytes,
+    # but they leave the way the upload started: through the first key's egress
+    proxy.write_keys([{**keys[0], "enabled": False}, key_entry("other", other, project="p")])
+    wait_for(lambda: set(proxy.keys_state()) == {"up", "other"})
+    done = proxy.http.post(
+        url,
+        headers={"x-goog-upload-command": "upload, finalize", "x-goog-upload-offset": "0"},
+        content=b"hello",
+    )
+    assert done.status_code == 200, done.text
+    assert done.headers["x-gemini-proxy-key"] == "other"
+    assert len(via.requests) == 2 and "upload_id=" in via.requests[1]
+    # a key answering dead is checked (no quota spent) through its own egress as well
+    fake.configure({up: "ok", other: "dead"})
+    proxy.write_keys([keys[0], key_entry("other", other, project="p", proxy=via.url)])
+    wait_for(lambda: proxy.keys_state()["other"]["egress"] == via.url)
+    before = len(via.requests)
+    for _ in range(2):
+        r = proxy.http.post(
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            json=gen_body(),
+            headers={"x-goog-api-key": "u"},
+        )
+        assert r.status_code == 200
+    proxy.wait_key("other", "dead")
+    checks = [r for r in via.requests[before:] if "models?pageSize=1" in r]
+    assert checks, via.requests[before:]
