@@ -208,6 +208,9 @@ class UpstreamClient:
             out.append(("Accept-Encoding", accept_encoding(accepted)))
         t = self._timeout(stream, timeout)
         http_proxy = egress is not None and egress.scheme == "http"
+        proxy_headers = _proxy_headers(egress) if http_proxy else None
+        if proxy_headers and url.startswith("http:"):  # no CONNECT: the proxy reads the request
+            out.extend(proxy_headers.items())
         try:
             resp = await self.session_for(egress).request(
                 method,
@@ -218,7 +221,7 @@ class UpstreamClient:
                 allow_redirects=False,
                 timeout=t,
                 proxy=egress.url if http_proxy and egress else None,
-                proxy_auth=_basic_auth(egress) if http_proxy else None,
+                proxy_headers=proxy_headers,  # for the CONNECT of an https upstream
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             if egress is not None and _egress_failed(e):
@@ -230,6 +233,12 @@ class UpstreamClient:
         except aiohttp_socks.ProxyTimeoutError as e:
             assert egress is not None
             raise UpstreamError(_describe_egress(e, egress), sent=False) from None
+        if resp.status == 407 and http_proxy and egress is not None:
+            resp.release()  # the egress proxy refused us (plain-http upstream: no CONNECT)
+            raise UpstreamError(
+                f"cannot connect to upstream: {EGRESS_UNREACHABLE} {egress.url} (it answered 407)",
+                sent=False,
+            )
         out_headers = forwardable(list(resp.headers.items()))
         if stream and 200 <= resp.status < 300:
             try:
@@ -258,9 +267,9 @@ async def _retire(session: aiohttp.ClientSession) -> None:
         await session.close()
 
 
-def _basic_auth(egress: Egress | None) -> aiohttp.BasicAuth | None:
+def _proxy_headers(egress: Egress | None) -> dict[str, str] | None:
     creds = egress.credentials if egress is not None else None
-    return aiohttp.BasicAuth(*creds) if creds else None
+    return {"Proxy-Authorization": aiohttp.encode_basic_auth(*creds)} if creds else None
 
 
 EGRESS_UNREACHABLE = "egress proxy unreachable"

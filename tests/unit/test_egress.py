@@ -76,3 +76,64 @@ def test_the_documented_example_names_an_egress() -> None:
         None,
         "socks5://10.0.0.5:1080",
     ]
+
+
+def test_sessions_of_egresses_gone_after_a_reload_are_closed() -> None:
+    import asyncio
+
+    from gemini_pool.upstream import UpstreamClient
+
+    async def run() -> None:
+        client = UpstreamClient()
+        kept, gone = Egress("http://127.0.0.1:1"), Egress("socks5://127.0.0.1:2")
+        old = client.session_for(gone)
+        client.session_for(kept)
+        assert client.egress_sessions == 2
+        assert client.keep_egresses({kept}) == ["socks5://127.0.0.1:2"]
+        assert client.egress_sessions == 1
+        for _ in range(100):  # idle: closed at once, by its retirement task
+            if old.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert old.closed
+        assert client.session_for(kept) is client.session_for(kept)  # pooled, not one per call
+        await client.close()
+
+    asyncio.run(run())
+
+
+def test_wrong_egress_credentials_are_the_egress_failing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward proxy refusing our credentials (407) is the egress failing, not Google's answer."""
+    import asyncio
+
+    from gemini_pool.upstream import UpstreamClient, UpstreamError
+
+    from ..e2e.forward_proxy import ForwardProxy
+
+    via = ForwardProxy("http", auth=("u", "right")).start()
+    try:
+
+        async def run() -> None:
+            client = UpstreamClient()
+            try:
+                await client.send(
+                    "GET",
+                    "http://127.0.0.1:9/x",
+                    [],
+                    b"",
+                    stream=False,
+                    timeout=5,
+                    egress=Egress(via.url, "u:wrong"),
+                )
+            except UpstreamError as e:
+                assert "egress proxy unreachable" in str(e) and "407" in str(e)
+                assert "wrong" not in str(e) and not e.sent
+            else:
+                raise AssertionError("a 407 from the egress proxy must fail the attempt")
+            finally:
+                await client.close()
+
+        asyncio.run(run())
+        assert via.refused == 1 and via.credentials == ["u:wrong"]
+    finally:
+        via.stop()
