@@ -16,6 +16,8 @@ def comment(rec: RequestRecord) -> str:
     stream carried; the proxy's own message and Google's error of each failed attempt below."""
     if rec.proxy_reason:
         head = f"proxy answered {rec.status} ({rec.proxy_reason})"
+    elif rec.cache == "hit":
+        head = f"cache hit: {rec.status} (no upstream call, no quota spent)"
     elif rec.key:
         head = f"served by {rec.key}: {rec.status}"
     else:
@@ -27,6 +29,8 @@ def comment(rec: RequestRecord) -> str:
         parts.append(stream_summary(rec))
     if rec.waited:
         parts.append(f"waited {rec.waited:.1f}s for a key")
+    if rec.cache == "stored":
+        parts.append("answer cached")
     lines = [" · ".join(parts)]
     if rec.proxy_message:
         lines.append(rec.proxy_message)
@@ -61,6 +65,7 @@ def metadata(rec: RequestRecord) -> dict[str, Any]:
         "retried": rec.retried,
         "attempts": rec.attempts_json(),
         "proxy_reason": rec.proxy_reason,
+        "cache": rec.cache,
     }
 
 

@@ -16,18 +16,22 @@ from typing import Any
 
 import yaml
 
+from .answer_cache import CacheSpec
+from .egress import Egress, EgressError, parse_proxy_auth, parse_proxy_url
+
 MAX_FILE_BYTES = 1 << 20
 MAX_WEIGHT = 1000
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_KEYS_VAR = "GEMINI_API_KEYS"
 
-KEY_FIELDS = {"name", "key", "key_env", "project", "weight", "enabled"}
+KEY_FIELDS = {"name", "key", "key_env", "project", "weight", "enabled", "proxy", "proxy_auth_env"}
 CLIENT_FIELDS = {"name", "token", "token_env", "group", "limits"}
 LIMIT_FIELDS = {"rpm", "concurrent", "requests_per_day", "tokens_per_day", "models"}
 MAX_LIMIT = 10**12
 MODEL_GLOB = re.compile(r"[A-Za-z0-9._*?-]{1,128}")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # routing.MODEL_ID
-TOP_FIELDS = {"keys", "clients"}
+TOP_FIELDS = {"keys", "clients", "cache"}
+CACHE_FIELDS = {"ttl_s", "max_entries", "max_bytes"}
 
 
 class ConfigError(ValueError):
@@ -59,6 +63,7 @@ class KeySpec:
     project: str
     weight: int = 1
     enabled: bool = True
+    egress: Egress | None = None  # keys[].proxy: where this key's requests leave through
 
     @property
     def mask(self) -> str:
@@ -106,6 +111,7 @@ class Config:
     keys: tuple[KeySpec, ...]
     clients: tuple[ClientSpec, ...]
     source: str
+    cache: CacheSpec | None = None  # the answer cache; None: off
 
     def key(self, name: str) -> KeySpec | None:
         return next((k for k in self.keys if k.name == name), None)
@@ -273,7 +279,7 @@ def parse_config(data: bytes, source: str, env: Mapping[str, str] | None = None)
         project = entry.string("project") or name
         names.add(name)
         secrets[secret] = name
-        keys.append(KeySpec(name, secret, project, weight, enabled))
+        keys.append(KeySpec(name, secret, project, weight, enabled, _egress(entry, env)))
 
     clients: list[ClientSpec] = []
     client_names: set[str] = set()
@@ -297,7 +303,50 @@ def parse_config(data: bytes, source: str, env: Mapping[str, str] | None = None)
         client_names.add(name)
         tokens.add(token)
         clients.append(ClientSpec(name, token, group, limits))
-    return Config(tuple(keys), tuple(clients), source)
+    return Config(tuple(keys), tuple(clients), source, _cache(top))
+
+
+def _cache(top: _Entry) -> CacheSpec | None:
+    """`cache: {ttl_s, max_entries, max_bytes}`: the answer cache, off without it."""
+    raw = top.raw.get("cache")
+    if raw is None:
+        return None
+    entry = _Entry(top.source, "cache", raw, CACHE_FIELDS, top.line)
+    default = CacheSpec()
+    values: dict[str, int] = {}
+    for fld, low, high in (
+        ("ttl_s", 1, 30 * 86400),
+        ("max_entries", 1, 10_000_000),
+        ("max_bytes", 1024, 1 << 40),
+    ):
+        value = entry.raw.get(fld, getattr(default, fld))
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            entry.fail(f"must be an integer from {low} to {high}, got {value!r}", fld)
+        values[fld] = int(value)
+    return CacheSpec(float(values["ttl_s"]), values["max_entries"], values["max_bytes"])
+
+
+def _egress(entry: _Entry, env: Mapping[str, str]) -> Egress | None:
+    """keys[].proxy and keys[].proxy_auth_env (the credentials, from the environment only)."""
+    url, auth_env = entry.string("proxy"), entry.string("proxy_auth_env")
+    if url is None:
+        if auth_env is not None:
+            entry.fail("needs 'proxy' too", "proxy_auth_env")
+        return None
+    try:
+        url = parse_proxy_url(url)
+    except EgressError as e:
+        entry.fail(str(e), "proxy")
+    auth = None
+    if auth_env is not None:
+        value = env.get(auth_env, "").strip()
+        if not value:
+            entry.fail(f"environment variable {auth_env} is not set or empty", "proxy_auth_env")
+        try:
+            auth = parse_proxy_auth(value)
+        except EgressError as e:
+            entry.fail(f"environment variable {auth_env} {e}", "proxy_auth_env")
+    return Egress(url, auth)
 
 
 def _limits(client: _Entry, parent_line: int) -> ClientLimits:

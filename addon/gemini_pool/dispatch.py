@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from .classify import Outcome, Verdict, classify, decode_body, network_verdict
 from .config import KeySpec
+from .egress import Egress
 from .routing import Api, Route
 from .selector import KeyPool, NoKey
 from .upstream import UpstreamAnswer, UpstreamClient, UpstreamError
@@ -37,6 +38,8 @@ class ProxyRequest:
     headers: list[tuple[str, str]]  # client credentials already removed
     body: bytes
     project: str | None = None  # pinned: the resource belongs to this project
+    # an upload session's bytes leave the way its start did: that key's egress (None: direct)
+    upload_egress: tuple[Egress | None] | None = None
 
 
 # what a failed attempt says, in words a person searching mitmweb's comments types
@@ -176,6 +179,7 @@ class Dispatcher:
                 stream=req.route.streaming,
                 timeout=max(math.ceil(time_left), 1),  # whole seconds: timeouts get reused
                 repeatable=req.route.repeatable,
+                egress=key.egress if req.upload_egress is None else req.upload_egress[0],
             )
         except UpstreamError as e:
             return None, network_verdict(str(e), e.sent), time.perf_counter() - t0

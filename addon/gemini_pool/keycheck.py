@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from . import metrics
 from .classify import Outcome, Verdict, classify, decode_body
+from .egress import Egress
 from .selector import KeyPool, KeyState
 from .upstream import UpstreamClient, UpstreamError
 
@@ -36,8 +37,11 @@ _ACCEPTED = {
 }
 
 
-async def check_key(upstream: UpstreamClient, base: str, secret: str) -> Verdict | None:
-    """OK if Google accepts the key, a DEAD_KEY verdict if it refuses it, None if unknown."""
+async def check_key(
+    upstream: UpstreamClient, base: str, secret: str, egress: Egress | None = None
+) -> Verdict | None:
+    """OK if Google accepts the key, a DEAD_KEY verdict if it refuses it, None if unknown.
+    The check leaves through the key's own egress, as its requests do."""
     try:
         answer = await upstream.send(
             "GET",
@@ -46,6 +50,7 @@ async def check_key(upstream: UpstreamClient, base: str, secret: str) -> Verdict
             b"",
             stream=False,
             timeout=CHECK_TIMEOUT,
+            egress=egress,
         )
     except UpstreamError:
         return None
@@ -93,7 +98,7 @@ class KeyChecker:
             state.next_check = time.time() + CLAIM_RETRY
             return
         try:
-            verdict = await check_key(self.upstream, base, state.spec.secret)
+            verdict = await check_key(self.upstream, base, state.spec.secret, state.spec.egress)
         except Exception:  # a check must never take the proxy down
             log.exception("gemini-proxy: checking key %s failed", name)
             verdict = None

@@ -63,6 +63,12 @@ PROXY_ANSWERS = Counter(
     ["status", "reason"],
     registry=REGISTRY,
 )
+ANSWER_CACHE = Counter(
+    "gemini_proxy_answer_cache",
+    "Answer cache lookups and stores: hit (no upstream call, no quota), miss, stored",
+    ["result"],
+    registry=REGISTRY,
+)
 RELOADS = Counter(
     "gemini_proxy_config_reloads", "Key file reloads by result", ["result"], registry=REGISTRY
 )

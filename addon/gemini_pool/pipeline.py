@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import listing, resources
+from . import answer_cache, listing, metrics, resources
 from .codings import decoded
 from .dispatch import Attempt, ProxyRequest, Result
 from .gate import Admit
@@ -146,6 +146,12 @@ class Pipeline:
             return ProxyAnswer(404, NOT_FOUND, "not_found")
         kind = resources.list_kind(req.method, r.path) if group is not None else None
         project = self.ownership.project(admit, r, req.body, now)
+        # 3b. the answer cache: a hit spends no quota (before any budget is counted)
+        cache_key = self._cache_key(req, admit, r, project)
+        if cache_key is not None:
+            hit = self._cache_hit(cache_key, rec, now)
+            if hit is not None:
+                return hit
         # 4. limits and budgets
         for check in self.checks:
             refusal = check(req, r, rec)
@@ -157,6 +163,8 @@ class Pipeline:
         proxy_req = ProxyRequest(
             req.method, admit.upstream.base, r, list(req.headers), req.body, project
         )
+        if admit.upload_key is not None and (spec := service.config.key(admit.upload_key)):
+            proxy_req.upload_egress = (spec.egress,)  # the upload's bytes leave as its start did
         result = await service.dispatcher.dispatch(proxy_req)
         rec.attempts, rec.waited = result.attempts, result.waited
         if result.proxy_made:
@@ -190,8 +198,56 @@ class Pipeline:
             plain = decoded(answer.body, encoding, MAX_RESOURCE_ANSWER)
             if plain is not None:
                 self.ownership.answered(req.method, r, plain, key.project, group, now)
+        # 7b. an answer that does not change, kept for the next caller of the group
+        if cache_key is not None:
+            headers.append((answer_cache.CACHE_HEADER, self._cache_store(cache_key, answer, rec)))
         # 8. Google's whole answer
         return Unary(answer, headers)
+
+    def _cache_key(self, req: Incoming, admit: Admit, r: Route, project: str | None) -> str | None:
+        """The answer cache's key for this request; None: the cache is off or it is not cacheable."""
+        if self.service.answers is None or admit.upload_key is not None:
+            return None
+        if not answer_cache.cacheable(req.method, r, req.body, project):
+            return None
+        group = answer_cache.client_group(admit.client, self.service.groups)
+        return answer_cache.cache_key(group, req.method, r, req.body)
+
+    def _cache_hit(self, key: str, rec: RequestRecord, now: float) -> Unary | None:
+        cache = self.service.answers
+        entry = cache.get(key, now) if cache is not None else None
+        rec.cache = "miss" if entry is None else "hit"
+        metrics.ANSWER_CACHE.labels(rec.cache).inc()
+        if entry is None:
+            return None
+        rec.status = entry.status
+        answer = UpstreamAnswer(
+            entry.status, "OK", [("content-type", entry.content_type)], entry.body
+        )
+        rec.tap = UsageTap("")
+        return Unary(
+            answer,
+            [(answer_cache.CACHE_HEADER, "hit"), ("x-request-id", rec.request_id)],
+        )
+
+    def _cache_store(self, key: str, answer: UpstreamAnswer, rec: RequestRecord) -> str:
+        """Keep a 2xx unary answer; says what became of it ("stored" or "miss")."""
+        cache = self.service.answers
+        if cache is None or not 200 <= answer.status < 300 or answer.stream is not None:
+            return "miss"
+        limit = cache.spec.max_bytes
+        plain = decoded(answer.body, answer.header("content-encoding"), limit)
+        if plain is None:
+            return "miss"
+        content_type = answer.header("content-type") or "application/json"
+        group = (
+            answer_cache.client_group(rec.admit.client, self.service.groups) if rec.admit else ""
+        )
+        if cache.put(key, group, answer.status, content_type, plain, time.time()) is None:
+            return "miss"
+        rec.cache = "stored"
+        metrics.ANSWER_CACHE.labels("stored").inc()
+        return "stored"
 
     def _no_answer(self, result: Result, r: Route, group: str | None) -> ProxyAnswer:
         """The proxy answers for the pool (no key could serve). A tenant client learns what to

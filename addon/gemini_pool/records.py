@@ -52,6 +52,7 @@ class RequestRecord:
     relay_ticket: str | None = None
     detour: Detour | None = None  # set while the flow points at the relay
     waited: float = 0.0
+    cache: str | None = None  # the answer cache: "hit", "miss" or "stored"; None: not cacheable
     finished: bool = False
     ended: bool = False  # the answer is complete (or failed): the flow's last hook ran
     final_comment: str | None = None  # the comment once the flow ended (the log line reuses it)
@@ -69,6 +70,8 @@ class RequestRecord:
     def outcome(self) -> str:
         if self.proxy_reason:
             return f"proxy:{self.proxy_reason}"
+        if self.cache == "hit":
+            return "cache_hit"
         if self.stream_error or self.tap.stream_error:
             return "stream_error"
         if self.attempts:

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import accounting, metrics
 from .access_log import log_request
+from .answer_cache import AnswerCache, CacheSpec, Entry
 from .breaker import BreakerState
 from .classify import pacific_day
 from .config import EMPTY, Config, ConfigError, load_config
@@ -59,6 +60,7 @@ class ProxyService:
     models: metrics.ModelLabels = field(default_factory=metrics.ModelLabels)
     _db_errors_seen: int = 0
     _projects: dict[str, str] = field(default_factory=dict)  # key name -> project
+    answers: AnswerCache | None = None  # the answer cache (`cache:` in the key file); None: off
 
     def __post_init__(self) -> None:
         self.dispatcher = Dispatcher(
@@ -141,6 +143,8 @@ class ProxyService:
         self.gate.clients = {digest(c.token): c.name for c in config.clients}
         self.groups = {c.name: c.group_name for c in config.clients}
         self._projects = {k.name: k.project for k in config.keys}
+        self._apply_egress(config)
+        self._apply_cache(config.cache)
         after = set(self.pool.keys)
         log.info(
             "gemini-proxy: %d keys from %s (added: %s; removed: %s); %d client tokens",
@@ -162,6 +166,46 @@ class ProxyService:
             self.save_state()
             self.store.write_pending()  # now: a reload is rare and its state worth having
 
+    def _apply_egress(self, config: Config) -> None:
+        """Keys' egress proxies: sessions of those no key names any more are retired."""
+        wanted = {k.egress for k in config.keys if k.egress is not None}
+        for url in self.upstream.keep_egresses(wanted):
+            log.info("gemini-proxy: egress proxy %s no longer used: its connections close", url)
+        if wanted:
+            log.info("gemini-proxy: egress proxies: %s", ", ".join(sorted({e.url for e in wanted})))
+
+    def _apply_cache(self, spec: CacheSpec | None) -> None:
+        """Turn the answer cache on (entries read back from SQLite), resize it, or off (forgot)."""
+        if spec is None:
+            if self.answers is not None and self.store is not None:
+                self.store.save_answer(None)
+            self.answers = None
+        elif self.answers is None:
+            self.answers = AnswerCache(spec, self._answer_kept, self._answer_dropped)
+            if self.store is not None:
+                self._restore_answers(self.store)
+        else:
+            self.answers.configure(spec)
+
+    def _restore_answers(self, store: Store) -> None:
+        if self.answers is None:
+            return
+        try:
+            n = self.answers.restore(store.load_answers(time.time()), time.time())
+        except Exception as e:  # a broken table must not stop the proxy: start empty
+            log.warning("gemini-proxy: cannot read the answer cache back: %s", e)
+            return
+        if n:
+            log.info("gemini-proxy: answer cache: %d entries read back from %s", n, store.path)
+
+    def _answer_kept(self, entry: Entry) -> None:
+        if self.store is not None:
+            self.store.save_answer(entry)
+
+    def _answer_dropped(self, key: str) -> None:
+        if self.store is not None:
+            self.store.save_answer(key)
+
     # --- persistence
 
     def attach_store(self, store: Store) -> None:
@@ -171,6 +215,7 @@ class ProxyService:
         keys, cooldowns = store.load_state()
         self.pool.restore(keys, cooldowns, now)
         self.pins.restore(store.load_pins(now), now)
+        self._restore_answers(store)
         store.start()
         fingerprints = {s.spec.fingerprint for s in self.pool.keys.values()}
         restored = [n for n, s in keys.items() if s.get("fingerprint") in fingerprints]
@@ -258,6 +303,7 @@ class ProxyService:
         for s in self.pool.keys.values():
             d = self.pool.describe(s, now)
             d["usage_today"] = usage.get(s.name, {})
+            d["egress"] = s.spec.egress.url if s.spec.egress else None  # never its credentials
             d["overrides_yaml"] = {
                 k: v
                 for k, v in (("enabled", s.operator_enabled), ("weight", s.operator_weight))

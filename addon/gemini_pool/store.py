@@ -25,11 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .answer_cache import Entry
 from .pins import Pin
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RETIRED_TTL = 7 * 86400  # rows of keys no longer configured are kept this long
 MAINTENANCE_INTERVAL = 2.0  # seconds between WAL checkpoints
 PRUNE_INTERVAL = 60.0
@@ -66,6 +67,14 @@ MIGRATIONS: dict[int, list[str]] = {
             kind TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL, path TEXT NOT NULL,
             expires REAL NOT NULL, PRIMARY KEY (kind, name))""",
         "CREATE INDEX pins_expires ON pins (expires)",
+    ],
+    3: [
+        # the answer cache (answer_cache.py): key is a hash of group, path, model and body
+        """CREATE TABLE answer_cache (
+            key TEXT PRIMARY KEY, grp TEXT NOT NULL, status INTEGER NOT NULL,
+            content_type TEXT NOT NULL, body BLOB NOT NULL, stored REAL NOT NULL,
+            expires REAL NOT NULL)""",
+        "CREATE INDEX answer_cache_expires ON answer_cache (expires)",
     ],
 }
 
@@ -137,6 +146,22 @@ class UsageDelta:
     errors: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
+
+
+def _write_answers(conn: sqlite3.Connection, changes: list[Entry | str | None]) -> None:
+    """Answer cache changes in queue order (an entry kept, a key dropped, everything dropped)."""
+    for change in changes:
+        if change is None:
+            conn.execute("DELETE FROM answer_cache")
+        elif isinstance(change, str):
+            conn.execute("DELETE FROM answer_cache WHERE key = ?", (change,))
+        else:
+            e = change
+            conn.execute(
+                "INSERT OR REPLACE INTO answer_cache (key, grp, status, content_type, body,"
+                " stored, expires) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (e.key, e.group, e.status, e.content_type, e.body, e.stored, e.expires),
+            )
 
 
 def _locked(e: Exception) -> bool:
@@ -246,6 +271,17 @@ class Store:
             )
         ]
 
+    def load_answers(self, now: float) -> list[Entry]:
+        """The answer cache's entries not yet expired, the oldest first."""
+        return [
+            Entry(*row)
+            for row in self._conn.execute(
+                "SELECT key, grp, status, content_type, body, stored, expires FROM answer_cache"
+                " WHERE expires > ? ORDER BY stored",
+                (now,),
+            )
+        ]
+
     # --- queueing (costs a list append) and writing
     def start(self) -> None:
         """Start the maintenance thread: checkpoints and pruning, on its own connection."""
@@ -278,6 +314,10 @@ class Store:
     def save_pin(self, pin: Pin) -> None:
         """Queue one pin (added, changed, or ended with an expiry in the past)."""
         self._pending.append(("pin", pin))
+
+    def save_answer(self, entry: Entry | str | None) -> None:
+        """Queue an answer cache change: an entry to keep, a key to drop, None: drop them all."""
+        self._pending.append(("answer", entry))
 
     def write_pending(self, wait: float = 0.0) -> bool:
         """Commit everything queued, in one transaction. Waits at most `wait` seconds for a lock
@@ -338,7 +378,7 @@ class Store:
         kept: list[tuple[str, Any]] = []
         dropped = 0
         for item in self._pending:
-            if dropped < excess and item[0] == "outcome":
+            if dropped < excess and item[0] in ("outcome", "answer"):
                 dropped += 1
             else:
                 kept.append(item)
@@ -433,6 +473,7 @@ class Store:
                     " path = excluded.path, expires = excluded.expires",
                     [(p.kind, p.name, p.owner, p.path, p.expires) for p in pins.values()],
                 )
+            _write_answers(self._conn, [arg for kind, arg in items if kind == "answer"])
             if snapshot is not None:
                 self._write_snapshot(snapshot)
             self._conn.execute("COMMIT")
@@ -504,6 +545,7 @@ class Store:
                     break
             conn.execute("DELETE FROM cooldowns WHERE until < ?", (now,))
             conn.execute("DELETE FROM pins WHERE expires <= ?", (now,))
+            conn.execute("DELETE FROM answer_cache WHERE expires <= ?", (now,))
             conn.execute(
                 "DELETE FROM key_state WHERE retired IS NOT NULL AND retired < ?",
                 (now - RETIRED_TTL,),

@@ -15,7 +15,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
+import aiohttp_socks
 import yarl
+
+from .egress import Egress
 
 HOP_BY_HOP = frozenset(
     {
@@ -98,6 +101,9 @@ def forwardable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
 
 
+RETIRED_GRACE = 3600.0  # an egress gone from the key file: its last streams get this long
+
+
 async def _on_reuse(_session: Any, ctx: SimpleNamespace, _params: Any) -> None:
     if isinstance(ctx.trace_request_ctx, SimpleNamespace):
         ctx.trace_request_ctx.reused = True
@@ -123,35 +129,74 @@ def stale_connection(e: BaseException) -> bool:
     )
 
 
+def _new_session(egress: Egress | None, fresh: bool = False) -> aiohttp.ClientSession:
+    """A pooled session through `egress` (None: direct); `fresh`: a new connection every time,
+    for what must never meet a stale pooled one (creates, deletes, the resend after a stale
+    connection failed)."""
+    pooling: dict[str, Any] = {"force_close": True} if fresh else {"keepalive_timeout": 30}
+    connector: aiohttp.BaseConnector
+    if egress is not None and egress.scheme.startswith("socks5"):
+        host, port = egress.host_port
+        creds = egress.credentials
+        connector = aiohttp_socks.ProxyConnector(
+            host,
+            port,
+            aiohttp_socks.ProxyType.SOCKS5,
+            username=creds[0] if creds else None,
+            password=creds[1] if creds else None,
+            rdns=egress.scheme == "socks5h",
+            limit=0,
+            ttl_dns_cache=300,
+            **pooling,
+        )
+    else:  # direct, or an http:// proxy (given per request: aiohttp pools per proxy anyway)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, **pooling)
+    return aiohttp.ClientSession(
+        auto_decompress=False,
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=[] if fresh else [_tracing()],
+    )
+
+
 class UpstreamClient:
+    """One pooled session per egress (direct, or each key's forward proxy), made on first use."""
+
     def __init__(self, connect_timeout: float = 10.0, read_timeout: float = 300.0) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._session: aiohttp.ClientSession | None = None
-        self._fresh: aiohttp.ClientSession | None = None
+        self._sessions: dict[tuple[Egress | None, bool], aiohttp.ClientSession] = {}
+        self._retired: set[asyncio.Task[None]] = set()
         self.stale_retries = 0  # requests re-sent on a fresh connection after a stale one failed
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                auto_decompress=False,
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
-                cookie_jar=aiohttp.DummyCookieJar(),
-                trace_configs=[_tracing()],
-            )
-        return self._session
+        """The direct pooled session (no egress proxy)."""
+        return self.session_for(None)
+
+    def session_for(self, egress: Egress | None, fresh: bool = False) -> aiohttp.ClientSession:
+        session = self._sessions.get((egress, fresh))
+        if session is None or session.closed:
+            session = self._sessions[(egress, fresh)] = _new_session(egress, fresh)
+        return session
+
+    def keep_egresses(self, wanted: set[Egress]) -> list[str]:
+        """After a reload: sessions of egresses no key uses any more are retired (closed once
+        their connections are idle, at most RETIRED_GRACE later). Returns their URLs."""
+        gone = [k for k in self._sessions if k[0] is not None and k[0] not in wanted]
+        for k in gone:
+            session = self._sessions.pop(k)
+            try:
+                task = asyncio.get_running_loop().create_task(_retire(session))
+            except RuntimeError:  # no loop (at load): nothing can be in flight on it
+                continue
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+        return sorted({e.url for e, _ in gone if e is not None})
 
     @property
-    def fresh(self) -> aiohttp.ClientSession:
-        """A new connection for every request: for what must not meet a stale pooled one."""
-        if self._fresh is None or self._fresh.closed:
-            self._fresh = aiohttp.ClientSession(
-                auto_decompress=False,
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, force_close=True),
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._fresh
+    def egress_sessions(self) -> int:
+        return len({e for e, _ in self._sessions if e is not None})
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - a few distinct values, client lives forever
     def _timeout(self, stream: bool, timeout: float) -> aiohttp.ClientTimeout:
@@ -164,10 +209,12 @@ class UpstreamClient:
         )
 
     async def close(self) -> None:
-        for session in (self._session, self._fresh):
-            if session is not None and not session.closed:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for task in list(self._retired):
+            task.cancel()
+        for session in sessions:
+            if not session.closed:
                 await session.close()
-        self._session = self._fresh = None
 
     async def send(
         self,
@@ -179,6 +226,7 @@ class UpstreamClient:
         stream: bool,
         timeout: float,
         repeatable: bool = True,
+        egress: Egress | None = None,
     ) -> UpstreamAnswer:
         """Send one attempt. A 2xx streaming answer comes back open, with its first chunk read.
 
@@ -200,7 +248,11 @@ class UpstreamClient:
             out = [(k, v) for k, v in out if k.lower() != "accept-encoding"]
             out.append(("Accept-Encoding", accept_encoding(accepted)))
         t = self._timeout(stream, timeout)
-        session = self.session if repeatable else self.fresh
+        http_proxy = egress is not None and egress.scheme == "http"
+        proxy_headers = _proxy_headers(egress) if http_proxy else None
+        if proxy_headers and url.startswith("http:"):  # no CONNECT: the proxy reads the request
+            out.extend(proxy_headers.items())
+        session = self.session_for(egress, fresh=not repeatable)
         for last in (False, True):
             ctx = SimpleNamespace(reused=False)
             try:
@@ -212,14 +264,30 @@ class UpstreamClient:
                     skip_auto_headers=skip,
                     allow_redirects=False,
                     timeout=t,
+                    proxy=egress.url if http_proxy and egress else None,
+                    proxy_headers=proxy_headers,  # for the CONNECT of an https upstream
                     trace_request_ctx=ctx,
                 )
                 break
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                if egress is not None and _egress_failed(e):
+                    raise UpstreamError(_describe_egress(e, egress), sent=False) from None
                 if last or not ctx.reused or not stale_connection(e):
                     raise UpstreamError(_describe(e), sent=not _never_connected(e)) from None
                 self.stale_retries += 1
-                session = self.fresh
+                session = self.session_for(egress, fresh=True)
+            except (aiohttp_socks.ProxyError, aiohttp_socks.ProxyConnectionError) as e:
+                assert egress is not None
+                raise UpstreamError(_describe_egress(e, egress), sent=False) from None
+            except aiohttp_socks.ProxyTimeoutError as e:
+                assert egress is not None
+                raise UpstreamError(_describe_egress(e, egress), sent=False) from None
+        if resp.status == 407 and http_proxy and egress is not None:
+            resp.release()  # the egress proxy refused us (plain-http upstream: no CONNECT)
+            raise UpstreamError(
+                f"cannot connect to upstream: {EGRESS_UNREACHABLE} {egress.url} (it answered 407)",
+                sent=False,
+            )
         out_headers = forwardable(list(resp.headers.items()))
         if stream and 200 <= resp.status < 300:
             try:
@@ -235,6 +303,45 @@ class UpstreamClient:
         finally:
             resp.release()
         return UpstreamAnswer(resp.status, resp.reason or "", out_headers, body_out)
+
+
+async def _retire(session: aiohttp.ClientSession) -> None:
+    """Close a session once none of its connections is in use (a stream may still run on it)."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + RETIRED_GRACE
+    try:
+        while loop.time() < until and getattr(session.connector, "_acquired", None):
+            await asyncio.sleep(1.0)
+    finally:
+        await session.close()
+
+
+def _proxy_headers(egress: Egress | None) -> dict[str, str] | None:
+    creds = egress.credentials if egress is not None else None
+    return {"Proxy-Authorization": aiohttp.encode_basic_auth(*creds)} if creds else None
+
+
+EGRESS_UNREACHABLE = "egress proxy unreachable"
+
+
+def _egress_failed(e: BaseException) -> bool:
+    """The egress proxy itself failed: no connection to it, or it refused the tunnel (407, 502)."""
+    return isinstance(e, aiohttp.ClientProxyConnectionError | aiohttp.ClientHttpProxyError)
+
+
+def _describe_egress(e: BaseException, egress: Egress) -> str:
+    """Why the egress proxy failed, naming it by its URL (which holds no credentials)."""
+    if isinstance(e, aiohttp.ClientHttpProxyError):
+        why = f"it answered {e.status}"
+    elif isinstance(e, aiohttp.ClientConnectorError):
+        why = str(e.os_error.strerror or e.os_error)
+    elif isinstance(e, aiohttp_socks.ProxyTimeoutError):
+        why = "timed out"
+    else:
+        why = type(e).__name__
+        if egress.auth is None or egress.auth not in str(e):
+            why = f"{why}: {e}"[:200]
+    return f"cannot connect to upstream: {EGRESS_UNREACHABLE} {egress.url} ({why})"
 
 
 def _never_connected(e: BaseException) -> bool:

@@ -260,10 +260,11 @@ def test_a_v1_database_upgrades_in_place_and_keeps_its_rows(tmp_path: Path) -> N
     assert [r["request_id"] for r in s.recent(10, None, None)] == ["r1"]
     assert s.usage("2026-11-29")["a"]["requests"] == 3
     assert s.load_pins(0.0) == []
+    assert s.load_answers(0.0) == []  # version 3: the answer cache's table
     s.save_pin(Pin(KIND_RESOURCE, "files/f", "p", "", 100.0))
     s.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert db.execute("SELECT name, retired FROM key_state").fetchall() == [("a", None)]
     db.close()
 
