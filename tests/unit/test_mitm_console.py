@@ -39,12 +39,12 @@ def test_commands(addons: tuple[Options, Console], keys_file: Path) -> None:
         assert said == "disable: a was active, weight 1, now disabled, weight 1"
         assert not proxy.rt.service.pool.keys["a"].enabled
         listing = tctx.command(proxy.keys_cmd)
-        assert listing[0].startswith("a (AIz…) disabled project=a weight=1 breaker=closed")
+        assert listing[0].startswith("a (AIza…-a) disabled project=a weight=1 breaker=closed")
         assert "AIzaSy-unit-a" not in "\n".join(listing)
         said = tctx.command(proxy.enable_cmd, "a")
         assert said == "enable: a was disabled, weight 1, now active, weight 1"
         assert proxy.rt.service.pool.keys["a"].enabled
-        with pytest.raises(exceptions.CommandError, match="no key named"):
+        with pytest.raises(exceptions.CommandError, match=r"^error: no key named .zzz."):
             tctx.command(proxy.reset_cmd, "zzz")
         keys_file.write_text("keys:\n  - {name: c, key: AIzaSy-unit-c}\n")
         said = tctx.command(proxy.reload_cmd)
