@@ -73,7 +73,7 @@ def stream_summary(rec: RequestRecord) -> str:
     tap = rec.tap
     events = f", {tap.events} events" if tap.events else ""
     if not rec.ended and not rec.stream_error:
-        return f"streaming: {size(tap.bytes)}{events} so far"
+        return f"streaming: {size(tap.bytes)}{events} so far" if tap.bytes else "stream started"
     tokens = (
         f", tokens {tap.tokens_in} in / {tap.tokens_out} out" if tap.tokens_out is not None else ""
     )
