@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -119,6 +120,20 @@ def test_mitmweb_shows_a_running_stream_and_its_filter_box_finds_the_tags(
             assert len(await updates.search("~comment [quota]")) == 2  # matches any "a", "u", ...
             assert await updates.search("~meta streaming") == []  # metadata: key, attempts, ...
             assert await updates.search("~meta alpha") == [plain_id]  # alpha's failed attempt
+
+            # a stream Google cuts says so in words, and is found by its tag
+            fake.configure({a: "minute:60", b: "cut:2"})
+            async with caller.post(f"{proxy.url}{STREAM}", json=gen_body(), headers=headers) as r:
+                with contextlib.suppress(aiohttp.ClientPayloadError):
+                    await r.read()
+            flows = await (await web.get(f"http://127.0.0.1:{web_port}/flows")).json()
+            cut = flows[2]["comment"]
+            assert cut.startswith("failed: the stream from beta was cut · streamed "), cut
+            assert cut.endswith(
+                ", then cut: upstream broke off the answer mid-stream #cut"
+            ) or cut.endswith(", then cut: upstream closed the connection mid-stream #cut"), cut
+            assert "Error" not in cut and flows[2]["marked"] == "\u26a0"
+            assert await updates.search("~comment #cut") == [flows[2]["id"]]
             updates.reader.cancel()
 
     asyncio.run(asyncio.wait_for(run(), 60))
