@@ -71,7 +71,7 @@ def _failed_attempts(rec: RequestRecord) -> bool:
 
 def stream_summary(rec: RequestRecord) -> str:
     tap = rec.tap
-    events = f", {tap.events} events" if tap.events else ""
+    events = f", {tap.events} event{'s' if tap.events != 1 else ''}" if tap.events else ""
     if not rec.ended and not rec.stream_error:
         return f"streaming: {size(tap.bytes)}{events} so far" if tap.bytes else "stream started"
     tokens = (
@@ -113,7 +113,7 @@ def metadata(rec: RequestRecord) -> dict[str, Any]:
 
 def mark(rec: RequestRecord) -> str | None:
     """mitmweb's marker: a warning for anything failed, a repeat sign for a retried success."""
-    if rec.proxy_reason or rec.stream_error or rec.status >= 400:
+    if rec.proxy_reason or rec.stream_error or rec.tap.stream_error or rec.status >= 400:
         return ":warning:"
     if rec.retried:
         return ":repeat:"

@@ -52,8 +52,11 @@ class Progress:
         if now - self.shown < PROGRESS_EVERY or self.rec.ended or self.rec.detour is not None:
             return
         self.shown = now
-        self.flow.comment = comment(self.rec)
-        ctx.master.addons.trigger(UpdateHook([self.flow]))
+        try:
+            self.flow.comment = comment(self.rec)
+            ctx.master.addons.trigger(UpdateHook([self.flow]))
+        except Exception:  # showing progress must never break the stream it shows
+            log.exception("gemini-proxy: cannot show the progress of %s", self.rec.request_id)
 
 
 class Console:
