@@ -137,11 +137,32 @@ def test_mitmweb_shows_a_running_stream_and_its_filter_box_finds_the_tags(
             updates.reader.cancel()
 
     asyncio.run(asyncio.wait_for(run(), 60))
+    web = httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers=auth, timeout=10)
     for secret in (a, b):
-        assert (
-            secret
-            not in httpx.get(f"http://127.0.0.1:{web_port}/flows", headers=auth, timeout=10).text
-        )
+        assert secret not in web.get("/flows").text
+
+    # the command bar shows a result as JSON on one line: the event log has one line per key
+    web.cookies.set("_mitmproxy_xsrf", "t0k")  # tornado's XSRF check: cookie == header
+    xsrf = {"X-XSRFToken": "t0k"}
+
+    def command(cmd: str, *args: str) -> Any:
+        return web.post(f"/commands/{cmd}", json={"arguments": list(args)}, headers=xsrf).json()
+
+    keys = command("gemini.keys")["value"]
+    assert [k.split(" ")[:2] for k in keys] == [
+        ["alpha", f"(AIza…{a[-4:]})"],
+        ["beta", f"(AIza…{b[-4:]})"],
+    ]
+
+    assert " cooling " in keys[0] and " health=1.0 " in keys[0]  # a 429 cools, health stays
+
+    def key_events() -> list[str]:
+        return [e["message"] for e in web.get("/events").json() if "gemini.keys:" in e["message"]]
+
+    events = wait_for(lambda: len(e := key_events()) == 2 and e)  # "[time] gemini.keys: ..."
+    assert [e.split("] ", 1)[1] for e in events] == [f"gemini.keys: {k}" for k in keys]
+    said = command("gemini.disable", "x")["error"]
+    assert said == "error: no key named 'x' (gemini.keys lists them)"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH")
