@@ -65,9 +65,8 @@ class RequestLine:
             "outcome": rec.outcome,
         }
         noteworthy = rec.retried or rec.proxy_reason or rec.stream_error
-        lines = (rec.final_comment or comment(rec)).splitlines() if noteworthy else []
         if self.as_json:  # one JSON object per line, nothing before it
-            extra: dict[str, Any] = {"detail": lines[0]} if lines else {}
+            extra: dict[str, Any] = {"detail": comment(rec, messages=False)} if noteworthy else {}
             if rec.proxy_message:
                 extra["message"] = rec.proxy_message
             if errors := rec.upstream_errors():
@@ -76,4 +75,7 @@ class RequestLine:
                 {"time": round(rec.started_wall, 3), "event": "request", **fields, **extra}
             )
         text = "gemini " + " ".join(f"{k}={'-' if v is None else v}" for k, v in fields.items())
-        return " | ".join([text, *lines])  # one line per request, Google's messages included
+        if not noteworthy:
+            return text
+        # one line per request: the comment is one line, Google's messages shortened in it
+        return f"{text} | {rec.final_comment or comment(rec)}"

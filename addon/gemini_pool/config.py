@@ -45,10 +45,19 @@ class ConfigError(ValueError):
         super().__init__(f"{where}: {message}")
 
 
+# how Google's keys start (every key, so no secret): shown in full, like Google's console does
+PUBLIC_PREFIXES = ("AIza", "AQ.")
+MASK_TAIL = 4  # the most secret characters a mask ever shows
+
+
 def mask_secret(secret: str) -> str:
-    """The most of a secret we ever show: at most 8 leading characters, never more than a quarter."""
-    shown = min(8, len(secret) // 4)
-    return f"{secret[:shown]}…"
+    """`AIza…wXyZ`: the public prefix and the last 4 characters, as Google's console shows keys.
+
+    Never more than MASK_TAIL secret characters, and never more than a quarter of the rest."""
+    prefix = next((p for p in PUBLIC_PREFIXES if secret.startswith(p)), "")
+    rest = secret[len(prefix) :]
+    shown = min(MASK_TAIL, len(rest) // 4)
+    return f"{prefix}…{rest[len(rest) - shown :]}"
 
 
 def fingerprint(secret: str) -> str:

@@ -42,19 +42,20 @@ class ProxyRequest:
     upload_egress: tuple[Egress | None] | None = None
 
 
-# what a failed attempt says, in words a person searching mitmweb's comments types
+# what a failed attempt says, as a tag people type into mitmweb's filter box (`~comment #quota`):
+# "#" and "-" are literal in mitmproxy's filter regexes, unlike "[quota]" (a character class)
 TAGS = {
-    Outcome.OK: "ok",
-    Outcome.DEAD_KEY: "dead key",
-    Outcome.PROJECT_CAPPED: "quota",
-    Outcome.QUOTA_MINUTE: "quota",
-    Outcome.QUOTA_DAY: "quota",
-    Outcome.MODEL_UNAVAILABLE: "quota",
-    Outcome.QUOTA_UNKNOWN: "quota",
-    Outcome.TRANSIENT: "google error",
-    Outcome.NETWORK: "network",
-    Outcome.WRONG_PROJECT: "other project",
-    Outcome.CALLER_ERROR: "caller error",
+    Outcome.OK: "#ok",
+    Outcome.DEAD_KEY: "#dead-key",
+    Outcome.PROJECT_CAPPED: "#quota",
+    Outcome.QUOTA_MINUTE: "#quota",
+    Outcome.QUOTA_DAY: "#quota",
+    Outcome.MODEL_UNAVAILABLE: "#quota",
+    Outcome.QUOTA_UNKNOWN: "#quota",
+    Outcome.TRANSIENT: "#google-error",
+    Outcome.NETWORK: "#network",
+    Outcome.WRONG_PROJECT: "#other-project",
+    Outcome.CALLER_ERROR: "#caller-error",
 }
 
 
@@ -68,7 +69,7 @@ class Attempt:
     def describe(self) -> str:
         if self.status is not None and self.status < 400:
             return f"{self.key}: {self.status}"
-        return f"{self.key}: {self.verdict.reason} [{TAGS[self.verdict.outcome]}]"
+        return f"{self.key}: {self.verdict.reason} {TAGS[self.verdict.outcome]}"
 
 
 @dataclass

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from collections import deque
 
+from .classify import Outcome
+
+# Answers that count against a key's health: Google refused the key itself, or its connection
+# failed. A quota answer (429, a capped project, a model at capacity) says the key is spent for
+# now, which its cooldown handles; it is no failure of the key and leaves health alone, as do
+# Google's own errors and the caller's.
+HEALTH_FAILURES = frozenset({Outcome.DEAD_KEY, Outcome.NETWORK})
+
+
+def hurts_health(outcome: Outcome) -> bool:
+    return outcome in HEALTH_FAILURES
+
 
 class HealthWindow:
     def __init__(self, size: int = 20, min_samples: int = 5) -> None:

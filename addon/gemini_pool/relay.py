@@ -396,10 +396,10 @@ class _RelayConnection(asyncio.Protocol):
                     raise ConnectionResetError("relay connection closed")
             transport.write(b"0\r\n\r\n")
         except (aiohttp.ClientError, TimeoutError) as e:
-            error = f"upstream stream broke: {type(e).__name__}"
+            error = upstream_cut(e)
             transport.abort()  # mitmproxy (and the caller) see a truncated stream
-        except ConnectionError as e:
-            error = f"caller went away: {type(e).__name__}"
+        except ConnectionError:
+            error = "caller went away"
         except asyncio.CancelledError:
             error = "caller went away"
             raise
@@ -412,6 +412,19 @@ class _RelayConnection(asyncio.Protocol):
             self.busy, self.pump = False, None
         if self.buf and not transport.is_closing():
             self._next_request()
+
+
+def upstream_cut(e: BaseException) -> str:
+    """What broke a stream on Google's side, in words (on_end: "upstream ..." blames the key)."""
+    if isinstance(e, TimeoutError):
+        return "upstream sent nothing for too long (read timeout)"
+    if isinstance(e, aiohttp.ClientPayloadError):
+        return "upstream broke off the answer mid-stream"
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return "upstream closed the connection mid-stream"
+    if isinstance(e, aiohttp.ClientConnectionError):
+        return "upstream connection failed mid-stream"
+    return "upstream stream failed"
 
 
 class _LengthSkipper:

@@ -18,7 +18,7 @@ from typing import Any
 from .breaker import BreakerPolicy, BreakerState, CircuitBreaker
 from .classify import Outcome, Verdict
 from .config import Config, KeySpec
-from .health import HealthWindow
+from .health import HealthWindow, hurts_health
 
 HALF_OPEN_RETRY = 1.0  # seconds to wait when the only keys left are probing
 RETIRED_TTL = 7 * 86400  # a removed key's state is kept this long, by fingerprint
@@ -278,7 +278,7 @@ class KeyPool:
             if was is not BreakerState.CLOSED:
                 self._breaker_changed(state, now)
             return
-        if verdict.key_fault:
+        if hurts_health(o):
             state.health.add(False)
         if o is not Outcome.CALLER_ERROR:
             state.last_error = verdict.reason

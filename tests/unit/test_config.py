@@ -150,10 +150,18 @@ def test_env_keys_and_missing_file(tmp_path) -> None:
         keys_from_env("k1,k1")
 
 
-def test_mask_never_shows_more_than_a_quarter_or_8_chars() -> None:
-    assert mask_secret("AIzaSyABCDEFGHIJKLMNOPQRSTUVWXYZ012345") == "AIzaSyAB…"
-    assert mask_secret("short") == "s…"
+def test_a_mask_tells_keys_apart_by_their_last_4_characters_and_shows_no_more() -> None:
+    # every Google key starts AIza (new ones AQ.): the prefix is public, the tail tells them apart
+    assert mask_secret("AIzaSyABCDEFGHIJKLMNOPQRSTUVWXYZ0wXyZ") == "AIza…wXyZ"
+    assert mask_secret("AIzaSyABCDEFGHIJKLMNOPQRSTUVWXYZ01234") != mask_secret(
+        "AIzaSyABCDEFGHIJKLMNOPQRSTUVWXYZ01235"
+    )
+    assert mask_secret("AQ.Ab8RN6LongerSecretPart1234") == "AQ.…1234"
+    # never more than 4 secret characters, never more than a quarter of what is not the prefix
+    assert mask_secret("a-client-token-of-some-length") == "…ngth"
+    assert mask_secret("short") == "…t"
     assert mask_secret("abc") == "…"
+    assert mask_secret("AIzaSy0") == "AIza…"
 
 
 def test_the_documented_example_file_is_valid() -> None:

@@ -39,12 +39,12 @@ def test_commands(addons: tuple[Options, Console], keys_file: Path) -> None:
         assert said == "disable: a was active, weight 1, now disabled, weight 1"
         assert not proxy.rt.service.pool.keys["a"].enabled
         listing = tctx.command(proxy.keys_cmd)
-        assert listing[0].startswith("a (AIz…) disabled project=a weight=1 breaker=closed")
+        assert listing[0].startswith("a (AIza…-a) disabled project=a weight=1 breaker=closed")
         assert "AIzaSy-unit-a" not in "\n".join(listing)
         said = tctx.command(proxy.enable_cmd, "a")
         assert said == "enable: a was disabled, weight 1, now active, weight 1"
         assert proxy.rt.service.pool.keys["a"].enabled
-        with pytest.raises(exceptions.CommandError, match="no key named"):
+        with pytest.raises(exceptions.CommandError, match=r"^error: no key named .zzz."):
             tctx.command(proxy.reset_cmd, "zzz")
         keys_file.write_text("keys:\n  - {name: c, key: AIzaSy-unit-c}\n")
         said = tctx.command(proxy.reload_cmd)
@@ -54,3 +54,49 @@ def test_commands(addons: tuple[Options, Console], keys_file: Path) -> None:
         with pytest.raises(exceptions.CommandError, match="reload failed"):
             tctx.command(proxy.reload_cmd)
         assert list(proxy.rt.service.pool.keys) == ["c"]
+
+
+def test_a_running_stream_refreshes_its_comment_at_most_once_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from collections.abc import Sequence
+
+    from mitmproxy import flow as mflow
+    from mitmproxy.test import tflow
+
+    from gemini_pool.mitm import console
+    from gemini_pool.records import RequestRecord
+
+    class Spy:
+        """Any addon (mitmweb's view among them) hears of the change."""
+
+        def __init__(self) -> None:
+            self.updated: list[str] = []
+
+        def update(self, flows: Sequence[mflow.Flow]) -> None:
+            self.updated += [f.comment for f in flows]
+
+    clock = [100.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: clock[0])
+    spy, f = Spy(), tflow.tflow(resp=True)
+    rec = RequestRecord(key="beta", status=200, relay_ticket="t")
+    with taddons.context(spy):
+        progress = console.Progress(f, rec)
+        rec.tap.feed(b"data: 1\n\n")
+        clock[0] += 0.5
+        progress()
+        assert spy.updated == []  # too soon
+        clock[0] += 0.6
+        progress()
+        assert spy.updated == ["served by beta: 200 · streaming: 9 B, 1 event so far"]
+        rec.tap.feed(b"data: 2\n\n")
+        clock[0] += 0.2
+        progress()
+        clock[0] += 1.0
+        progress()
+        assert spy.updated[-1] == "served by beta: 200 · streaming: 18 B, 2 events so far"
+        assert len(spy.updated) == 2 and f.comment == spy.updated[-1]
+        rec.ended = True  # the response hook writes the final comment
+        clock[0] += 5
+        progress()
+        assert len(spy.updated) == 2

@@ -536,7 +536,7 @@ def test_an_upstream_break_cuts_the_relay_connection() -> None:
             with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
                 await fetch(reader, writer, ticket)
             await asyncio.wait_for(_filled(fx.ends), 5)
-            assert fx.ends[0] is not None and fx.ends[0].startswith("upstream stream broke")
+            assert fx.ends == ["upstream broke off the answer mid-stream"]  # in words
             writer.close()
 
     run(go)
@@ -574,3 +574,24 @@ def test_an_unclaimed_stream_is_closed_and_reported() -> None:
 async def _filled(items: list[Any]) -> None:
     while not items:
         await asyncio.sleep(0.01)
+
+
+def test_a_cut_stream_is_said_in_words_never_a_class_name() -> None:
+    from gemini_pool.relay import upstream_cut
+
+    cases = [
+        TimeoutError(),
+        aiohttp.ClientPayloadError("Response payload is not completed"),
+        aiohttp.ServerDisconnectedError(),
+        aiohttp.ClientOSError(104, "Connection reset by peer"),
+        aiohttp.ClientError(),
+    ]
+    said = [upstream_cut(e) for e in cases]
+    assert said == [
+        "upstream sent nothing for too long (read timeout)",
+        "upstream broke off the answer mid-stream",
+        "upstream closed the connection mid-stream",
+        "upstream connection failed mid-stream",
+        "upstream stream failed",
+    ]
+    assert not any("Error" in s for s in said)  # and each starts "upstream": the key is blamed

@@ -118,12 +118,12 @@ def test_breaker_opens_after_network_failures_and_admits_one_probe() -> None:
 
 
 def test_unhealthy_keys_serve_only_when_nothing_better_is_left() -> None:
-    p = pool(k("a"), k("b"))
+    p = pool(k("a"), k("b"), breaker=BreakerPolicy(failure_threshold=100))
     for _ in range(6):
         p.record("a", "m", Verdict(Outcome.TRANSIENT, "x"), 0)  # transient: no blame
-        p.record("b", "m", Verdict(Outcome.QUOTA_UNKNOWN, "429", cooldown_until=0), 0)
+        p.record("b", "m", network_verdict("connection reset"), 0)  # the key's connection
     assert set(picks(p, 4, now=1)) == {"a"}
-    assert p.keys["b"].health.ratio == 0.0
+    assert p.keys["b"].health.ratio == 0.0 and p.keys["a"].health.ratio == 1.0
     p.record("a", "m", Verdict(Outcome.DEAD_KEY, "dead"), 1)
     assert set(picks(p, 2, now=2)) == {"b"}  # the unhealthy one is still better than none
 
@@ -284,3 +284,20 @@ def test_the_health_windows_running_count_matches_its_contents(
             w.add(bool(op))
         expected = sum(w.results) / len(w.results) if w.results else 1.0
         assert w.ratio == expected
+
+
+def test_a_quota_answer_is_no_failure_of_the_key() -> None:
+    """One 429 (or a capped project, a model at capacity) cools the key; its health stays."""
+    p = pool(k("a"), k("b"))
+    p.record("a", "m", Verdict(Outcome.OK, "200"), 0)
+    p.record("a", "m", Verdict(Outcome.QUOTA_MINUTE, "429 per-minute quota", cooldown_until=5), 1)
+    assert p.keys["a"].health.ratio == 1.0 and p.keys["a"].health.snapshot() == [1]
+    assert set(picks(p, 4, now=2)) == {"b"}  # cooling: the quota is handled by the cooldown
+    for outcome in (Outcome.QUOTA_DAY, Outcome.QUOTA_UNKNOWN, Outcome.PROJECT_CAPPED):
+        p.record("b", "m", Verdict(outcome, "429", cooldown_until=0), 0)
+    p.record("b", "m", Verdict(Outcome.MODEL_UNAVAILABLE, "429 model", cooldown_until=0), 0)
+    assert p.keys["b"].health.ratio == 1.0 and p.keys["b"].health.snapshot() == []
+    # what does count: a dead key's answer and a failed connection
+    p.record("b", "m", network_verdict("timed out"), 3)
+    p.record("a", "m", Verdict(Outcome.DEAD_KEY, "403 API_KEY_INVALID"), 3)
+    assert p.keys["b"].health.snapshot() == [0] and p.keys["a"].health.snapshot() == [1, 0]

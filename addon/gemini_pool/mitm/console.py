@@ -1,15 +1,21 @@
 """The console as a mitmproxy addon: the gemini.* commands, and what each flow shows in mitmweb.
 
 Commands work in mitmweb's and mitmproxy's command bar (`gemini.keys`, `gemini.disable NAME`, ...).
-`annotate` puts a request's comment, metadata and mark (built in `comments.py`) on its flow.
+`annotate` puts a request's comment, metadata and mark (built in `comments.py`) on its flow;
+`Progress` refreshes a stream's comment while it runs. mitmweb's command bar shows a result as JSON
+(a list in one line, an error like a value): `gemini.keys` also writes one event-log line per key,
+and a command's error starts with "error:".
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from mitmproxy import command, exceptions, http
+from mitmproxy import command, ctx, exceptions, http
+from mitmproxy.hooks import UpdateHook
 
 from ..comments import comment, mark, metadata
 from ..records import RequestRecord
@@ -26,6 +32,33 @@ def annotate(flow: http.HTTPFlow, rec: RequestRecord) -> None:
         flow.marked = marker
 
 
+log = logging.getLogger("gemini_proxy")
+
+PROGRESS_EVERY = 1.0  # seconds between two refreshes of a running stream's comment
+
+
+class Progress:
+    """A stream in flight: its bytes and events so far in the flow's comment, at most once per
+    PROGRESS_EVERY, with an update event so mitmweb (and the console) show the change."""
+
+    __slots__ = ("flow", "rec", "shown")
+
+    def __init__(self, flow: http.HTTPFlow, rec: RequestRecord) -> None:
+        self.flow, self.rec, self.shown = flow, rec, time.monotonic()
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        # the flow points at the relay until mitmproxy read the answer's head: show it after
+        if now - self.shown < PROGRESS_EVERY or self.rec.ended or self.rec.detour is not None:
+            return
+        self.shown = now
+        try:
+            self.flow.comment = comment(self.rec)
+            ctx.master.addons.trigger(UpdateHook([self.flow]))
+        except Exception:  # showing progress must never break the stream it shows
+            log.exception("gemini-proxy: cannot show the progress of %s", self.rec.request_id)
+
+
 class Console:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -33,13 +66,17 @@ class Console:
     @command.command("gemini.keys")
     def keys_cmd(self) -> Sequence[str]:
         """Every key, one line each: status, breaker, cooldowns, health, last error."""
-        lines = [describe_line(k) for k in self.rt.service.describe_keys()]
-        return lines or ["no keys configured"]
+        lines = [describe_line(k) for k in self.rt.service.describe_keys()] or [
+            "no keys configured"
+        ]
+        for line in lines:  # mitmweb's command bar shows the list as one JSON line
+            log.info("gemini.keys: %s", line)
+        return lines
 
     def _operate(self, name: str, action: str) -> str:
         before = next((k for k in self.rt.service.describe_keys() if k["name"] == name), None)
         if before is None:
-            raise exceptions.CommandError(f"no key named {name!r}")
+            raise exceptions.CommandError(f"error: no key named {name!r} (gemini.keys lists them)")
         after = self.rt.service.operator(name, action)
         return f"{action}: {name} was {_condition(before)}, now {_condition(after)}"
 
@@ -72,7 +109,9 @@ class Console:
         """Re-read the key file now."""
         before = set(self.rt.service.pool.keys)
         if not self.rt.reload_keys("gemini.reload command"):
-            raise exceptions.CommandError("reload failed; the old config stays (see the log)")
+            raise exceptions.CommandError(
+                "error: reload failed; the old config stays (see the log)"
+            )
         after = set(self.rt.service.pool.keys)
         added, removed = sorted(after - before), sorted(before - after)
         return (

@@ -26,7 +26,7 @@ from ..runtime import Runtime
 from ..upstream import UpstreamAnswer
 from . import inbound
 from .answers import answer_with, s, upstream_response
-from .console import annotate
+from .console import Progress, annotate
 from .detour import point_at_relay, restore_request
 
 log = logging.getLogger("gemini_proxy")
@@ -87,11 +87,13 @@ class Forwarding:
         assert answer.stream is not None
         key, model = rec.key, rec.model or "*"
         pool = self.rt.service.pool
+        progress = Progress(flow, rec)
 
         def on_chunk(chunk: bytes) -> None:
             if rec.first_byte is None:
                 rec.first_byte = time.perf_counter()
             rec.tap.feed(chunk)
+            progress()  # mitmweb shows the bytes and events so far
 
         def on_end(error: str | None) -> None:
             if error:
