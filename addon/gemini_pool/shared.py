@@ -33,7 +33,7 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import metrics
-from .pins import Pin, ResourcePins
+from .pins import KIND_UPLOAD, Pin, ResourcePins
 from .selector import KeyPool, KeyState
 
 log = logging.getLogger("gemini_proxy")
@@ -43,6 +43,7 @@ QUEUE_LIMIT = 50_000  # changes waiting to be written; past it they are dropped,
 PROBE_LOCK_MS = 10_000  # a probe grant; renewed while the breaker still waits for its probe
 CHECK_LOCK_MS = 30_000
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+UPLOAD_POLL = 0.05  # learn_upload: how often it looks again
 
 # Write a hash field only if the new value is newer: by `t` (marks, breakers) or by the later
 # expiry (cooldowns: `until`, pins: `expires`). Returns 1 if written.
@@ -323,6 +324,26 @@ class SharedState:
             )
             return self.pins.restore([pin], now) > 0
         return False
+
+    async def learn_upload(self, digest: str, wait: float) -> bool:
+        """An upload follow-up names a session this worker has not heard of: it may have started
+        on another worker a moment ago, its pin still on the way. Look for it in Redis (and in
+        what the other workers publish) for at most `wait` seconds. True once it is known here."""
+        field = f"{KIND_UPLOAD}{SEP}{digest}"
+        deadline = time.monotonic() + wait
+        while digest not in self.pins.uploads:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.up or self._redis is None:
+                return False
+            try:
+                raw = await asyncio.wait_for(self._redis.hget(self._k("pins"), field), left)
+                if raw is not None:
+                    self._apply("pins", field, json.loads(raw))
+                    continue
+            except (RedisError, OSError, ValueError, TypeError, KeyError):
+                return digest in self.pins.uploads
+            await asyncio.sleep(min(UPLOAD_POLL, max(0.0, deadline - time.monotonic())))
+        return True
 
     # ------------------------------------------------------------------ work done once
 

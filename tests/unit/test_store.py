@@ -109,7 +109,9 @@ def test_queueing_never_touches_the_disk_and_a_locked_database_never_blocks(
         s.save_state({"a": {"fingerprint": "f"}}, [])
     # queueing ran no SQL and changed no file; the 2000 key-state snapshots merged into one
     assert statements == []
-    assert [(f.stat().st_size, f.stat().st_mtime_ns) if f.exists() else None for f in files] == before
+    assert [
+        (f.stat().st_size, f.stat().st_mtime_ns) if f.exists() else None for f in files
+    ] == before
     assert s.queue_depth == 2001 and s.recent(10, None, None) == []
     # another process holds the write lock (scripts/state import, a long prune, sqlite3 CLI)
     other = sqlite3.connect(path, isolation_level=None)
