@@ -6,9 +6,12 @@ Real scripts/run and mitmdump processes in front of the fake Gemini; every proce
 from __future__ import annotations
 
 import os
+import pty
+import select
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,10 +97,21 @@ def runs() -> Iterator[list[Run]]:
 
 def finished(tmp_path: Path, env: dict[str, str], args: tuple[str, ...] = ()) -> tuple[int, str]:
     """Run ./scripts/run that is expected to stop by itself: its status and output."""
-    p = subprocess.run(
-        [RUN, *args], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    p = subprocess.Popen(
+        [RUN, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        start_new_session=True,
     )
-    return p.returncode, p.stdout + p.stderr
+    try:
+        out = p.communicate(timeout=60)[0]
+    finally:
+        if p.poll() is None:  # it did not stop: nothing of it may outlive the test
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+    return p.returncode, out.decode(errors="replace")
 
 
 def test_run_takes_gemini_upstream_and_the_users_own_options(
@@ -237,3 +251,53 @@ def test_a_key_file_that_does_not_load_stops_mitmdump_in_one_line(
             p.wait(5)
     assert p.returncode == 1, out
     assert "gemini-proxy: cannot start: gemini_keys:" in out and "Traceback" not in out, out
+
+
+def test_just_web_stopped_by_ctrl_c_stops_cleanly(tmp_path: Path, fake: Fake) -> None:
+    """In a terminal (a pty here), Ctrl-C stops `just web` with status 0 and no complaint."""
+    keys, _ = keys_file(tmp_path, fake)
+    env = base_env(tmp_path, keys, GEMINI_UPSTREAM=fake.url)
+    admin = env["GEMINI_ADMIN"]
+    args = ["--set", f"web_port={free_port()}", "--set", "web_open_browser=false"]
+    args += ["--set", f"gemini_db={tmp_path / 'state.db'}"]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: just in the pty's session, as from a terminal
+        os.chdir(ROOT)
+        os.execve(str(Path(MITMDUMP).parent / "just"), ["just", "web", *args], env)
+    out = bytearray()
+
+    def read(seconds: float) -> bool:
+        """Collect output for `seconds`; False once the terminal closed."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if select.select([fd], [], [], 0.05)[0]:
+                try:
+                    out.extend(os.read(fd, 65536))
+                except OSError:
+                    return False
+        return True
+
+    def healthy() -> bool:
+        read(0.1)
+        return httpx.get(f"http://{admin}/healthz", timeout=0.5).status_code == 200
+
+    try:
+        wait_for(healthy, timeout=60)
+        os.write(fd, b"\x03")  # Ctrl-C
+        deadline = time.monotonic() + 40
+        status = (0, 0)
+        while time.monotonic() < deadline:
+            if not read(0.2):
+                time.sleep(0.05)  # the terminal closed: the process is ending
+            status = os.waitpid(pid, os.WNOHANG)
+            if status[0]:
+                break
+        if status[0] == 0:  # still running after 40 s: stop it, and fail
+            os.kill(pid, signal.SIGKILL)
+            status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert os.WIFEXITED(status[1]) and os.WEXITSTATUS(status[1]) == 0, text
+    assert "interrupted" not in text and "terminated" not in text and "signal 2" not in text, text
+    assert "stopped." in text  # mitmweb's listener closed: it really ran and stopped
