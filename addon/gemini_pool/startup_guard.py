@@ -15,6 +15,11 @@ The guard is the script's first addon and its last:
 A failure at start is logged as an error in one line, and mitmproxy's startup error check then
 exits with status 1; a failure later (the options check of a reloaded script) shuts mitmdump down.
 A failing configure after the start is re-raised: mitmproxy rolls the change back and says why.
+
+mitmproxy reloads the entry script when it changes: it removes the script's addons first, and keeps
+serving without them if the new version fails to load. So on such a reload the guard leaves a
+fallback at the end of mitmproxy's chain that refuses every flow, until a guard of the reloaded
+script has seen its proxy configured.
 """
 
 from __future__ import annotations
@@ -64,10 +69,18 @@ class StartupGuard:
                 self.fail(str(e))
                 return
             if not self.ready and self.failed is None and self.loaded():
-                self.ready = True
+                self._became_ready()
 
         proxy.configure = configure  # mitmproxy looks hooks up on the instance
         return [self, *between, proxy, self.options_check]
+
+    def _became_ready(self) -> None:
+        self.ready = True
+        master: Any = getattr(ctx, "master", None)
+        fallback = master.addons.get(_Fallback.name) if master is not None else None
+        if fallback is not None:
+            master.addons.remove(fallback)
+            log.info("gemini-proxy: the reloaded script took effect")
 
     def fail(self, message: str) -> None:
         if self.failed is not None:
@@ -91,18 +104,43 @@ class StartupGuard:
         if not self.ready and self.failed is None:
             self.fail("the key file was never loaded")
 
+    def done(self) -> None:
+        master = getattr(ctx, "master", None)
+        if master is None or master.should_exit.is_set() or not self.ready:
+            return  # a real shutdown (or a start that failed)
+        # the script is being reloaded: nothing goes unchecked until the new one took effect
+        if master.addons.get(_Fallback.name) is None:
+            master.addons.add(_Fallback())
+            log.warning("gemini-proxy: script reloading: requests get 503 until it has loaded")
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if self.ready:
-            return
-        flow.metadata[_MARK] = True
-        flow.response = http.Response.make(
-            503, _REFUSAL, {"content-type": "application/json", "connection": "close"}
-        )
-        raise exceptions.AddonHalt  # no later addon sees it: nothing is forwarded
+        if not self.ready:
+            _refuse(flow)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(_MARK):
             raise exceptions.AddonHalt  # the refusal stands
+
+
+def _refuse(flow: http.HTTPFlow) -> None:
+    flow.metadata[_MARK] = True
+    flow.response = http.Response.make(
+        503, _REFUSAL, {"content-type": "application/json", "connection": "close"}
+    )
+    raise exceptions.AddonHalt  # no later addon sees it: nothing is forwarded
+
+
+class _Fallback:
+    """Left in mitmproxy's chain while the script reloads: refuses every flow."""
+
+    name = "gemini_proxy_reloading"
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        _refuse(flow)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(_MARK):
+            raise exceptions.AddonHalt
 
 
 class _OptionsCheck:

@@ -301,3 +301,61 @@ def test_just_web_stopped_by_ctrl_c_stops_cleanly(tmp_path: Path, fake: Fake) ->
     assert os.WIFEXITED(status[1]) and os.WEXITSTATUS(status[1]) == 0, text
     assert "interrupted" not in text and "terminated" not in text and "signal 2" not in text, text
     assert "stopped." in text  # mitmweb's listener closed: it really ran and stopped
+
+
+def test_a_script_reload_that_fails_leaves_every_request_refused(
+    tmp_path: Path, fake: Fake
+) -> None:
+    """mitmproxy reloads an edited entry script; if the new one fails to load it would serve on as
+    a plain reverse proxy. The guard leaves a fallback that refuses every flow instead."""
+    keys, secret = keys_file(tmp_path, fake)
+    entry = tmp_path / "entry.py"
+    good = (
+        f"import sys\nsys.path.insert(0, {str(ROOT / 'addon')!r})\n"
+        + (ROOT / "addon" / "gemini_proxy.py").read_text()
+    )
+    entry.write_text(good)
+    port, admin = free_port(), free_port()
+    cmd = [MITMDUMP, "-s", str(entry), "--mode", f"reverse:{fake.url}", "--listen-host"]
+    cmd += ["127.0.0.1", "-p", str(port), "--set", f"gemini_keys={keys}"]
+    cmd += [
+        "--set",
+        f"gemini_db={tmp_path / 'state.db'}",
+        "--set",
+        f"gemini_admin=127.0.0.1:{admin}",
+    ]
+    log = tmp_path / "proxy.log"
+    with open(log, "wb") as out:
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}{GENERATE}"
+    token = {"x-goog-api-key": "tok-first-run-1"}
+
+    def status() -> int:
+        return httpx.post(url, json=BODY, headers=token, timeout=30).status_code
+
+    def touch(text: str) -> None:
+        entry.write_text(text)
+        later = time.time() + 5  # mitmproxy compares mtimes: make the change unmistakable
+        os.utime(entry, (later, later))
+
+    try:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{admin}/healthz", timeout=0.5), 60)
+        assert status() == 200
+        touch("raise ImportError('broken on purpose')\n")
+        wait_for(lambda: "broken on purpose" in log.read_text(errors="replace"), 30)
+        before = len(fake.log())
+        r = httpx.post(url, json=BODY, headers=token, timeout=30)
+        assert r.status_code == 503 and b"not configured" in r.content
+        assert len(fake.log()) == before  # nothing went upstream
+        assert p.poll() is None
+        touch(good)  # fixed: the reloaded script takes effect and the fallback goes
+        wait_for(lambda: status() == 200, 30)
+        assert fake.log()[-1]["key"] == secret
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
