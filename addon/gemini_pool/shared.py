@@ -39,7 +39,7 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import metrics
-from .pins import Pin, ResourcePins
+from .pins import KIND_UPLOAD, Pin, ResourcePins
 from .redis_url import shown
 from .selector import KeyPool, KeyState
 from .shared_scripts import MERGE as _MERGE
@@ -56,6 +56,7 @@ BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 READY_WAIT = 5.0  # longest a joining worker holds requests back waiting for its first sync
 PRUNE_EVERY = 300.0  # seconds between deletions of expired entries from Redis
 WARNED_LIMIT = 1000  # malformed fields remembered (each is warned about once)
+UPLOAD_POLL = 0.05  # learn_upload: how often it looks again
 
 _ORDER = {"marks": "t", "breakers": "t", "cooldowns": "until", "pins": "expires"}
 _EXPIRY = {"cooldowns": "until", "pins": "expires"}  # tables whose entries expire
@@ -371,6 +372,26 @@ class SharedState:
             )
             return self.pins.restore([pin], now) > 0
         return False
+
+    async def learn_upload(self, digest: str, wait: float) -> bool:
+        """An upload follow-up names a session this worker has not heard of: it may have started
+        on another worker a moment ago, its pin still on the way. Look for it in Redis (and in
+        what the other workers publish) for at most `wait` seconds. True once it is known here."""
+        field = f"{KIND_UPLOAD}{SEP}{digest}"
+        deadline = time.monotonic() + wait
+        while digest not in self.pins.uploads:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.up or self._redis is None:
+                return False
+            try:
+                raw = await asyncio.wait_for(self._redis.hget(self._k("pins"), field), left)
+                if raw is not None:
+                    self._apply("pins", field, json.loads(raw))
+                    continue
+            except (RedisError, OSError, ValueError, TypeError, KeyError):
+                return digest in self.pins.uploads
+            await asyncio.sleep(min(UPLOAD_POLL, max(0.0, deadline - time.monotonic())))
+        return True
 
     # ------------------------------------------------------------------ work done once
 
