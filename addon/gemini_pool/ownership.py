@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING
 
 from . import resources
 from .gate import Admit
-from .owners import UPLOAD
-from .pins import UPLOAD_TTL, upload_digest
+from .owners import KIND_OWNER, UPLOAD
+from .pins import KIND_RESOURCE, UPLOAD_TTL, upload_digest
 from .routing import Route
 
 if TYPE_CHECKING:
     from .service import ProxyService
 
 NOT_FOUND = "Requested entity was not found."
+SHARED_WAIT = 1.0  # seconds a worker waits on Redis to write, or read, what a creation made
 
 
 class Ownership:
@@ -50,6 +51,21 @@ class Ownership:
                 return name
         return None
 
+    async def catch_up(self, name: str) -> bool:
+        """A resource this worker does not know may have been created through another worker a
+        moment ago: read its owner and project from Redis (once, bounded). True if learnt."""
+        shared = self.service.shared
+        if shared is None or not shared.up:
+            return False
+        return await shared.learn_pins([(KIND_OWNER, name), (KIND_RESOURCE, name)], SHARED_WAIT) > 0
+
+    async def shared_written(self) -> None:
+        """After a creation: wait (bounded) until Redis holds it, so the caller's next request,
+        through whichever worker, finds it."""
+        shared = self.service.shared
+        if shared is not None and shared.up:
+            await shared.written(SHARED_WAIT)
+
     def project(self, admit: Admit, r: Route, body: bytes, now: float) -> str | None:
         """The project a request must go to: an upload session's own key's, or the one holding
         a resource it names (path or body); None: any."""
@@ -70,35 +86,36 @@ class Ownership:
 
     def answered(
         self, method: str, r: Route, plain: bytes, project: str, group: str | None, now: float
-    ) -> None:
+    ) -> bool:
         """A 2xx answer from `project` (decoded): remember what it created, listed or changed,
-        forget what it deleted."""
+        forget what it deleted. True if it created or deleted something."""
         pins, owners = self.service.pins, self.service.owners
         named = resources.path_name(r.path)
         if method == "DELETE":
             if named is not None:
                 pins.forget(named, now)
                 owners.forget(named, now)
-            return
+            return named is not None
         kind = resources.list_kind(method, r.path)
         if kind is not None:
             pins.remember(resources.listed(plain, kind), project, now)
-            return
+            return False
         own = resources.created(plain)
         if method == "POST" and not r.repeatable:  # a creation: the caller's group owns it
             pins.remember(own, project, now)
             if group is not None:
                 for name, expires in own.items():
                     owners.set(name, group, expires)
-            return
+            return bool(own)
         if named is None:
-            return
+            return False
         # a get or an update of one resource: it lives in `project`, maybe with a new expiry
         expires = own.get(named)
         pins.remember({named: expires}, project, now)
         current = owners.group_of(named, now)
         if current is not None and expires is not None:
             owners.set(named, current, expires)
+        return False
 
     def hand_over(
         self, name: str, group: str, project: str | None, now: float | None = None

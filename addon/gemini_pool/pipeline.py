@@ -142,8 +142,15 @@ class Pipeline:
         # 3. owners and pins
         now = time.time()
         group = self.ownership.group(admit, now)
-        if self.ownership.foreign(r, req.body, group, now) is not None:
-            return ProxyAnswer(404, NOT_FOUND, "not_found")
+        stranger = self.ownership.foreign(r, req.body, group, now)
+        while stranger is not None:
+            # maybe created through another worker a moment ago: Redis knows (one bounded read)
+            if not await self.ownership.catch_up(stranger):
+                return ProxyAnswer(404, NOT_FOUND, "not_found")
+            again = self.ownership.foreign(r, req.body, group, now)
+            if again == stranger:
+                return ProxyAnswer(404, NOT_FOUND, "not_found")
+            stranger = again
         kind = resources.list_kind(req.method, r.path) if group is not None else None
         project = self.ownership.project(admit, r, req.body, now)
         # 3b. the answer cache: a hit spends no quota (before any budget is counted)
@@ -191,13 +198,17 @@ class Pipeline:
             for upload_id, upload_path in started if admit.upload_id is None else ():
                 service.pins.remember_upload(upload_id, key.name, upload_path, now)
                 self.ownership.upload_started(upload_id, group, now)
+            if started and admit.upload_id is None:
+                await self.ownership.shared_written()  # its bytes may go to another worker
         if admit.upload_id is not None and _upload_over(answer):
             self.ownership.upload_ended(admit.upload_id, now)
         # 7. what a 2xx answer created, listed, changed or deleted
         if 200 <= answer.status < 300 and any(p in r.path for p in RESOURCE_PATHS):
             plain = decoded(answer.body, encoding, MAX_RESOURCE_ANSWER)
-            if plain is not None:
-                self.ownership.answered(req.method, r, plain, key.project, group, now)
+            if plain is not None and self.ownership.answered(
+                req.method, r, plain, key.project, group, now
+            ):
+                await self.ownership.shared_written()  # the next request may reach another worker
         # 7b. an answer that does not change, kept for the next caller of the group
         if cache_key is not None:
             headers.append((answer_cache.CACHE_HEADER, self._cache_store(cache_key, answer, rec)))

@@ -88,6 +88,9 @@ class SharedState:
             QUEUE_LIMIT
         )
         self._overflow = False
+        self._queued = 0  # changes queued so far ...
+        self._written = 0  # ... and written to Redis (or superseded by a full resync)
+        self._progress = asyncio.Event()  # set (and replaced) whenever `_written` moves
         self._task: asyncio.Task[None] | None = None
         self._redis: aioredis.Redis | None = None
         self._release: Any = None
@@ -118,6 +121,7 @@ class SharedState:
     def _put(self, table: str, field: str, value: dict[str, Any] | None) -> None:
         try:
             self._queue.put_nowait((table, field, value))
+            self._queued += 1
         except asyncio.QueueFull:
             self._overflow = True  # written in full at the next resync
 
@@ -244,6 +248,7 @@ class SharedState:
                 )
             )
         await self._flush(merge, items, publish=True)
+        self._advance(self._queued)  # what was queued before is superseded by the full state
         self.on_change()
 
     def _apply_stored(
@@ -298,6 +303,7 @@ class SharedState:
             while not self._queue.empty() and len(items) < 500:
                 items.append(self._queue.get_nowait())
             await self._flush(merge, items, publish=True)
+            self._advance(self._written + len(items))
             if self._overflow:
                 raise ConnectionError("change queue overflowed: resync")
 
@@ -372,6 +378,49 @@ class SharedState:
             )
             return self.pins.restore([pin], now) > 0
         return False
+
+    def _advance(self, written: int) -> None:
+        self._written = max(self._written, written)
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    async def written(self, wait: float) -> bool:
+        """Wait, at most `wait` seconds, until every change queued so far is in Redis. A creation
+        answer leaves only then, so that the caller's next request finds what it created on any
+        worker (read your own writes). False if Redis is away or slower than that."""
+        target = self._queued
+        deadline = time.monotonic() + wait
+        while self._written < target:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.up:
+                return False
+            try:
+                await asyncio.wait_for(self._progress.wait(), left)
+            except TimeoutError:
+                return False
+        return True
+
+    async def learn_pins(self, kind_names: Iterable[tuple[str, str]], wait: float) -> int:
+        """Pins this worker does not know, read once from Redis (at most `wait` seconds): a
+        resource created through another worker a moment ago. Returns how many were learnt."""
+        if not self.up or self._redis is None:
+            return 0
+        fields = [f"{kind}{SEP}{name}" for kind, name in kind_names]
+        if not fields:
+            return 0
+        try:
+            raws = await asyncio.wait_for(self._redis.hmget(self._k("pins"), fields), wait)
+        except (RedisError, OSError, TimeoutError):
+            return 0
+        learnt = 0
+        for field, raw in zip(fields, raws, strict=True):
+            if raw is None:
+                continue
+            try:
+                learnt += bool(self._apply("pins", field, json.loads(raw)))
+            except (ValueError, TypeError, KeyError) as e:
+                self._malformed("pins", field, e)
+        return learnt
 
     async def learn_upload(self, digest: str, wait: float) -> bool:
         """An upload follow-up names a session this worker has not heard of: it may have started

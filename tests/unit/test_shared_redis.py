@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from gemini_pool.config import Config, KeySpec
-from gemini_pool.pins import KIND_RESOURCE, ResourcePins
+from gemini_pool.pins import KIND_RESOURCE, Pin, ResourcePins
 from gemini_pool.selector import KeyPool, PoolPolicy
 from gemini_pool.shared import SEP, SharedState, await_ready
 
@@ -183,3 +183,41 @@ def test_a_joining_worker_is_ready_after_its_first_sync_or_after_a_bounded_wait(
 
     run(scenario)
     assert any("no sync with the shared state" in m.getMessage() for m in caplog.records)
+
+
+def test_a_creation_is_in_redis_when_written_returns_and_a_miss_reads_it_once(
+    redis_url: str,
+) -> None:
+    """Read your own writes across workers: the creating worker waits until Redis holds the pin;
+    a worker that has not heard of it yet (its event still on the way) reads it from Redis."""
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    field = f"{KIND_RESOURCE}{SEP}files/new"
+
+    async def scenario() -> None:
+        w1, w2 = worker(redis_url, "w1"), worker(redis_url, "w2")
+        for w in (w1, w2):
+            w.start()
+        try:
+            await until(lambda: w1.up and w2.up)
+            pin = Pin(KIND_RESOURCE, "files/new", "pa", "", time.time() + 300)
+            w1.pins.restore([pin], time.time())
+            w1.pin_added(pin)
+            assert await w1.written(5)
+            assert r.hget("t:pins", field) is not None  # no wait: it is there already
+            # a pin that only Redis holds (its publish not yet seen by w2)
+            r.hset(
+                "t:pins",
+                f"{KIND_RESOURCE}{SEP}files/other",
+                json.dumps({"owner": "pb", "path": "", "expires": time.time() + 300}),
+            )
+            assert w2.pins.project_for("v1beta/files/other", b"", time.time()) is None
+            learnt = await w2.learn_pins([(KIND_RESOURCE, "files/other")], 2)
+            assert learnt == 1
+            assert w2.pins.project_for("v1beta/files/other", b"", time.time()) == "pb"
+            # a name nobody created: one read, nothing learnt, no wait
+            assert await w2.learn_pins([(KIND_RESOURCE, "files/nobody")], 2) == 0
+        finally:
+            await w1.stop()
+            await w2.stop()
+
+    run(scenario)
