@@ -79,6 +79,9 @@ Endpoints (native ones under both /v1/ and /v1beta/; {v} is either):
   GET  {v}/files, GET|DELETE {v}/files/{id}
   POST|GET {v}/cachedContents, GET|PATCH|DELETE {v}/cachedContents/{id}
   GET  {v}/batches, GET|DELETE {v}/batches/{id}, POST {v}/batches/{id}:cancel
+  GET  [/download]{v}/files/{id}:download?alt=media  a file's bytes, made as they are sent:
+       x-fake-download-bytes of them (default 1 MiB, see download_blocks), with a
+       Content-Length unless the request has x-fake-chunked
   /v1beta/openai/chat/completions (stream or not), /embeddings (one vector per input),
        GET /models, GET /models/{id}
 Served models: DEFAULT_MODELS (current Gemini, Gemma and embedding ids, and those the Gemini CLI
@@ -105,7 +108,7 @@ import time
 import uuid
 import warnings
 import zlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -748,6 +751,18 @@ def openai_structured_text(doc: Any) -> str | None:
     return None
 
 
+DOWNLOAD_BLOCK = 1 << 20
+_DOWNLOAD_PATTERN = bytes(range(256)) * (DOWNLOAD_BLOCK // 256)
+
+
+def download_blocks(size: int) -> Iterator[bytes]:
+    """The bytes of a fake download of `size` bytes, a block at a time: block i starts with i
+    (8 bytes, big-endian), so a lost, repeated or reordered block changes the file's hash."""
+    for i, at in enumerate(range(0, size, DOWNLOAD_BLOCK)):
+        block = i.to_bytes(8, "big") + _DOWNLOAD_PATTERN[8:]
+        yield block[: min(DOWNLOAD_BLOCK, size - at)]
+
+
 def split_text(text: str, parts: int) -> list[str]:
     """`text` in `parts` consecutive pieces (empty ones only if it is shorter than `parts`)."""
     parts = max(parts, 1)
@@ -1035,6 +1050,10 @@ class FakeGemini:
                     401, credentials_missing(version, "ModelService.CreateTunedModel"), False
                 )
             return web.json_response({})
+        if request.method == "GET" and (
+            path.startswith("/download/") or path.endswith(":download")
+        ):
+            return await self.download(request)
         if model is not None and model not in self.served:
             return self.error(404, model_not_found(model, version), openai)
         doc: Any = None
@@ -1324,6 +1343,21 @@ class FakeGemini:
             "state": "ACTIVE",
             "uri": f"https://generativelanguage.googleapis.com/v1beta/files/{file_id}",
         }
+
+    @staticmethod
+    async def download(request: web.Request) -> web.StreamResponse:
+        """A file's bytes, made as they are sent (never held whole, so gigabytes cost the fake
+        nothing): `download_blocks(x-fake-download-bytes)`, with a Content-Length unless
+        x-fake-chunked is set."""
+        size = int(request.headers.get("x-fake-download-bytes", str(DOWNLOAD_BLOCK)))
+        resp = web.StreamResponse(headers={"content-type": "application/octet-stream"})
+        if not request.headers.get("x-fake-chunked"):
+            resp.content_length = size
+        await resp.prepare(request)
+        for block in download_blocks(size):
+            await resp.write(block)
+        await resp.write_eof()
+        return resp
 
     async def upload_start(self, request: web.Request, key: str, body: bytes) -> web.Response:
         upload_id = uuid.uuid4().hex

@@ -143,7 +143,11 @@ class Dispatcher:
                 continue
             key = pick.key
             tried.add(key.name)
-            answer, verdict, seconds = await self._attempt(req, key, deadline - now)
+            try:
+                answer, verdict, seconds = await self._attempt(req, key, deadline - now)
+            except BaseException:  # cancelled (the caller left, shutdown) or a bug: no outcome
+                self.pool.release(key.name)  # a half-open probe must not stay taken
+                raise
             self.pool.record(key.name, model, verdict, self.clock())
             result.attempts.append(
                 Attempt(key.name, answer.status if answer else None, verdict, seconds)
@@ -177,7 +181,7 @@ class Dispatcher:
                 url,
                 headers,
                 req.body,
-                stream=req.route.streaming,
+                stream=req.route.streaming or req.route.download,
                 timeout=max(math.ceil(time_left), 1),  # whole seconds: timeouts get reused
                 repeatable=req.route.repeatable,
                 egress=key.egress if req.upload_egress is None else req.upload_egress[0],

@@ -106,6 +106,15 @@ class Refuse:
     body_expected: bool = False
     error: str | None = None  # what raised, for the log (never shown to the caller)
     allow: str | None = None  # the Allow header of a 405
+    retry_after: float | None = None  # seconds, for a refusal that passes (e.g. memory budget)
+
+
+def content_length(fields: tuple[tuple[bytes, bytes], ...]) -> int:
+    """The body size a request head announces (0: none, or chunked); the gate has checked it."""
+    for name, value in fields:
+        if name.lower() == b"content-length" and value.strip().isdigit():
+            return int(value.strip())
+    return 0
 
 
 def digest(token: str) -> bytes:

@@ -49,6 +49,11 @@ TOKENS = Counter(
     registry=REGISTRY,
 )
 INFLIGHT = Gauge("gemini_proxy_requests_in_flight", "Client requests in flight", registry=REGISTRY)
+BODY_BYTES_IN_FLIGHT = Gauge(
+    "gemini_proxy_request_body_bytes_in_flight",
+    "Request body bytes held for requests in flight (bounded by gemini_max_inflight_bytes)",
+    registry=REGISTRY,
+)
 WAITING = Gauge(
     "gemini_proxy_requests_waiting_for_key",
     "Client requests waiting for a cooling key to come back",

@@ -11,7 +11,8 @@ a request after the gate admitted its head happens here, in this order:
 5. dispatch: pick a key, send, classify, retry on another key (`dispatch.Dispatcher`);
 6. rewrite upload URLs that point at Google back at the proxy (`uploads`);
 7. remember what a 2xx answer created (files, cached contents, batches, operations);
-8. build the answer: the proxy's own error, Google's whole answer, or an open stream.
+8. build the answer: the proxy's own error, Google's whole answer, or an open stream (streams,
+   downloads and any 2xx answer over `upstream.STREAM_OVER`: memory never follows their size).
 
 The RequestRecord is where each step notes what happened (for mitmweb, the log and SQLite).
 """
@@ -186,8 +187,6 @@ class Pipeline:
             ("x-gemini-proxy-attempts", str(len(rec.attempts))),
             ("x-request-id", rec.request_id),
         ]
-        if answer.stream is not None:
-            return Stream(answer, headers)  # 8. a stream: relayed as it arrives
         # 6. upload URLs back at the proxy
         if names_upload_urls(answer.headers):
             answer.headers, started = rewrite_upload_headers(
@@ -202,6 +201,8 @@ class Pipeline:
                 await self.ownership.shared_written()  # its bytes may go to another worker
         if admit.upload_id is not None and _upload_over(answer):
             self.ownership.upload_ended(admit.upload_id, now)
+        if answer.stream is not None:  # a stream, a download, an answer over a few MiB
+            return Stream(answer, headers)  # 8. relayed as it arrives
         # 7. what a 2xx answer created, listed, changed or deleted
         if 200 <= answer.status < 300 and any(p in r.path for p in RESOURCE_PATHS):
             plain = decoded(answer.body, encoding, MAX_RESOURCE_ANSWER)

@@ -53,6 +53,8 @@ class RequestRecord:
     detour: Detour | None = None  # set while the flow points at the relay
     waited: float = 0.0
     cache: str | None = None  # the answer cache: "hit", "miss" or "stored"; None: not cacheable
+    body_bytes: int = 0  # reserved in the request body budget until the flow is settled
+    dispatching: bool = False  # the pipeline is at work: settling waits for its attempts
     finished: bool = False
     ended: bool = False  # the answer is complete (or failed): the flow's last hook ran
     final_comment: str | None = None  # the comment once the flow ended (the log line reuses it)

@@ -382,14 +382,16 @@ class _RelayConnection(asyncio.Protocol):
         try:
             if held.first:  # one write: mitmproxy reads the head and the first bytes at once
                 held.on_chunk(held.first)
-                transport.writelines(
-                    (held.head(), b"%x\r\n" % len(held.first), held.first, b"\r\n")
+                transport.write(
+                    b"".join((held.head(), b"%x\r\n" % len(held.first), held.first, b"\r\n"))
                 )
             else:
                 transport.write(held.head())
             async for chunk in upstream.content.iter_any():
                 held.on_chunk(chunk)
-                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                # write, not writelines: Python before 3.12.3 never pauses the writer on
+                # writelines, so a slow caller would let the whole answer pile up here
+                transport.write(b"".join((b"%x\r\n" % len(chunk), chunk, b"\r\n")))
                 if not self.writable.is_set():
                     await self.writable.wait()  # the caller reads slower than Google writes
                 if transport.is_closing():

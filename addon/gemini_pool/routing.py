@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import unquote, unquote_plus
 
+from .jsonscan import top_level
+
 
 class Api(StrEnum):
     NATIVE = "native"
@@ -80,6 +82,15 @@ class Route:
     @property
     def model_or_default(self) -> str:
         return self.model or "*"
+
+    @property
+    def download(self) -> bool:
+        """A file's bytes (`/download/`, `:download`, `alt=media`): relayed as they arrive."""
+        return (
+            self.path.startswith("/download/")
+            or self.path.endswith(":download")
+            or query_param(self.query, "alt") == "media"
+        )
 
 
 def api_for_path(path: str, bearer_only: bool) -> tuple[Api, str] | None:
@@ -184,22 +195,45 @@ def valid_model(model: str) -> bool:
     return MODEL_ID.fullmatch(model) is not None
 
 
+SCAN_OVER = 64 * 1024  # larger OpenAI bodies are scanned for their fields, not parsed whole
+_OPENAI_FIELDS = frozenset({"model", "stream"})
+
+
 def openai_body_fields(body: bytes) -> tuple[str | None, bool]:
-    """(model, stream) from an OpenAI-compat JSON body. Raises RouteError on invalid JSON."""
+    """(model, stream) from an OpenAI-compat JSON body. Raises RouteError on invalid JSON.
+
+    A body over SCAN_OVER is not parsed whole on the event loop: its top-level `model` and
+    `stream` are found by a structural scan (`jsonscan`), with json.loads's answer."""
     if not body:
         return None, False
+    if len(body) > SCAN_OVER:
+        return _scanned_fields(body)
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise RouteError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
     if not isinstance(doc, dict):
         raise RouteError(400, "request body must be a JSON object", "invalid_json")
-    model = doc.get("model")
+    return _model_and_stream(doc.get("model"), doc.get("stream") is True)
+
+
+def _scanned_fields(body: bytes) -> tuple[str | None, bool]:
+    try:
+        raw = top_level(body, _OPENAI_FIELDS)
+        model = json.loads(raw["model"]) if raw.get("model", b"").startswith(b'"') else None
+    except ValueError as e:  # ScanError, and a bad escape or UTF-8 in a name or the model
+        raise RouteError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
+    if "model" in raw and model is None and raw["model"] != b"null":
+        raise RouteError(400, "'model' must be a string", "invalid_model")
+    return _model_and_stream(model, raw.get("stream") == b"true")
+
+
+def _model_and_stream(model: object, streaming: bool) -> tuple[str | None, bool]:
     if model is not None and not isinstance(model, str):
         raise RouteError(400, "'model' must be a string", "invalid_model")
     if isinstance(model, str) and model.startswith("models/"):
         model = model[len("models/") :]
-    return model, doc.get("stream") is True
+    return model, streaming
 
 
 def route(method: str, path: str, query: str, bearer_only: bool, body: bytes) -> Route:

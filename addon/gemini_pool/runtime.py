@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import metrics
+from .bodybudget import BodyBudget
 from .config import ConfigError
 from .pipeline import Pipeline
 from .records import RequestRecord
@@ -42,6 +43,7 @@ class InFlight:
         self.service = service
         self.records: dict[str, RequestRecord] = {}
         self.of_connection: dict[str, set[str]] = {}
+        self.budget = BodyBudget()  # request bodies held in memory (gemini_max_inflight_bytes)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -313,6 +313,13 @@ class KeyPool:
         else:  # transient, caller error, wrong project: nothing about the key
             state.breaker.record_neutral()
 
+    def release(self, name: str) -> None:
+        """A pick that ended without an outcome (the request was cancelled, a bug raised): a
+        half-open probe it held is free again at once, not after the probe timeout."""
+        state = self.keys.get(name)
+        if state is not None:
+            state.breaker.record_neutral()
+
     def _cool(self, project: str, model: str, verdict: Verdict, now: float) -> None:
         until = verdict.cooldown_until or now
         old = self.cooldowns.get((project, model))

@@ -27,6 +27,7 @@ from typing import Any
 
 from .answer_cache import Entry
 from .pins import Pin
+from .statecheck import check_state
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ def state_document(
 
 
 def read_state_document(doc: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(keys, cooldowns) of a key-state document. Raises ValueError saying what is wrong."""
+    """(keys, cooldowns) of a key-state document, every field checked (`statecheck`). Raises
+    ValueError saying what is wrong."""
     if (
         not isinstance(doc, dict)
         or doc.get("version") != STATE_FORMAT
@@ -113,6 +115,7 @@ def read_state_document(doc: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]
         for c in cooldowns
     ):
         raise ValueError("'cooldowns' must be a list of {project, model, until, reason}")
+    check_state(doc["keys"], cooldowns)  # every field, before anything is applied
     return doc["keys"], cooldowns
 
 
@@ -415,7 +418,24 @@ class Store:
             conn.close()
 
     def _write(self, items: list[tuple[str, Any]], snapshot: _Snapshot | None) -> bool:
-        """One transaction. False: the database was locked, nothing written (retry later)."""
+        """One transaction. False: the database was locked, nothing written (retry later).
+
+        A batch that fails for another reason (one row SQLite will not take) is written again
+        one item at a time: only the rows that fail themselves are lost."""
+        written = self._write_batch(items, snapshot, alone=len(items) + (snapshot is not None) < 2)
+        if written is not None:
+            return written
+        for item in items:
+            if self._write_batch([item], None, alone=True) is False:
+                self._pending.append(item)  # locked meanwhile: the next tick writes it
+        if snapshot is not None and self._write_batch([], snapshot, alone=True) is False:
+            self._snapshot = snapshot
+        return True
+
+    def _write_batch(
+        self, items: list[tuple[str, Any]], snapshot: _Snapshot | None, alone: bool
+    ) -> bool | None:
+        """One transaction: True written (or lost, when `alone`), False locked, None failed."""
         try:
             self._conn.execute("BEGIN IMMEDIATE")  # the lock before any per-row work
             outcomes = [arg for kind, arg in items if kind == "outcome"]
@@ -482,6 +502,8 @@ class Store:
                 self._conn.execute("ROLLBACK")
             if _locked(e):
                 return False
+            if not alone:
+                return None  # the caller retries item by item
             lost = len(items) + (snapshot is not None)
             self.write_errors += lost
             if not self._failing:  # once per spell, not every tick

@@ -53,6 +53,10 @@ class UpstreamError(Exception):
 
 
 READABLE_CODINGS = frozenset({"gzip", "deflate", "identity"})
+# a 2xx answer larger than this (by Content-Length, or by what arrived of one without a length)
+# is relayed as it arrives instead of read whole: the proxy's memory must not follow an answer's
+# size (a batch result, a downloaded file). Resource names are read only from smaller answers.
+STREAM_OVER = 4 << 20
 
 
 @functools.lru_cache(maxsize=256)  # callers send a handful of distinct values
@@ -165,6 +169,7 @@ class UpstreamClient:
     def __init__(self, connect_timeout: float = 10.0, read_timeout: float = 300.0) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.stream_over = STREAM_OVER
         self._sessions: dict[tuple[Egress | None, bool], aiohttp.ClientSession] = {}
         self._retired: set[asyncio.Task[None]] = set()
         self.stale_retries = 0  # requests re-sent on a fresh connection after a stale one failed
@@ -228,7 +233,9 @@ class UpstreamClient:
         repeatable: bool = True,
         egress: Egress | None = None,
     ) -> UpstreamAnswer:
-        """Send one attempt. A 2xx streaming answer comes back open, with its first chunk read.
+        """Send one attempt. A 2xx streaming answer comes back open, with its first chunk read;
+        so does a 2xx answer over `stream_over` bytes (or one without a length that turns out
+        to be), with what was read of it so far.
 
         Reading the first chunk here makes a stream that breaks before it a failed attempt, retried
         on another key like any other, since nothing has reached the caller yet.
@@ -289,12 +296,15 @@ class UpstreamClient:
                 sent=False,
             )
         out_headers = forwardable(list(resp.headers.items()))
-        if stream and 200 <= resp.status < 300:
+        if 200 <= resp.status < 300 and (stream or _maybe_large(resp, self.stream_over)):
             try:
-                first = await resp.content.readany()
+                first = await _head_of(resp, 0 if stream else self.stream_over)
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
                 resp.close()
                 raise UpstreamError(f"{_describe(e)} before the first byte", sent=True) from None
+            if not stream and resp.content.at_eof():  # it was small after all: a whole answer
+                resp.release()
+                return UpstreamAnswer(resp.status, resp.reason or "", out_headers, first)
             return UpstreamAnswer(resp.status, resp.reason or "", out_headers, first, resp)
         try:
             body_out = await resp.read()
@@ -342,6 +352,27 @@ def _describe_egress(e: BaseException, egress: Egress) -> str:
         if egress.auth is None or egress.auth not in str(e):
             why = f"{why}: {e}"[:200]
     return f"cannot connect to upstream: {EGRESS_UNREACHABLE} {egress.url} ({why})"
+
+
+def _maybe_large(resp: aiohttp.ClientResponse, limit: int) -> bool:
+    """A Content-Length over `limit`, or none at all (then only reading tells)."""
+    length = resp.content_length
+    return length is None or length > limit
+
+
+async def _head_of(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The first chunk; with a `limit`, chunks until the answer ends or more than `limit`
+    bytes arrived (an answer that announced more than `limit`: its first chunk only)."""
+    first = await resp.content.readany()
+    length = resp.content_length
+    if not limit or (length is not None and length > limit):
+        return first
+    parts, size = [first], len(first)
+    while size <= limit and first and not resp.content.at_eof():
+        first = await resp.content.readany()
+        parts.append(first)
+        size += len(first)
+    return b"".join(parts)
 
 
 def _never_connected(e: BaseException) -> bool:

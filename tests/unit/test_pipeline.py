@@ -4,6 +4,7 @@ behind it (in process, with Google's error bodies)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -13,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gemini_pool.breaker import BreakerState
 from gemini_pool.config import ClientSpec, Config, KeySpec
 from gemini_pool.gate import Admit, Target
 from gemini_pool.pipeline import Incoming, Pipeline, ProxyAnswer, Stream, Unary
@@ -22,7 +24,7 @@ from gemini_pool.service import ProxyService
 from gemini_pool.uploads import Where
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from fake_gemini import FakeGemini, make_app
+from fake_gemini import FakeGemini, download_blocks, make_app
 
 A, B = "AIzaSyPIPE-A", "AIzaSyPIPE-B"
 GEN = "/v1beta/models/gemini-2.5-flash:generateContent"
@@ -343,3 +345,47 @@ def test_a_tenant_is_not_told_which_keys_were_tried() -> None:
         run(wrapped, {A: "dead", B: "dead"})
 
     run_dead()
+
+
+def test_a_download_is_handed_back_open_never_read_whole() -> None:
+    async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        size = 3 * (1 << 20) + 5
+        for path, query in (
+            ("/download/v1beta/files/abc:download", "alt=media"),
+            ("/v1beta/files/abc:download", "alt=media"),
+        ):
+            rec = RequestRecord()
+            headers = [("x-fake-download-bytes", str(size))]
+            d = await p.handle(request(up, path, b"", "GET", query, headers), rec)
+            assert isinstance(d, Stream) and d.answer.stream is not None, path
+            assert len(d.answer.body) < size  # only what came first
+            rest = await d.answer.stream.read()
+            d.answer.stream.release()
+            assert d.answer.body + rest == b"".join(download_blocks(size))
+            assert rec.status == 200 and rec.key in ("a", "b")
+
+    run(scenario, {A: "ok", B: "ok"})
+
+
+def test_a_half_open_probe_is_given_back_when_its_request_is_cancelled() -> None:
+    async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        pool = p.service.pool
+        for state in pool.keys.values():  # both breakers open, their cooldown over: probe next
+            state.breaker.state, state.breaker.open_until = BreakerState.OPEN, 0.0
+        task = asyncio.create_task(p.handle(request(up, headers=SLOW), RequestRecord()))
+        while not fake.log:  # the probe is at Google
+            await asyncio.sleep(0.01)
+        probing = [s for s in pool.keys.values() if s.breaker.probe_started is not None]
+        assert len(probing) == 1 and not probing[0].breaker.available(time.time())
+        task.cancel()  # the caller went away, the proxy shuts down
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert probing[0].breaker.probe_started is None
+        assert probing[0].breaker.available(time.time())  # the next request may probe at once
+        d = await p.handle(request(up), RequestRecord())
+        assert isinstance(d, Unary) and d.answer.status == 200
+
+    run(scenario, {A: "ok", B: "ok"})
+
+
+SLOW = [*JSON, ("x-fake-latency-ms", "3000")]

@@ -164,21 +164,32 @@ def test_a_database_locked_for_long_drops_only_the_oldest_rows(
     s.close()
 
 
-def test_a_failing_batch_is_rolled_back_counted_and_the_next_one_written(tmp_path: Path) -> None:
+def test_one_bad_row_is_lost_alone_never_its_whole_batch(tmp_path: Path) -> None:
     path = str(tmp_path / "bad.db")
     s = Store(path)
+    s.record(row(time.time(), "before"), [UsageDelta("2026-01-01", "a", "p", "m", requests=1)])
     bad = row(time.time(), "bad")
     bad.tokens_in = 10**20  # more than SQLite's INTEGER holds: OverflowError, not sqlite3.Error
     s.record(bad, [])
-    s.record(row(time.time(), "lost-with-it"), [])
-    assert s.write_pending() is True  # not retried: it would fail forever
+    odd = row(time.time(), "odd")
+    odd.model = "gemini-\udc80"  # a lone surrogate (a header decoded with surrogateescape)
+    s.record(odd, [])
+    s.record(row(time.time(), "after"), [])
+    s.save_pin(Pin(KIND_RESOURCE, "files/x", "p1", "/v1beta/files/x", time.time() + 60))
+    s.save_state({"a": {"fingerprint": "fa", "weight": 2}}, [])
+    assert s.write_pending() is True  # the bad rows are not retried: they would fail forever
     assert s.write_errors == 2 and s.queue_depth == 0
+    ids = sorted(r["request_id"] for r in s.recent(10, None, None))
+    assert ids == ["after", "before"]  # the rest of the batch was written
+    assert s.usage("2026-01-01")["a"]["requests"] == 1
+    assert [p.name for p in s.load_pins(time.time())] == ["files/x"]
+    assert s.load_state()[0]["a"]["weight"] == 2
     other = sqlite3.connect(path, isolation_level=None, timeout=0)
-    other.execute("BEGIN IMMEDIATE")  # the failed batch left no lock behind
+    other.execute("BEGIN IMMEDIATE")  # the failed writes left no lock behind
     other.execute("ROLLBACK")
     other.close()
     s.record(row(time.time(), "good"), [])
-    assert s.write_pending() and [r["request_id"] for r in s.recent(5, None, None)] == ["good"]
+    assert s.write_pending() and s.recent(1, None, None)[0]["request_id"] == "good"
     s.close()
 
 

@@ -193,3 +193,57 @@ def test_the_request_carries_only_readable_encodings(
 
     asyncio.run(go())
     assert got == seen
+
+
+async def answer_of(
+    chunks: list[bytes], length: int | None, stream_over: int
+) -> tuple[bytes, bool, bytes]:
+    """(what `send` read, whether it came back open, the rest) for a 200 with `chunks` as its
+    body: chunked framing when `length` is None."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await reader.readexactly(2)
+        framing = (
+            f"content-length: {length}" if length is not None else "transfer-encoding: chunked"
+        )
+        writer.write(f"HTTP/1.1 200 OK\r\n{framing}\r\n\r\n".encode())
+        for c in chunks:
+            writer.write(c if length is not None else b"%x\r\n%s\r\n" % (len(c), c))
+            await writer.drain()
+            await asyncio.sleep(0.01)  # separate reads on the client's side
+        if length is None:
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    server, port = await serve(handler)
+    client = UpstreamClient()
+    client.stream_over = stream_over
+    try:
+        answer = await client.send(
+            "POST", f"http://127.0.0.1:{port}/v1beta/x", [], b"{}", stream=False, timeout=5
+        )
+        rest = b""
+        if answer.stream is not None:
+            rest = await answer.stream.read()
+            answer.stream.release()
+        return answer.body, answer.stream is not None, rest
+    finally:
+        await client.close()
+        server.close()
+
+
+def test_an_answer_over_the_limit_comes_back_open_and_a_small_one_whole() -> None:
+    chunks = [b"a" * 1000, b"b" * 1000, b"c" * 1000]
+    whole = b"".join(chunks)
+    # a Content-Length within the limit: read whole, as always
+    assert asyncio.run(answer_of(chunks, len(whole), 5000)) == (whole, False, b"")
+    # over it: open at once, with just the first chunk read
+    first, is_open, rest = asyncio.run(answer_of(chunks, len(whole), 1500))
+    assert is_open and first + rest == whole and len(first) < len(whole)
+    # no length, and it ends within the limit: whole
+    assert asyncio.run(answer_of(chunks, None, 5000)) == (whole, False, b"")
+    # no length, past the limit: open, with what arrived up to just past the limit
+    first, is_open, rest = asyncio.run(answer_of(chunks, None, 1500))
+    assert is_open and first + rest == whole and 1500 < len(first) < len(whole)

@@ -18,8 +18,10 @@ from typing import Any
 
 from mitmproxy import http
 
+from ..bodybudget import RETRY_AFTER
 from ..classify import network_verdict
-from ..pipeline import Incoming, ProxyAnswer, Stream
+from ..metrics import BODY_BYTES_IN_FLIGHT
+from ..pipeline import Incoming, ProxyAnswer, Stream, Unary
 from ..records import RequestRecord
 from ..relay import Held
 from ..runtime import Runtime
@@ -53,16 +55,41 @@ class Forwarding:
         await self.rt.ready()  # the relay (streams) and the side servers, at start
         req = flow.request
         path, _, query = req.path.partition("?")
+        body = req.raw_content or b""
+        if not rec.body_bytes and body:  # no Content-Length (chunked): counted now it is read
+            budget = self.rt.flows.budget
+            if not budget.reserve(len(body)):
+                message = budget.message(len(body))
+                refusal = ProxyAnswer(503, message, "inflight_bytes_exhausted", RETRY_AFTER)
+                answer_with(flow, rec, refusal)
+                return
+            rec.body_bytes = len(body)
+            BODY_BYTES_IN_FLIGHT.set(budget.held)
         incoming = Incoming(
             req.method,
             path,
             query,
             [(s(k), s(v)) for k, v in req.headers.fields],
-            req.raw_content or b"",
+            body,
             rec.admit,
             lambda: inbound.where(flow, rec.origin_host),
         )
-        decision = await self.rt.pipeline.handle(incoming, rec)
+        rec.dispatching = True
+        try:
+            decision = await self.rt.pipeline.handle(incoming, rec)
+        except BaseException:
+            rec.dispatching = False
+            if rec.ended:
+                self._settle_late(rec)
+            raise
+        rec.dispatching = False
+        if rec.ended:  # the caller left meanwhile: still count what Google was asked and billed
+            if isinstance(decision, Unary):
+                rec.tap.feed(decision.answer.body)
+            elif isinstance(decision, Stream) and decision.answer.stream is not None:
+                decision.answer.stream.close()  # nobody reads it
+            self._settle_late(rec)
+            return
         if rec.upstream_path is not None and req.path != rec.upstream_path:
             req.path = rec.upstream_path  # mitmweb shows what went upstream (OpenAI SDK paths)
         if isinstance(decision, ProxyAnswer):
@@ -161,7 +188,24 @@ class Forwarding:
 
     def _settle(self, rec: RequestRecord) -> None:
         rec.ended = True
+        if rec.dispatching:  # attempts still under way: `_forward` settles once they are in
+            return
+        self._release_body(rec)
         rec.tap.finish()  # token counts and stream errors, for the comment
         # mitmproxy sends the answer only after the `response` hook returns: count, log and
         # store once it is on its way (this took ~1 ms off every request's latency)
         asyncio.get_running_loop().call_soon(self.rt.service.finish, rec)
+
+    def _settle_late(self, rec: RequestRecord) -> None:
+        """The flow ended while the pipeline was still dispatching (the caller disconnected):
+        its attempts are in now, and what Google billed is counted with them."""
+        rec.status = 499  # whatever Google answered, the caller never got it
+        self._release_body(rec)
+        rec.tap.finish()
+        self.rt.service.finish(rec)
+
+    def _release_body(self, rec: RequestRecord) -> None:
+        if rec.body_bytes:
+            self.rt.flows.budget.release(rec.body_bytes)
+            rec.body_bytes = 0
+            BODY_BYTES_IN_FLIGHT.set(self.rt.flows.budget.held)

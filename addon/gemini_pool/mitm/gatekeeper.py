@@ -16,8 +16,9 @@ import time
 from mitmproxy import http
 from mitmproxy.net.http.url import hostport
 
-from ..gate import STRIPPED_FIELDS, Admit, Refuse, Target
-from ..metrics import GATE_REFUSALS
+from ..bodybudget import RETRY_AFTER
+from ..gate import STRIPPED_FIELDS, Admit, Refuse, Target, content_length
+from ..metrics import BODY_BYTES_IN_FLIGHT, GATE_REFUSALS
 from ..records import RequestRecord
 from ..routing import Api
 from ..runtime import Runtime
@@ -52,7 +53,10 @@ class Gatekeeper:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         rec = self.rt.flows.open(flow.id, flow.client_conn.id)
         try:
-            decision = self.rt.service.gate.decide(inbound.arrival(flow), time.time())
+            arrival = inbound.arrival(flow)
+            decision = self.rt.service.gate.decide(arrival, time.time())
+            if isinstance(decision, Admit):
+                decision = self._reserve_body(rec, decision, arrival.fields)
             if isinstance(decision, Admit):
                 self._admit(flow, rec, decision)
                 return
@@ -65,6 +69,26 @@ class Gatekeeper:
             self._refuse(flow, rec, decision)
         except Exception as e:  # still refused: the `request` hook answers a flow without admit
             log.warning("gemini-proxy: refusing request %s failed: %s", rec.request_id, e)
+
+    def _reserve_body(
+        self, rec: RequestRecord, d: Admit, fields: tuple[tuple[bytes, bytes], ...]
+    ) -> Admit | Refuse:
+        """Reserve the announced body in the memory budget before mitmproxy reads it; past the
+        budget, refuse (the body then streams into the relay's sink, never into memory)."""
+        size = content_length(fields) if d.body_expected else 0
+        budget = self.rt.flows.budget
+        if budget.reserve(size):
+            rec.body_bytes = size
+            BODY_BYTES_IN_FLIGHT.set(budget.held)
+            return d
+        return Refuse(
+            503,
+            budget.message(size),
+            "inflight_bytes_exhausted",
+            d.api,
+            True,
+            retry_after=RETRY_AFTER,
+        )
 
     def _admit(self, flow: http.HTTPFlow, rec: RequestRecord, d: Admit) -> None:
         req = flow.request
@@ -93,14 +117,22 @@ class Gatekeeper:
         relay = self.rt.relay
         if not (d.body_expected and relay.port):
             flow.response = response = error_response(
-                d.api, rec.request_id, d.status, d.message, d.reason, close=d.body_expected
+                d.api,
+                rec.request_id,
+                d.status,
+                d.message,
+                d.reason,
+                d.retry_after,
+                close=d.body_expected,
             )
             if d.allow:
                 response.headers["allow"] = d.allow
             if flow.request.method == "HEAD":
                 response.content = b""  # mitmproxy would send a body on a HEAD answer
             return
-        headers, body = error_parts(d.api, rec.request_id, d.status, d.message, d.reason)
+        headers, body = error_parts(
+            d.api, rec.request_id, d.status, d.message, d.reason, d.retry_after
+        )
         headers += [("allow", d.allow)] if d.allow else []
         rec.relay_ticket = relay.refuse(d.status, "", headers, body, after_body=True)
         rec.detour = point_at_relay(flow, relay.port, rec.relay_ticket, keep_body=True)

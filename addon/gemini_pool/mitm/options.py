@@ -24,6 +24,7 @@ from mitmproxy.utils import human
 
 from .. import metrics
 from ..access_log import install_access_log
+from ..bodybudget import DEFAULT_LIMIT
 from ..breaker import BreakerPolicy
 from ..config import ConfigError
 from ..dispatch import DispatchPolicy
@@ -91,6 +92,13 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
         int,
         128 * 1024 * 1024,
         "Largest request body in bytes (413 above). Google takes inline data up to 100 MB.",
+    ),
+    (
+        "gemini_max_inflight_bytes",
+        int,
+        DEFAULT_LIMIT,
+        "Total request body bytes held in memory for requests in flight (kept for retries); "
+        "past it a request gets 503 with Retry-After. A single body over it passes only alone.",
     ),
     (
         "gemini_max_attempts",
@@ -176,6 +184,7 @@ class Options:
         if not any(opt.startswith("gemini_") for opt in updated):
             return
         _positive("gemini_max_body", o.gemini_max_body)
+        _positive("gemini_max_inflight_bytes", o.gemini_max_inflight_bytes, 1 << 20)
         _positive("gemini_max_attempts", o.gemini_max_attempts, 1, 10)
         _positive("gemini_attempt_ceiling", o.gemini_attempt_ceiling, o.gemini_max_attempts, 1000)
         _positive("gemini_deadline_ms", o.gemini_deadline_ms, 100)
@@ -254,6 +263,7 @@ class Options:
                 raise exceptions.OptionsError(f"gemini_keys: {e}") from None
             self.rt.watcher.reset(o.gemini_keys)
         self.rt.service.apply_settings(settings)
+        self.rt.flows.budget.limit = o.gemini_max_inflight_bytes
         if self.rt.db_path != o.gemini_db:
             self._open_db(o.gemini_db)
         if self.rt.service.store is not None:
