@@ -15,14 +15,16 @@ from . import accounting, metrics
 from .access_log import log_request
 from .breaker import BreakerState
 from .classify import pacific_day
-from .config import EMPTY, Config, ConfigError, load_config
+from .config import EMPTY, ClientLimits, ClientSpec, Config, ConfigError, load_config
 from .dispatch import Dispatcher, DispatchPolicy
 from .gate import Gate, digest
 from .keycheck import KeyChecker
+from .limits import ClientLimitCheck, Limiter
 from .pins import Pin, ResourcePins
 from .records import RequestRecord
 from .selector import KeyPool, PoolPolicy
 from .shared import SharedState
+from .shared_limits import SharedLimits
 from .store import Store, read_state_document, state_document
 from .uploads import IPNetwork
 from .upstream import UpstreamClient
@@ -57,6 +59,7 @@ class ProxyService:
     models: metrics.ModelLabels = field(default_factory=metrics.ModelLabels)
     _db_errors_seen: int = 0
     _projects: dict[str, str] = field(default_factory=dict)  # key name -> project
+    _clients: dict[str, ClientSpec] = field(default_factory=dict)  # by name
 
     def __post_init__(self) -> None:
         self.dispatcher = Dispatcher(
@@ -66,6 +69,9 @@ class ProxyService:
         self.gate.upload_lookup = self._upload_key
         self.shared: SharedState | None = None
         self.pins.on_pin = self._on_pin
+        self.limiter = Limiter()
+        self.limit_check = ClientLimitCheck(self.limiter, self._limits_of)
+        self.shared_limits: SharedLimits | None = None
         metrics.set_state_source(self.gauge_rows)
 
     def _on_pin(self, pin: Pin) -> None:
@@ -90,12 +96,30 @@ class ProxyService:
             self.shared = None
             self.pool.on_change = None
             self.checker.claim = None
+        self.limiter.worker = worker
+        self.shared_limits = SharedLimits(self.limiter, prefix) if url else None
+        if not url:
+            self.limiter.apply_view({}, 1, {})  # one worker: no shares
         if url:
             shared = SharedState(self.pool, self.pins, url, prefix, worker, self._mark_dirty)
             self.shared = shared
             self.pool.on_change = shared.key_changed
             self.checker.claim = shared.claim_check
             shared.start()
+
+    def _limits_of(self, client: str) -> ClientLimits | None:
+        """The current config's limits of a client (after reloads too); None: none."""
+        spec = self._clients.get(client)
+        return spec.limits if spec is not None and spec.limits.any else None
+
+    async def share_limits(self) -> None:
+        """Housekeeping: publish this worker's client counts, take the other workers'."""
+        if self.shared_limits is None:
+            return
+        shared = self.shared
+        redis = shared.client() if shared is not None else None
+        limits = {c.name: c.limits for c in self.config.clients}
+        await self.shared_limits.tick(redis, limits)
 
     def _mark_dirty(self) -> None:
         self.state_dirty = True
@@ -134,6 +158,7 @@ class ProxyService:
         self.pool.apply_config(config)
         self.config = config
         self.gate.clients = {digest(c.token): c.name for c in config.clients}
+        self._clients = {c.name: c for c in config.clients}
         self._projects = {k.name: k.project for k in config.keys}
         after = set(self.pool.keys)
         log.info(
@@ -165,6 +190,11 @@ class ProxyService:
         keys, cooldowns = store.load_state()
         self.pool.restore(keys, cooldowns, now)
         self.pins.restore(store.load_pins(now), now)
+        day = pacific_day(now)
+        for client, u in store.load_client_usage(day).items():
+            # this worker's own count of today: what it admitted (refused ones held no slot)
+            tokens = u["tokens_in"] + u["tokens_out"]
+            self.limiter.seed(client, day, u["requests"] - u["limited"], tokens)
         store.start()
         fingerprints = {s.spec.fingerprint for s in self.pool.keys.values()}
         restored = [n for n, s in keys.items() if s.get("fingerprint") in fingerprints]
@@ -205,14 +235,18 @@ class ProxyService:
         if rec.finished:
             return
         rec.finished = True
+        self.limiter.release(rec.request_id, (rec.tap.tokens_in or 0) + (rec.tap.tokens_out or 0))
         model = self.models.label(rec.model, 200 <= rec.status < 300 and rec.key is not None)
-        accounting.count(rec, model)
+        client = accounting.client_label(rec.client, self._clients)
+        accounting.count(rec, model, client)
         if rec.attempts:
             self.state_dirty = True
         log_request(rec, self.settings.log_json)
         if self.store is not None:
             self.store.record(
-                accounting.outcome_row(rec), accounting.usage_deltas(rec, self._projects, model)
+                accounting.outcome_row(rec),
+                accounting.usage_deltas(rec, self._projects, model),
+                accounting.client_delta(rec, client, model),
             )
 
     # --- views

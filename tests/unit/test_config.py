@@ -69,14 +69,46 @@ clients:
             6,
             "must not be one of the API keys",
         ),
-        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits: {rpm: -1}\n", 7, "field 'rpm': must be a whole number"),
-        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits: {rpm: 1.5}\n", 7, "field 'rpm'"),
-        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits: {concurrent: true}\n", 7, "field 'concurrent'"),
-        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits: {rmp: 60}\n", 7, "unknown field(s) rmp"),
-        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits:\n      models: ['gemini/*']\n", 8, "matches no model name"),
-        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits:\n      models: ['']\n", 8, "matches no model name"),
-        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits:\n      models: gemini-2.5-flash\n", 8, "must be a list"),
-        ("keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    group: 'team a'\n", 7, "field 'group'"),
+        (
+            "keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits: {rpm: -1}\n",
+            7,
+            "field 'rpm': must be a whole number",
+        ),
+        (
+            "keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits: {rpm: 1.5}\n",
+            7,
+            "field 'rpm'",
+        ),
+        (
+            "keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits: {concurrent: true}\n",
+            7,
+            "field 'concurrent'",
+        ),
+        (
+            "keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits: {rmp: 60}\n",
+            7,
+            "unknown field(s) rmp",
+        ),
+        (
+            "keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits:\n      models: ['gemini/*']\n",
+            8,
+            "matches no model name",
+        ),
+        (
+            "keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits:\n      models: ['']\n",
+            8,
+            "matches no model name",
+        ),
+        (
+            "keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    limits:\n      models: gemini-2.5-flash\n",
+            8,
+            "must be a list",
+        ),
+        (
+            "keys:\n  - name: a\n    key: k1\nclients:\n  - name: c\n    token: t1\n    group: 'team a'\n",
+            7,
+            "field 'group'",
+        ),
     ],
 )
 def test_errors_name_file_line_and_field(text: str, line: int, fragment: str) -> None:
