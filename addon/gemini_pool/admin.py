@@ -54,6 +54,7 @@ class AdminServer:
         r.add_post("/admin/reload", self.reload)
         r.add_get("/admin/health", self.health)
         r.add_get("/admin/rotation", self.rotation)
+        r.add_get("/admin/clients", self.clients)
         r.add_get("/admin/requests", self.requests)
         r.add_get("/admin/state", self.state_export)
         r.add_post("/admin/state", self.state_import)
@@ -174,6 +175,14 @@ class AdminServer:
 
     async def rotation(self, request: web.Request) -> web.Response:
         return web.json_response(self.service.rotation())
+
+    async def clients(self, request: web.Request) -> web.Response:
+        """Today's usage per client (every worker's, live; per model from this worker's
+        database) with its limits."""
+        if self.service.store is not None:
+            self.service.store.write_pending()  # what finished a moment ago (never waits)
+        accounting = await asyncio.to_thread(self.service.clients_today)
+        return web.json_response({"clients": self.service.describe_clients(accounting)})
 
     async def requests(self, request: web.Request) -> web.Response:
         store = self.service.store

@@ -142,8 +142,9 @@ class Limiter:
     def check(
         self, client: str, limits: ClientLimits, model: str | None, request_id: str
     ) -> Refusal | None:
-        """Admit the request (it holds its slots until `release`) or say which limit it is past."""
-        if client in UNLIMITED_CLIENTS or not limits.any:
+        """Admit the request (it holds its slots until `release`) or say which limit it is past.
+        Clients without limits are counted too (their usage is shown), never refused."""
+        if client in UNLIMITED_CLIENTS:
             return None
         if (
             limits.models
@@ -226,8 +227,6 @@ class Limiter:
         self.shared = others is not None
         now = self.clock()
         for client, lim in limits.items():
-            if not lim.any:
-                continue
             m = self.meter(client)
             m.roll(now)
             mine = m.counts()
@@ -243,8 +242,8 @@ class Limiter:
             m.others = {k: sum(c.value(k, m.day) for c in theirs) for k in KINDS}
             m.allow = {}
             missing = max(0, self.workers - 1 - len(theirs))  # seen, with no count of it yet
-            if not theirs and not missing:
-                continue  # alone: the limit is all mine
+            if not lim.any or (not theirs and not missing):
+                continue  # no limit, or alone: the limit is all mine
             # the room the others have not taken or been given, split by recent demand: my part
             # of it is mine to use until the next view (a worker without demand keeps a sliver)
             weights = [max(1, c.demand) for c in theirs] + [1] * missing
@@ -294,6 +293,23 @@ def _share(room: int, mine: int, me: str, weights: list[int], names: list[str]) 
     return part
 
 
+def usage_note(client: str, usage: Mapping[str, int]) -> str:
+    """The mitmweb comment's line about the client: `alice: 17 requests, 12k tokens today`."""
+    n = usage["requests_today"]
+    return (
+        f"{client}: {n} request{'s' if n != 1 else ''}, {short(usage['tokens_today'])} tokens today"
+    )
+
+
+def short(n: int) -> str:
+    """12345 -> 12k, 3400000 -> 3.4M."""
+    if n < 1000:
+        return str(n)
+    if n < 1_000_000:
+        return f"{n / 1000:.0f}k" if n >= 10_000 else f"{n / 1000:.1f}k"
+    return f"{n / 1_000_000:.1f}M"
+
+
 def describe(limits: ClientLimits) -> dict[str, object]:
     """A client's limits as JSON (only those set)."""
     out: dict[str, object] = {
@@ -321,6 +337,7 @@ class ClientLimitCheck:
         if limits is None:
             return None
         refusal = self.limiter.check(client, limits, route.model, rec.request_id)
+        rec.usage_note = usage_note(client, self.limiter.usage(client))
         if refusal is None:
             return None
         return ProxyAnswer(refusal.status, refusal.message, refusal.reason, refusal.retry_after)

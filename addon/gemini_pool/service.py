@@ -15,7 +15,8 @@ from . import accounting, metrics
 from .access_log import log_request
 from .breaker import BreakerState
 from .classify import pacific_day
-from .config import EMPTY, ClientLimits, ClientSpec, Config, ConfigError, load_config
+from .clients_view import describe_clients
+from .config import EMPTY, NO_LIMITS, ClientLimits, ClientSpec, Config, ConfigError, load_config
 from .dispatch import Dispatcher, DispatchPolicy
 from .gate import Gate, digest
 from .keycheck import KeyChecker
@@ -108,9 +109,12 @@ class ProxyService:
             shared.start()
 
     def _limits_of(self, client: str) -> ClientLimits | None:
-        """The current config's limits of a client (after reloads too); None: none."""
+        """The current config's limits of a client (after reloads too); None: a caller that is
+        no configured client (nor the loopback mode's `local`), not counted."""
         spec = self._clients.get(client)
-        return spec.limits if spec is not None and spec.limits.any else None
+        if spec is not None:
+            return spec.limits
+        return NO_LIMITS if client == "local" and not self._clients else None
 
     async def share_limits(self) -> None:
         """Housekeeping: publish this worker's client counts, take the other workers'."""
@@ -278,6 +282,19 @@ class ProxyService:
         except Exception as e:  # the admin view must not fail because of the database
             log.warning("gemini-proxy: cannot read usage: %s", e)
             return {}
+
+    def clients_today(self) -> dict[str, Any]:
+        """This worker's accounting per client today, from SQLite (call from a worker thread)."""
+        if self.store is None:
+            return {}
+        try:
+            return self.store.client_usage(pacific_day(time.time()))
+        except Exception as e:  # the admin view must not fail because of the database
+            log.warning("gemini-proxy: cannot read usage per client: %s", e)
+            return {}
+
+    def describe_clients(self, accounting: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        return describe_clients(self.config, self.limiter, accounting or {})
 
     def describe_keys(self, usage: dict[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:
         now = time.time()

@@ -10,9 +10,15 @@ from zoneinfo import ZoneInfo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gemini_pool.config import ClientLimits
+from gemini_pool.accounting import client_label
+from gemini_pool.config import ClientLimits, ClientSpec, Config
+from gemini_pool.gate import Target
 from gemini_pool.limits import Counts, Limiter
+from gemini_pool.pipeline import Pipeline, ProxyAnswer, Unary
+from gemini_pool.records import RequestRecord
 from gemini_pool.shared_limits import read
+
+from .test_pipeline import A, B, FakeGemini, request, run
 
 PACIFIC = ZoneInfo("America/Los_Angeles")
 NOON = datetime(2026, 12, 7, 12, 0, tzinfo=PACIFIC).timestamp()
@@ -106,12 +112,14 @@ def test_models_by_glob_and_a_403_naming_the_rule() -> None:
     assert "p" not in lim.held
 
 
-def test_no_limits_and_upload_follow_ups_are_not_counted() -> None:
+def test_a_client_without_limits_is_counted_never_refused_and_uploads_not_twice() -> None:
     lim = Limiter(Clock())
-    assert lim.check("alice", ClientLimits(), "m", "x") is None
+    for i in range(50):
+        assert lim.check("alice", ClientLimits(), "m", f"x{i}") is None
+    assert lim.usage("alice")["requests_today"] == 50 and lim.usage("alice")["in_flight"] == 50
     assert lim.check("upload", ClientLimits(rpm=1), "m", "y") is None
     assert lim.check("upload", ClientLimits(rpm=1), "m", "z") is None
-    assert lim.held == {}
+    assert "y" not in lim.held and "upload" not in lim.meters
 
 
 def test_seed_from_the_database_counts_today() -> None:
@@ -218,3 +226,48 @@ def test_read_skips_malformed_and_stale_fields_and_my_own() -> None:
     assert [c.worker for c in others["alice"]] == ["w2"] and others["alice"][0].minute == 3
     assert workers == {"w2", "w6"}
     assert set(stale) == {"alice\x1fw3", "alice\x1fw4", "bob\x1fw5", "nosep"}
+
+
+def test_the_client_label_is_bounded_to_configured_names_local_and_unknown() -> None:
+    configured = {"alice", "bob"}
+    assert client_label("alice", configured) == "alice"
+    for caller in ("mallory", "upload", None, "local", "x" * 500):
+        assert client_label(caller, configured) == "unknown"
+    assert client_label("local", set()) == "local"
+    assert client_label("upload", set()) == "unknown"
+
+
+def test_the_pipeline_check_refuses_past_the_limit_and_nothing_goes_upstream() -> None:
+    async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        service = p.service
+        limits = ClientLimits(rpm=5, concurrent=1, models=("gemini-2.5-flash*",))
+        service.apply_config(
+            Config(service.config.keys, (ClientSpec("alice", "tok-a", "", limits),), "test")
+        )
+        p.checks = [service.limit_check]
+        first = RequestRecord(client="alice")
+        d = await p.handle(request(up), first)
+        assert isinstance(d, Unary) and d.answer.status == 200
+        second = RequestRecord(client="alice")  # the first has not finished: one in flight
+        d = await p.handle(request(up), second)
+        assert isinstance(d, ProxyAnswer) and (d.status, d.retry_after) == (429, 1.0)
+        assert d.message == "client limit concurrent 1 reached"
+        service.finish(second)  # a refused request holds no slot
+        service.finish(first)
+        service.finish(first)  # once only
+        assert service.limiter.meters["alice"].inflight == 0
+        third = RequestRecord(client="alice")
+        d = await p.handle(request(up), third)
+        assert isinstance(d, Unary) and third.usage_note == "alice: 2 requests, 0 tokens today"
+        service.finish(third)
+        pro = "/v1beta/models/gemini-2.5-pro:generateContent"
+        d = await p.handle(request(up, path=pro), RequestRecord(client="alice"))
+        assert isinstance(d, ProxyAnswer) and d.status == 403
+        assert d.message == "client limit models: gemini-2.5-pro is not in gemini-2.5-flash*"
+        assert len(fake.log) == 2
+        # a reload changes the limits of the next request
+        service.apply_config(Config(service.config.keys, (ClientSpec("alice", "tok-a"),), "t"))
+        d = await p.handle(request(up, path=pro), RequestRecord(client="alice"))
+        assert isinstance(d, Unary)
+
+    run(scenario, {A: "ok", B: "ok"})

@@ -11,6 +11,7 @@ from typing import Any
 
 from mitmproxy import command, exceptions, http
 
+from ..clients_view import client_line
 from ..comments import comment, mark, metadata
 from ..records import RequestRecord
 from ..runtime import Runtime
@@ -35,6 +36,12 @@ class Console:
         """Every key, one line each: status, breaker, cooldowns, health, last error."""
         lines = [describe_line(k) for k in self.rt.service.describe_keys()]
         return lines or ["no keys configured"]
+
+    @command.command("gemini.clients")
+    def clients_cmd(self) -> Sequence[str]:
+        """Every client, one line each: usage today (requests, tokens, in flight) and limits."""
+        service = self.rt.service
+        return [client_line(c) for c in service.describe_clients(service.clients_today())]
 
     def _operate(self, name: str, action: str) -> str:
         before = next((k for k in self.rt.service.describe_keys() if k["name"] == name), None)
