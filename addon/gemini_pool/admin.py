@@ -182,7 +182,14 @@ class AdminServer:
         if self.service.store is not None:
             self.service.store.write_pending()  # what finished a moment ago (never waits)
         accounting = await asyncio.to_thread(self.service.clients_today)
-        return web.json_response({"clients": self.service.describe_clients(accounting)})
+        limiter = self.service.limiter
+        return web.json_response(
+            {
+                "clients": self.service.describe_clients(accounting),
+                "workers": limiter.workers,  # sharing the limits (Redis), this one included
+                "shared": limiter.shared,  # False: Redis away or one worker: local shares
+            }
+        )
 
     async def requests(self, request: web.Request) -> web.Response:
         store = self.service.store

@@ -1,10 +1,10 @@
 """Client limits across workers: each worker's counts through Redis, on the housekeeping tick.
 
-Every tick (250 ms) a worker writes what it counted per client (requests in the last minute, in
-flight, requests and tokens today, recent demand) into the hash `prefix:limits`, field
-`<client>\\x1f<worker>`, with a timestamp, plus a heartbeat field `\\x1f<worker>`; in the same
-round trip it reads the hash back. Fields of the other workers younger than FRESH seconds are
-handed to the limiter (`Limiter.apply_view`) with the number of workers seen. Fields older than
+Every tick (250 ms) a worker reads the hash `prefix:limits`: the other workers' fields younger
+than FRESH seconds go to the limiter (`Limiter.apply_view`) with the number of workers seen.
+Then it writes what it counted per client (requests in the last minute, in flight, requests and
+tokens today, recent demand) and the allowance the view gave it, field `<client>\\x1f<worker>`,
+with a timestamp, plus a heartbeat field `\\x1f<worker>`. Fields older than
 STALE are deleted now and then. While Redis is away the limiter gets None and each worker keeps
 to its local share (the limit over the workers it last saw). Names and numbers only, no secrets.
 """
@@ -48,24 +48,25 @@ class SharedLimits:
         if redis is None:
             limiter.apply_view(None, limiter.workers, limits)
             return
-        now = limiter.clock()
         me = limiter.worker
-        fields = {
-            f"{client}{SEP}{me}": json.dumps(_doc(c, now))
-            for client, c in limiter.own_counts().items()
-        }
-        fields[f"{SEP}{me}"] = json.dumps({"t": now})
         try:
-            async with redis.pipeline(transaction=False) as pipe:
-                pipe.hset(self.key, mapping=fields)
-                pipe.hgetall(self.key)
-                _, stored = await pipe.execute()
+            # read, decide, then write what this worker counted and was just given: another
+            # worker reading after this one sees the room it took (published before the read,
+            # an allowance would lag a tick and both workers could fill the same room)
+            stored = await redis.hgetall(self.key)
+            now = limiter.clock()
+            others, workers, stale = read(stored, me, now)
+            limiter.apply_view(others, len(workers | {me}), limits)
+            fields = {
+                f"{client}{SEP}{me}": json.dumps(_doc(c, now))
+                for client, c in limiter.own_counts().items()
+            }
+            fields[f"{SEP}{me}"] = json.dumps({"t": now})
+            await redis.hset(self.key, mapping=fields)
         except (RedisError, OSError) as e:
             log.debug("gemini-proxy: client limits not shared this tick: %s", e)
             limiter.apply_view(None, limiter.workers, limits)
             return
-        others, workers, stale = read(stored, me, now)
-        limiter.apply_view(others, len(workers | {me}), limits)
         if stale and time.monotonic() - self._last_clean >= CLEAN_EVERY:
             self._last_clean = time.monotonic()
             with contextlib.suppress(RedisError, OSError):
