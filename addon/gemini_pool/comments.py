@@ -13,7 +13,8 @@ from .records import RequestRecord
 
 def comment(rec: RequestRecord) -> str:
     """The outcome and the serving key first, then every attempt and why it was retried, what a
-    stream carried; the proxy's own message and Google's error of each failed attempt below."""
+    stream carried; the proxy's own message and Google's error of each failed attempt below, and
+    last the client's usage today."""
     if rec.proxy_reason:
         head = f"proxy answered {rec.status} ({rec.proxy_reason})"
     elif rec.key:
@@ -27,12 +28,12 @@ def comment(rec: RequestRecord) -> str:
         parts.append(stream_summary(rec))
     if rec.waited:
         parts.append(f"waited {rec.waited:.1f}s for a key")
-    if rec.usage_note:
-        parts.append(rec.usage_note)
     lines = [" · ".join(parts)]
     if rec.proxy_message:
         lines.append(rec.proxy_message)
     lines.extend(rec.upstream_errors())
+    if rec.usage_note:  # the client's day so far: `alice: 17 requests, 12k tokens today`
+        lines.append(rec.usage_note)
     return "\n".join(lines)
 
 
