@@ -160,11 +160,12 @@ class Limiter:
         m = self.meter(client)
         m.roll(now)
         m.seen.append(now)
+        counts = m.counts()
         for kind in KINDS:
             limit = getattr(limits, kind)
             if limit is None:
                 continue
-            mine = m.counts().value(kind, m.day)
+            mine = counts.value(kind, m.day)
             others = m.others.get(kind, 0)
             cap = m.allow.get(kind)
             if mine + others >= limit or (cap is not None and mine >= cap):

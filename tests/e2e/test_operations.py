@@ -369,9 +369,13 @@ def test_mitmweb_shows_comments_and_never_a_key(fake: Fake, make_proxy: Any) -> 
         f"served by beta: 200 · alpha: 429 per-minute quota {FLASH} [quota] → beta: 200"
     )
     assert comments[0][1].startswith("alpha: Google said 429: You exceeded your current quota")
-    assert len(comments[1]) == 1 and comments[1][0].startswith("served by beta: 200 · streamed ")
+    assert len(comments[1]) == 2 and comments[1][0].startswith("served by beta: 200 · streamed ")
     assert comments[1][0].endswith(" B, 3 events, tokens 5 in / 3 out, complete")
-    assert comments[2] == ["served by beta: 200"]
+    # last, the client's day so far (as each request was admitted)
+    assert [c[-1].split(",")[0] for c in comments] == [
+        f"app: {n} request{'s' * (n > 1)}" for n in (1, 2, 3)
+    ]
+    assert comments[2] == ["served by beta: 200", comments[2][1]]
     assert flows[0]["marked"] == "🔁"  # mitmweb renders the :repeat: mark as its emoji
     assert flows[2]["request"]["path"] == "/v1beta/openai/chat/completions"
     assert flows[1]["request"]["host"] == "127.0.0.1" and flows[1]["request"]["port"] == fake.port
