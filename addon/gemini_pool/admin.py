@@ -54,6 +54,7 @@ class AdminServer:
         r.add_post("/admin/reload", self.reload)
         r.add_get("/admin/health", self.health)
         r.add_get("/admin/rotation", self.rotation)
+        r.add_get("/admin/clients", self.clients)
         r.add_get("/admin/requests", self.requests)
         r.add_post("/admin/resources", self.hand_over)
         r.add_get("/admin/state", self.state_export)
@@ -175,6 +176,21 @@ class AdminServer:
 
     async def rotation(self, request: web.Request) -> web.Response:
         return web.json_response(self.service.rotation())
+
+    async def clients(self, request: web.Request) -> web.Response:
+        """Today's usage per client (every worker's, live; per model from this worker's
+        database) with its limits."""
+        if self.service.store is not None:
+            self.service.store.write_pending()  # what finished a moment ago (never waits)
+        accounting = await asyncio.to_thread(self.service.clients_today)
+        limiter = self.service.limiter
+        return web.json_response(
+            {
+                "clients": self.service.describe_clients(accounting),
+                "workers": limiter.workers,  # sharing the limits (Redis), this one included
+                "shared": limiter.shared,  # False: Redis away or one worker: local shares
+            }
+        )
 
     async def requests(self, request: web.Request) -> web.Response:
         store = self.service.store

@@ -37,6 +37,8 @@ def comment(rec: RequestRecord, messages: bool = True) -> str:
         clauses.append(f"waited {rec.waited:.1f}s for a key")
     if rec.cache == "stored":
         clauses.append("answer cached")
+    if rec.usage_note:  # last, the client's day so far: `alice: 17 requests, 12k tokens today`
+        clauses.append(rec.usage_note)
     return SEP.join(clauses)
 
 

@@ -24,8 +24,26 @@ ATTEMPTS = Counter(
 )
 REQUESTS = Counter(
     "gemini_proxy_requests",
-    "Client requests answered, by client, API and final status",
+    "Client requests answered, by client (configured names, local, unknown), API and status",
     ["client", "api", "status"],
+    registry=REGISTRY,
+)
+CLIENT_REQUESTS = Counter(
+    "gemini_proxy_client_requests",
+    "Client requests answered, by client (configured names, local, unknown) and model",
+    ["client", "model"],
+    registry=REGISTRY,
+)
+CLIENT_TOKENS = Counter(
+    "gemini_proxy_client_tokens",
+    "Tokens reported by Gemini (usageMetadata / usage), by client, model and direction",
+    ["client", "model", "direction"],
+    registry=REGISTRY,
+)
+CLIENT_LIMITED = Counter(
+    "gemini_proxy_client_limited",
+    "Client requests refused by the client's limits, by client and limit",
+    ["client", "reason"],
     registry=REGISTRY,
 )
 LATENCY = Histogram(

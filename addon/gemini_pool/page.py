@@ -50,6 +50,7 @@ class PageData:
     health: dict[str, Any]  # ProxyService.health()
     failures: list[dict[str, Any]] | None = None  # recent outcomes >= 400; None: no database
     clients: list[str] = field(default_factory=list)  # client names from the key file
+    client_lines: list[str] = field(default_factory=list)  # clients_view.client_line of each
     worker: str | None = None  # this worker's name when workers share state
     csrf: str = ""  # the session's CSRF token ("" when signed in by bearer header)
 
@@ -206,7 +207,7 @@ def render_failures(data: PageData) -> str:
 def render_clients(data: PageData) -> str:
     if not data.clients:
         return '<p class="empty">No client tokens: any caller may use the pool.</p>'
-    items = "".join(f"<li>{esc(c)}</li>" for c in data.clients)
+    items = "".join(f"<li>{esc(c)}</li>" for c in data.client_lines or data.clients)
     return f'<ul class="clients">{items}</ul>'
 
 

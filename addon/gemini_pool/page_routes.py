@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from . import page, page_assets
+from .clients_view import client_line
 from .config import NAME_RE, ConfigError
 from .service import ProxyService
 from .websession import (
@@ -151,6 +152,7 @@ class PageRoutes:
             health=self.service.health(),
             failures=failures,
             clients=[c.name for c in self.service.config.clients],
+            client_lines=[client_line(c) for c in self.service.describe_clients()],
             worker=shared.worker if shared is not None else None,
             csrf=session.csrf if session is not None else "",
         )

@@ -6,9 +6,12 @@ a request after the gate admitted its head happens here, in this order:
 
 1. admit: the gate's admission is present, the body within gemini_max_body;
 2. route: native or OpenAI-compatible, the model, streaming or not (`routing.route`);
-3. owner and pins: a resource the request names goes to its own project (`pins`);
-4. checks: limits and budgets, each a `Check` that may answer before any upstream call;
-5. dispatch: pick a key, send, classify, retry on another key (`dispatch.Dispatcher`);
+3. owners and pins: a resource of another client's group is 404, one the request names goes to
+   its own project (`ownership`, `pins`);
+4. checks: the client's limits, each a `Check` that may answer before any upstream call
+   (`limits`); then the answer cache, whose hit spends no quota (`answer_cache`);
+5. dispatch: pick a key with budget left, send, classify, retry on another key
+   (`dispatch.Dispatcher`; the projects' budgets are the selector's);
 6. rewrite upload URLs that point at Google back at the proxy (`uploads`);
 7. remember what a 2xx answer created (files, cached contents, batches, operations);
 8. build the answer: the proxy's own error, Google's whole answer, or an open stream (streams,
@@ -154,17 +157,18 @@ class Pipeline:
             stranger = again
         kind = resources.list_kind(req.method, r.path) if group is not None else None
         project = self.ownership.project(admit, r, req.body, now)
-        # 3b. the answer cache: a hit spends no quota (before any budget is counted)
+        # 4. the client's limits (a cache hit counts too: it is the client's request; the pool's
+        # budgets are the dispatcher's, spent only by what goes upstream)
+        for check in self.checks:
+            refusal = check(req, r, rec)
+            if refusal is not None:
+                return refusal
+        # 4b. the answer cache: a hit spends no quota
         cache_key = self._cache_key(req, admit, r, project)
         if cache_key is not None:
             hit = self._cache_hit(cache_key, rec, now)
             if hit is not None:
                 return hit
-        # 4. limits and budgets
-        for check in self.checks:
-            refusal = check(req, r, rec)
-            if refusal is not None:
-                return refusal
         if kind is not None and group is not None:
             return await self._listing(req, admit, r, rec, group, kind, now)
         # 5. dispatch

@@ -58,6 +58,7 @@ class RequestRecord:
     finished: bool = False
     ended: bool = False  # the answer is complete (or failed): the flow's last hook ran
     final_comment: str | None = None  # the comment once the flow ended (the log line reuses it)
+    usage_note: str | None = None  # the client's usage today (limits.usage_note), for the comment
     _attempts_json: list[dict[str, Any]] | None = field(default=None, repr=False)
 
     @property

@@ -102,7 +102,7 @@ class Runtime:
     sharing: tuple[str, str, str] = ("", "", "")  # gemini_redis, its prefix, this worker's name
 
     def __post_init__(self) -> None:
-        self.pipeline = Pipeline(self.service)
+        self.pipeline = Pipeline(self.service, [self.service.limit_check])
         self.flows = InFlight(self.service)
 
     async def ready(self, timeout: float = STARTUP_WAIT) -> None:
@@ -172,6 +172,8 @@ class Runtime:
                 if self.service.shared is not None:  # a slow Redis must not hold the rest up
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.service.shared.grant_probes(time.time()), 1.0)
+                with contextlib.suppress(TimeoutError):  # client limits across workers
+                    await asyncio.wait_for(self.service.share_limits(), 1.0)
                 self.service.checker.run_due(time.time())
                 self.service.save_state_if_dirty()
                 watch = watch_ms() / 1000

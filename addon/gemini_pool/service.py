@@ -16,16 +16,19 @@ from .access_log import log_request
 from .answer_cache import AnswerCache, CacheSpec, Entry
 from .breaker import BreakerState
 from .classify import pacific_day
-from .config import EMPTY, Config, ConfigError, load_config
+from .clients_view import describe_clients
+from .config import EMPTY, NO_LIMITS, ClientLimits, ClientSpec, Config, ConfigError, load_config
 from .dispatch import Dispatcher, DispatchPolicy
 from .gate import Gate, digest
 from .keycheck import KeyChecker
+from .limits import ClientLimitCheck, Limiter
 from .owners import Owners
 from .ownership import Ownership
 from .pins import Pin, ResourcePins
 from .records import RequestRecord
 from .selector import KeyPool, PoolPolicy
 from .shared import SharedState
+from .shared_limits import SharedLimits
 from .store import Store, read_state_document, state_document
 from .uploads import IPNetwork
 from .upstream import UpstreamClient
@@ -61,6 +64,7 @@ class ProxyService:
     _db_errors_seen: int = 0
     _projects: dict[str, str] = field(default_factory=dict)  # key name -> project
     answers: AnswerCache | None = None  # the answer cache (`cache:` in the key file); None: off
+    _clients: dict[str, ClientSpec] = field(default_factory=dict)  # by name
 
     def __post_init__(self) -> None:
         self.dispatcher = Dispatcher(
@@ -73,6 +77,9 @@ class ProxyService:
         self.owners = Owners(self.pins)  # with clients configured: which group owns what
         self.ownership = Ownership(self)
         self.groups: dict[str, str] = {}  # client name -> its group
+        self.limiter = Limiter()
+        self.limit_check = ClientLimitCheck(self.limiter, self._limits_of)
+        self.shared_limits: SharedLimits | None = None
         metrics.set_state_source(self.gauge_rows)
 
     def _on_pin(self, pin: Pin) -> None:
@@ -97,12 +104,33 @@ class ProxyService:
             self.shared = None
             self.pool.on_change = None
             self.checker.claim = None
+        self.limiter.worker = worker
+        self.shared_limits = SharedLimits(self.limiter, prefix) if url else None
+        if not url:
+            self.limiter.apply_view({}, 1, {})  # one worker: no shares
         if url:
             shared = SharedState(self.pool, self.pins, url, prefix, worker, self._mark_dirty)
             self.shared = shared
             self.pool.on_change = shared.key_changed
             self.checker.claim = shared.claim_check
             shared.start()
+
+    def _limits_of(self, client: str) -> ClientLimits | None:
+        """The current config's limits of a client (after reloads too); None: a caller that is
+        no configured client (nor the loopback mode's `local`), not counted."""
+        spec = self._clients.get(client)
+        if spec is not None:
+            return spec.limits
+        return NO_LIMITS if client == "local" and not self._clients else None
+
+    async def share_limits(self) -> None:
+        """Housekeeping: publish this worker's client counts, take the other workers'."""
+        if self.shared_limits is None:
+            return
+        shared = self.shared
+        redis = shared.client() if shared is not None else None
+        limits = {c.name: c.limits for c in self.config.clients}
+        await self.shared_limits.tick(redis, limits)
 
     def _mark_dirty(self) -> None:
         self.state_dirty = True
@@ -142,6 +170,7 @@ class ProxyService:
         self.config = config
         self.gate.clients = {digest(c.token): c.name for c in config.clients}
         self.groups = {c.name: c.group_name for c in config.clients}
+        self._clients = {c.name: c for c in config.clients}
         self._projects = {k.name: k.project for k in config.keys}
         self._apply_egress(config)
         self._apply_cache(config.cache)
@@ -216,6 +245,11 @@ class ProxyService:
         self.pool.restore(keys, cooldowns, now)
         self.pins.restore(store.load_pins(now), now)
         self._restore_answers(store)
+        day = pacific_day(now)
+        for client, u in store.load_client_usage(day).items():
+            # this worker's own count of today: what it admitted (refused ones held no slot)
+            tokens = u["tokens_in"] + u["tokens_out"]
+            self.limiter.seed(client, day, u["requests"] - u["limited"], tokens)
         store.start()
         fingerprints = {s.spec.fingerprint for s in self.pool.keys.values()}
         restored = [n for n, s in keys.items() if s.get("fingerprint") in fingerprints]
@@ -256,14 +290,18 @@ class ProxyService:
         if rec.finished:
             return
         rec.finished = True
+        self.limiter.release(rec.request_id, (rec.tap.tokens_in or 0) + (rec.tap.tokens_out or 0))
         model = self.models.label(rec.model, 200 <= rec.status < 300 and rec.key is not None)
-        accounting.count(rec, model)
+        client = accounting.client_label(rec.client, self._clients)
+        accounting.count(rec, model, client)
         if rec.attempts:
             self.state_dirty = True
         log_request(rec, self.settings.log_json)
         if self.store is not None:
             self.store.record(
-                accounting.outcome_row(rec), accounting.usage_deltas(rec, self._projects, model)
+                accounting.outcome_row(rec),
+                accounting.usage_deltas(rec, self._projects, model),
+                accounting.client_delta(rec, client, model),
             )
 
     # --- views
@@ -295,6 +333,19 @@ class ProxyService:
         except Exception as e:  # the admin view must not fail because of the database
             log.warning("gemini-proxy: cannot read usage: %s", e)
             return {}
+
+    def clients_today(self) -> dict[str, Any]:
+        """This worker's accounting per client today, from SQLite (call from a worker thread)."""
+        if self.store is None:
+            return {}
+        try:
+            return self.store.client_usage(pacific_day(time.time()))
+        except Exception as e:  # the admin view must not fail because of the database
+            log.warning("gemini-proxy: cannot read usage per client: %s", e)
+            return {}
+
+    def describe_clients(self, accounting: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        return describe_clients(self.config, self.limiter, accounting or {})
 
     def describe_keys(self, usage: dict[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:
         now = time.time()

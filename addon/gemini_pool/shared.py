@@ -125,6 +125,10 @@ class SharedState:
         except asyncio.QueueFull:
             self._overflow = True  # written in full at the next resync
 
+    def client(self) -> aioredis.Redis | None:
+        """The connection while Redis is up (client limits share counts on it), else None."""
+        return self._redis if self.up else None
+
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:

@@ -31,7 +31,7 @@ from .statecheck import check_state
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 RETIRED_TTL = 7 * 86400  # rows of keys no longer configured are kept this long
 MAINTENANCE_INTERVAL = 2.0  # seconds between WAL checkpoints
 PRUNE_INTERVAL = 60.0
@@ -76,6 +76,15 @@ MIGRATIONS: dict[int, list[str]] = {
             content_type TEXT NOT NULL, body BLOB NOT NULL, stored REAL NOT NULL,
             expires REAL NOT NULL)""",
         "CREATE INDEX answer_cache_expires ON answer_cache (expires)",
+    ],
+    4: [
+        # accounting per client (a configured client's name, `local` or `unknown`), model label
+        # and Pacific day; `limited`: requests refused by the client's limits
+        """CREATE TABLE client_usage (
+            day TEXT NOT NULL, client TEXT NOT NULL, model TEXT NOT NULL,
+            requests INTEGER NOT NULL DEFAULT 0, limited INTEGER NOT NULL DEFAULT 0,
+            tokens_in INTEGER NOT NULL DEFAULT 0, tokens_out INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, client, model))""",
     ],
 }
 
@@ -165,6 +174,17 @@ def _write_answers(conn: sqlite3.Connection, changes: list[Entry | str | None]) 
                 " stored, expires) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (e.key, e.group, e.status, e.content_type, e.body, e.stored, e.expires),
             )
+
+
+@dataclass
+class ClientDelta:
+    day: str
+    client: str
+    model: str
+    requests: int = 0
+    limited: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
 
 
 def _locked(e: Exception) -> bool:
@@ -285,6 +305,10 @@ class Store:
             )
         ]
 
+    def load_client_usage(self, day: str) -> dict[str, Any]:
+        """Accounting per client of `day`, at start (on the writing connection)."""
+        return self.client_usage(day, self._conn)
+
     # --- queueing (costs a list append) and writing
     def start(self) -> None:
         """Start the maintenance thread: checkpoints and pruning, on its own connection."""
@@ -297,8 +321,10 @@ class Store:
     def queue_depth(self) -> int:
         return len(self._pending) + (self._snapshot is not None)
 
-    def record(self, row: OutcomeRow, usage: list[UsageDelta]) -> None:
-        self._pending.append(("outcome", (row, usage)))
+    def record(
+        self, row: OutcomeRow, usage: list[UsageDelta], client: ClientDelta | None = None
+    ) -> None:
+        self._pending.append(("outcome", (row, usage, client)))
 
     def save_state(self, keys: dict[str, dict[str, Any]], cooldowns: list[dict[str, Any]]) -> None:
         """Queue a snapshot: `keys` are the configured keys (name -> state with fingerprint).
@@ -444,7 +470,14 @@ class Store:
                 if kind == "pin":
                     pins[(arg.kind, arg.name)] = arg  # the newest of each pin wins
             usage: dict[tuple[str, str, str], list[Any]] = {}
-            for _row, deltas in outcomes:
+            per_client: dict[tuple[str, str, str], list[int]] = {}
+            for _row, deltas, cd in outcomes:
+                if cd is not None:
+                    acc_c = per_client.setdefault((cd.day, cd.client, cd.model), [0, 0, 0, 0])
+                    acc_c[0] += cd.requests
+                    acc_c[1] += cd.limited
+                    acc_c[2] += cd.tokens_in
+                    acc_c[3] += cd.tokens_out
                 for u in deltas:
                     acc = usage.setdefault((u.day, u.key, u.model), [u.project, 0, 0, 0, 0])
                     acc[1] += u.requests
@@ -474,7 +507,7 @@ class Store:
                         r.tokens_out,
                         r.proxy_reason,
                     )
-                    for r, _ in outcomes
+                    for r, _, _ in outcomes
                 ],
             )
             self._conn.executemany(
@@ -485,6 +518,15 @@ class Store:
                 " tokens_in = tokens_in + excluded.tokens_in,"
                 " tokens_out = tokens_out + excluded.tokens_out, project = excluded.project",
                 [(d, k, a[0], m, a[1], a[2], a[3], a[4]) for (d, k, m), a in usage.items()],
+            )
+            self._conn.executemany(
+                "INSERT INTO client_usage (day, client, model, requests, limited, tokens_in,"
+                " tokens_out) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, client, model)"
+                " DO UPDATE SET requests = requests + excluded.requests,"
+                " limited = limited + excluded.limited,"
+                " tokens_in = tokens_in + excluded.tokens_in,"
+                " tokens_out = tokens_out + excluded.tokens_out",
+                [(d, c, m, *a) for (d, c, m), a in per_client.items()],
             )
             if pins:
                 self._conn.executemany(
@@ -608,6 +650,29 @@ class Store:
             r["attempts"] = json.loads(r["attempts"])
             r["stream"] = bool(r["stream"])
         return rows
+
+    def client_usage(self, day: str, conn: sqlite3.Connection | None = None) -> dict[str, Any]:
+        """client -> {requests, limited, tokens_in, tokens_out, models: {model -> the same}}
+        on the Pacific `day` (a read-only connection of its own unless `conn` is given)."""
+        sql = (
+            "SELECT client, model, requests, limited, tokens_in, tokens_out FROM client_usage"
+            " WHERE day = ? ORDER BY client, model"
+        )
+        if conn is None:
+            rows = self.query(sql, (day,))
+        else:
+            names = ("client", "model", "requests", "limited", "tokens_in", "tokens_out")
+            rows = [dict(zip(names, r, strict=True)) for r in conn.execute(sql, (day,))]
+        out: dict[str, Any] = {}
+        for r in rows:
+            client, model = r.pop("client"), r.pop("model")
+            total = out.setdefault(
+                client, {"requests": 0, "limited": 0, "tokens_in": 0, "tokens_out": 0, "models": {}}
+            )
+            for k, v in r.items():
+                total[k] += v
+            total["models"][model] = r
+        return out
 
     def usage(self, day: str) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}

@@ -373,10 +373,17 @@ def test_mitmweb_shows_comments_and_never_a_key(fake: Fake, make_proxy: Any) -> 
         f"served by beta: 200 · first alpha: 429 per-minute quota {FLASH} #quota, "
         "Google said: You exceeded your current quota"
     )
-    assert comments[0].endswith("… · then beta: 200")
-    assert comments[1].startswith("served by beta: 200 · streamed ")
-    assert comments[1].endswith(" B, 3 events, tokens 5 in / 3 out, complete")
-    assert comments[2] == "served by beta: 200"
+    # last, the client's day so far (as each request was admitted)
+    notes = [c.rsplit(" · ", 1)[1] for c in comments]
+    assert [n.split(",")[0] for n in notes] == [
+        f"app: {n} request{'s' * (n > 1)}" for n in (1, 2, 3)
+    ]
+    assert all(n.endswith(" tokens today") for n in notes)
+    bare = [c.rsplit(" · ", 1)[0] for c in comments]
+    assert bare[0].endswith("… · then beta: 200")
+    assert bare[1].startswith("served by beta: 200 · streamed ")
+    assert bare[1].endswith(" B, 3 events, tokens 5 in / 3 out, complete")
+    assert bare[2] == "served by beta: 200"
     assert flows[0]["marked"] == "🔁"  # mitmweb renders the :repeat: mark as its emoji
     assert flows[2]["request"]["path"] == "/v1beta/openai/chat/completions"
     assert flows[1]["request"]["host"] == "127.0.0.1" and flows[1]["request"]["port"] == fake.port

@@ -14,6 +14,7 @@ from gemini_pool.store import (
     MIGRATIONS,
     RETIRED_TTL,
     SCHEMA_VERSION,
+    ClientDelta,
     OutcomeRow,
     Store,
     StoreError,
@@ -281,12 +282,35 @@ def test_a_v1_database_upgrades_in_place_and_keeps_its_rows(tmp_path: Path) -> N
     assert s.usage("2026-11-29")["a"]["requests"] == 3
     assert s.load_pins(0.0) == []
     assert s.load_answers(0.0) == []  # version 3: the answer cache's table
+    assert s.load_client_usage("2026-11-29") == {}  # version 4: accounting per client
     s.save_pin(Pin(KIND_RESOURCE, "files/f", "p", "", 100.0))
     s.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert db.execute("SELECT name, retired FROM key_state").fetchall() == [("a", None)]
+        assert db.execute("SELECT COUNT(*) FROM client_usage").fetchone()[0] == 0
     db.close()
+
+
+def test_usage_per_client_model_and_day_adds_up_in_one_row_each(tmp_path: Path) -> None:
+    s = Store(str(tmp_path / "c.db"))
+    day = "2026-12-07"
+    s.record(row(time.time(), "r1"), [], ClientDelta(day, "alice", "m1", 1, 0, 10, 5))
+    s.record(row(time.time(), "r2"), [], ClientDelta(day, "alice", "m1", 1, 1, 0, 0))
+    s.record(row(time.time(), "r3"), [], ClientDelta(day, "alice", "m2", 1, 0, 3, 4))
+    s.record(row(time.time(), "r4"), [], ClientDelta("2026-12-06", "bob", "m1", 1, 0, 1, 1))
+    s.record(row(time.time(), "r5"), [])
+    assert s.write_pending()
+    s.record(row(time.time(), "r6"), [], ClientDelta(day, "alice", "m1", 1, 0, 1, 1))
+    s.close()
+    s = Store(str(tmp_path / "c.db"))  # after a restart
+    usage = s.load_client_usage(day)
+    assert set(usage) == {"alice"}
+    a = usage["alice"]
+    assert (a["requests"], a["limited"], a["tokens_in"], a["tokens_out"]) == (4, 1, 14, 10)
+    assert a["models"]["m1"] == {"requests": 3, "limited": 1, "tokens_in": 11, "tokens_out": 6}
+    assert s.client_usage("2026-12-06")["bob"]["requests"] == 1
+    s.close()
 
 
 def test_pins_survive_a_restart_and_expire(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.hooks import UpdateHook
 
+from ..clients_view import client_line
 from ..comments import comment, mark, metadata
 from ..records import RequestRecord
 from ..runtime import Runtime
@@ -72,6 +73,12 @@ class Console:
         for line in lines:  # mitmweb's command bar shows the list as one JSON line
             log.info("gemini.keys: %s", line)
         return lines
+
+    @command.command("gemini.clients")
+    def clients_cmd(self) -> Sequence[str]:
+        """Every client, one line each: usage today (requests, tokens, in flight) and limits."""
+        service = self.rt.service
+        return [client_line(c) for c in service.describe_clients(service.clients_today())]
 
     def _operate(self, name: str, action: str) -> str:
         before = next((k for k in self.rt.service.describe_keys() if k["name"] == name), None)
