@@ -321,6 +321,9 @@ def describe(limits: ClientLimits) -> dict[str, object]:
     return out
 
 
+LOCAL = "local"  # the loopback mode's one caller (no `clients:` in the key file)
+
+
 class ClientLimitCheck:
     """The pipeline's step-4 check: the caller's limits from the current config (reloads too)."""
 
@@ -338,7 +341,8 @@ class ClientLimitCheck:
         if limits is None:
             return None
         refusal = self.limiter.check(client, limits, route.model, rec.request_id)
-        rec.usage_note = usage_note(client, self.limiter.usage(client))
+        if client != LOCAL:  # one owner (no clients:): the note would only repeat the pool's count
+            rec.usage_note = usage_note(client, self.limiter.usage(client))
         if refusal is None:
             return None
         return ProxyAnswer(refusal.status, refusal.message, refusal.reason, refusal.retry_after)

@@ -150,7 +150,7 @@ def test_accounting_per_client_in_sqlite_metrics_and_admin_survives_a_restart(
     assert "client=alice" in p.logs()
     p.restart()
     with open(p.dump, "rb") as f:  # mitmweb's comment: the client's day so far
-        notes = [fl.comment.splitlines()[-1] for fl in io.FlowReader(f).stream()]
+        notes = [fl.comment.rsplit(" · ", 1)[-1] for fl in io.FlowReader(f).stream()]
     assert re.fullmatch(r"alice: 2 requests, [1-9]\d* tokens today", notes[1]), notes
     assert notes[0] == "alice: 1 request, 0 tokens today" and notes[2].startswith("bob: 1 request")
     after = clients(p)
@@ -219,7 +219,19 @@ def test_two_workers_hold_a_shared_limit_and_their_local_share_while_redis_is_aw
         admitted = statuses.count(200)
         print(f"2 workers, rpm 50: {admitted} admitted of 150")
         assert set(statuses) <= {200, 429}
-        assert 40 <= admitted <= 52, admitted  # within a few per cent over 50
+        assert admitted <= 52, admitted  # within a few per cent over 50
+        # a burst may leave room unused while the shares follow the demand; within the same
+        # minute the room comes back (awaited, not timed: nothing here depends on speed)
+        extra: list[int] = []
+        wait_for(
+            lambda: (
+                (extra.extend(run_alternating([w1, w2], ALICE, 2)), admitted + extra.count(200))[1]
+                >= 48
+            ),
+            timeout=20,
+        )
+        admitted += extra.count(200)
+        assert 48 <= admitted <= 52, admitted
         assert len(fake.log()) == admitted
         # bob: a few through both, then Redis dies: each worker keeps to half of bob's 20
         assert run_alternating([w1, w2], BOB, 6) == [200] * 6
