@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .budgets import Budgets, Spend
 from .classify import Outcome, Verdict, classify, decode_body, network_verdict
 from .config import KeySpec
 from .routing import Api, Route
@@ -37,6 +38,7 @@ class ProxyRequest:
     headers: list[tuple[str, str]]  # client credentials already removed
     body: bytes
     project: str | None = None  # pinned: the resource belongs to this project
+    tokens: int | None = None  # spends per-model quota: its estimated input tokens (budgets)
 
 
 # what a failed attempt says, in words a person searching mitmweb's comments types
@@ -81,6 +83,7 @@ class Result:
     reason: str = ""
     retry_after: float | None = None
     waited: float = 0.0
+    spend: Spend | None = None  # what the last attempt was charged to (budgets)
 
     @property
     def proxy_made(self) -> bool:
@@ -104,6 +107,8 @@ class Dispatcher:
         self.policy = policy
         self.clock = clock
         self.on_wait = on_wait or (lambda delta: None)
+        self.budgets: Budgets | None = None  # counts attempts that spend quota
+        self.on_learn: Callable[[list[str]], None] = lambda said: None
 
     async def dispatch(self, req: ProxyRequest) -> Result:
         route = req.route
@@ -116,7 +121,9 @@ class Dispatcher:
         served = 0  # attempts that count toward max_attempts
         while served < self.policy.max_attempts and len(result.attempts) < self.policy.ceiling:
             now = self.clock()
-            pick = self.pool.select(model, now, exclude=tried, project=req.project)
+            pick = self.pool.select(
+                model, now, exclude=tried, project=req.project, tokens=req.tokens
+            )
             if isinstance(pick, NoKey):
                 if last is not None and last[1].outcome is Outcome.WRONG_PROJECT:
                     result.answer, result.key = last[0], last[2]  # no project owns it: Google's 403
@@ -139,12 +146,33 @@ class Dispatcher:
                 continue
             key = pick.key
             tried.add(key.name)
+            budgets = self.budgets if req.tokens is not None else None
+            if budgets is not None:
+                result.spend = budgets.charge(key.project, model, req.tokens or 0, now)
             answer, verdict, seconds = await self._attempt(req, key, deadline - now)
+            oversized = False
+            if budgets is not None and answer is not None and answer.status == 429:
+                self.on_learn(budgets.learn(key.project, model, answer.body, self.clock()))
+                # the limit Google just named is below this one request: the project is not
+                # spent, the request is too large; it must not cool the pool project by project
+                oversized = verdict.outcome is Outcome.QUOTA_MINUTE and math.isinf(
+                    budgets.ready_at(key.project, model, req.tokens or 0, self.clock())
+                )
+            if oversized:
+                verdict = Verdict(Outcome.CALLER_ERROR, "429 request over the token budget")
             self.pool.record(key.name, model, verdict, self.clock())
             result.attempts.append(
                 Attempt(key.name, answer.status if answer else None, verdict, seconds)
             )
             last = (answer, verdict, key)
+            if oversized:
+                result.status, result.reason = 413, "over_token_budget"
+                result.message = (
+                    f"the request's ~{req.tokens} input tokens exceed project {key.project}'s"
+                    f" per-minute input token limit for {model} (learned from Google's 429)"
+                    + _tried(result)
+                )
+                return result
             if answer is not None and not verdict.retry:
                 result.answer, result.key = answer, key
                 return result
@@ -198,7 +226,10 @@ class Dispatcher:
         if last is not None and last[0] is not None and last[1].outcome is Outcome.TRANSIENT:
             result.answer, result.key = last[0], last[2]  # Google's own 5xx says it best
             return result
-        if nokey.all_disabled:
+        if nokey.too_large:
+            result.status, result.reason = 413, "over_token_budget"
+            result.retry_after = None
+        elif nokey.all_disabled:
             result.status, result.reason = 503, "no_usable_key"
             result.retry_after = None
         else:
@@ -222,7 +253,7 @@ class Dispatcher:
         if answer is not None and verdict.outcome is Outcome.TRANSIENT:
             result.answer, result.key = answer, key
             return result
-        nokey = self.pool.peek(req.route.model_or_default, self.clock(), req.project)
+        nokey = self.pool.peek(req.route.model_or_default, self.clock(), req.project, req.tokens)
         if nokey is not None and verdict.outcome is not Outcome.NETWORK:
             return self._no_key(result, nokey, last, self.clock())  # e.g. every key now cooling
         if verdict.outcome is Outcome.NETWORK:

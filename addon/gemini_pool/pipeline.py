@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from .budgets import counted, estimate_tokens
 from .codings import decoded
 from .dispatch import ProxyRequest
 from .gate import Admit
@@ -140,12 +141,15 @@ class Pipeline:
             refusal = check(req, r, rec)
             if refusal is not None:
                 return refusal
-        # 5. dispatch
+        # 5. dispatch (a request that spends quota is counted against its project's budget)
+        tokens = (
+            estimate_tokens(req.body) if counted(req.method, r.method, r.path, r.model) else None
+        )
         proxy_req = ProxyRequest(
-            req.method, admit.upstream.base, r, list(req.headers), req.body, project
+            req.method, admit.upstream.base, r, list(req.headers), req.body, project, tokens
         )
         result = await service.dispatcher.dispatch(proxy_req)
-        rec.attempts, rec.waited = result.attempts, result.waited
+        rec.attempts, rec.waited, rec.spend = result.attempts, result.waited, result.spend
         if result.proxy_made:
             return ProxyAnswer(result.status, result.message, result.reason, result.retry_after)
         answer, key = result.answer, result.key

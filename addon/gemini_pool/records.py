@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .budgets import Spend
 from .classify import Outcome
 from .dispatch import Attempt
 from .gate import Admit
@@ -52,6 +53,7 @@ class RequestRecord:
     relay_ticket: str | None = None
     detour: Detour | None = None  # set while the flow points at the relay
     waited: float = 0.0
+    spend: Spend | None = None  # the budget the served (or last) attempt was charged to
     finished: bool = False
     ended: bool = False  # the answer is complete (or failed): the flow's last hook ran
     final_comment: str | None = None  # the comment once the flow ended (the log line reuses it)

@@ -14,6 +14,7 @@ from typing import Any
 from . import accounting, metrics
 from .access_log import log_request
 from .breaker import BreakerState
+from .budgets import KINDS, Budgets, Learned
 from .classify import pacific_day
 from .config import EMPTY, Config, ConfigError, load_config
 from .dispatch import Dispatcher, DispatchPolicy
@@ -55,6 +56,7 @@ class ProxyService:
     inflight: int = 0
     gate: Gate = field(default_factory=Gate)
     models: metrics.ModelLabels = field(default_factory=metrics.ModelLabels)
+    budgets: Budgets = field(default_factory=Budgets)
     _db_errors_seen: int = 0
     _projects: dict[str, str] = field(default_factory=dict)  # key name -> project
 
@@ -67,6 +69,46 @@ class ProxyService:
         self.shared: SharedState | None = None
         self.pins.on_pin = self._on_pin
         metrics.set_state_source(self.gauge_rows)
+        self.pool.budgets = self.dispatcher.budgets = self.budgets
+        self.dispatcher.on_learn = self._said_learned
+        self.budgets.on_learn = self._on_learn
+        metrics.set_budget_source(self.budget_rows)
+
+    # --- budgets (budgets.py): learned limits are persisted and shared
+
+    @staticmethod
+    def _said_learned(said: list[str]) -> None:
+        for line in said:
+            log.info("gemini-proxy: %s", line)
+
+    def _on_learn(self, project: str, model: str, kind: str, learned: Learned) -> None:
+        if self.store is not None:
+            self.store.save_learned(project, model, kind, learned.value, learned.at)
+        if self.shared is not None:
+            self.shared.limit_learned(project, model, kind, learned.value, learned.at)
+
+    def describe_budgets(self) -> list[dict[str, Any]]:
+        return self.budgets.describe(time.time(), [p.name for p in self.config.projects])
+
+    def budget_rows(self) -> list[tuple[str, str, str, float]]:
+        """Budget left per project x model x kind, for the gauges: bounded labels only (the
+        projects of configured keys, models that answered 2xx or are named in `projects:`)."""
+        now = time.time()
+        projects = sorted({k.project for k in self.config.keys})
+        models = set(self.models.known) | {
+            m.pattern
+            for p in self.config.projects
+            for m in p.limits
+            if "*" not in m.pattern and "?" not in m.pattern
+        }
+        rows = []
+        for project in projects:
+            for model in sorted(models):
+                for kind in KINDS:
+                    left = self.budgets.left(project, model, kind, now)
+                    if left is not None:
+                        rows.append((project, model, kind, left))
+        return rows
 
     def _on_pin(self, pin: Pin) -> None:
         if self.store is not None:
@@ -94,6 +136,7 @@ class ProxyService:
             shared = SharedState(self.pool, self.pins, url, prefix, worker, self._mark_dirty)
             self.shared = shared
             self.pool.on_change = shared.key_changed
+            shared.budgets = self.budgets
             self.checker.claim = shared.claim_check
             shared.start()
 
@@ -132,6 +175,7 @@ class ProxyService:
     def apply_config(self, config: Config) -> None:
         before = set(self.pool.keys)
         self.pool.apply_config(config)
+        self.budgets.configure(config.projects)
         self.config = config
         self.gate.clients = {digest(c.token): c.name for c in config.clients}
         self._projects = {k.name: k.project for k in config.keys}
@@ -165,6 +209,7 @@ class ProxyService:
         keys, cooldowns = store.load_state()
         self.pool.restore(keys, cooldowns, now)
         self.pins.restore(store.load_pins(now), now)
+        self.budgets.restore_learned(store.load_learned())
         store.start()
         fingerprints = {s.spec.fingerprint for s in self.pool.keys.values()}
         restored = [n for n, s in keys.items() if s.get("fingerprint") in fingerprints]
@@ -205,6 +250,8 @@ class ProxyService:
         if rec.finished:
             return
         rec.finished = True
+        if rec.spend is not None and rec.key is not None:
+            self.budgets.correct(rec.spend, rec.tap.tokens_in, time.time())
         model = self.models.label(rec.model, 200 <= rec.status < 300 and rec.key is not None)
         accounting.count(rec, model)
         if rec.attempts:

@@ -2,7 +2,8 @@
 
 What one worker learns, every worker knows within milliseconds: dead and suspect marks with their
 reasons and operator overrides (by key fingerprint), breaker trips, cooldowns per project x model,
-and project pins (files, cached contents, batches, upload sessions). Selection never waits on
+project pins (files, cached contents, batches, upload sessions), and budget limits learned from
+Google's 429s (per project x model x kind; the newer wins). Selection never waits on
 Redis: each worker decides from its local state; changes are queued, written and published by a
 background task, and other workers apply what they hear. Two locks make work happen once across
 the pool: the half-open probe of a breaker, and the no-quota check of a key that answered dead.
@@ -14,7 +15,8 @@ overrides: the newer change, so a dead mark stays until someone enables the key)
 everything they know (a Redis restarted empty gets the whole state again).
 
 Layout (every key under `prefix:`): hashes `marks` and `breakers` (field: key fingerprint),
-`cooldowns` (field: project, model), `pins` (field: kind, name); channel `events`; locks
+`cooldowns` (field: project, model), `pins` (field: kind, name), `limits` (field: project, model,
+kind); channel `events`; locks
 `probe:<fingerprint>` and `check:<fingerprint>` (SET NX PX). Never a secret: fingerprints, names.
 """
 
@@ -33,6 +35,7 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import metrics
+from .budgets import Budgets
 from .pins import Pin, ResourcePins
 from .selector import KeyPool, KeyState
 
@@ -56,7 +59,7 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
-_ORDER = {"marks": "t", "breakers": "t", "cooldowns": "until", "pins": "expires"}
+_ORDER = {"marks": "t", "breakers": "t", "cooldowns": "until", "pins": "expires", "limits": "at"}
 # marks merge field-wise (selector.merge_marks): the newer change wins, but a dead mark stays
 # until the key was revived after it
 _MERGE_MARKS = """
@@ -113,6 +116,7 @@ class SharedState:
         self._redis: aioredis.Redis | None = None
         self._release: Any = None
         self._merge_marks: Any = None
+        self.budgets: Budgets | None = None  # learned limits are shared when set
 
     # ------------------------------------------------------------------ hooks from the pool
 
@@ -135,6 +139,9 @@ class SharedState:
             f"{pin.kind}{SEP}{pin.name}",
             {"owner": pin.owner, "path": pin.path, "expires": pin.expires},
         )
+
+    def limit_learned(self, project: str, model: str, kind: str, value: int, at: float) -> None:
+        self._put("limits", SEP.join((project, model, kind)), {"value": value, "at": at})
 
     def _put(self, table: str, field: str, value: dict[str, Any] | None) -> None:
         try:
@@ -248,6 +255,10 @@ class SharedState:
                     {"owner": pin.owner, "path": pin.path, "expires": pin.expires},
                 )
             )
+        if self.budgets is not None:
+            for r in self.budgets.learned_rows():
+                field = SEP.join((r["project"], r["model"], r["kind"]))
+                items.append(("limits", field, {"value": r["value"], "at": r["at"]}))
         await self._flush(merge, items, publish=True)
         self.on_change()
 
@@ -316,6 +327,10 @@ class SharedState:
             return until > now and self.pool.apply_cooldown(
                 project, model, until, str(value["reason"])
             )
+        if table == "limits" and value is not None and self.budgets is not None:
+            project, model, kind = field.split(SEP, 2)
+            row = {"project": project, "model": model, "kind": kind, **value}
+            return self.budgets.restore_learned([row]) > 0
         if table == "pins" and value is not None:
             kind, _, name = field.partition(SEP)
             pin = Pin(

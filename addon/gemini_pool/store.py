@@ -29,7 +29,7 @@ from .pins import Pin
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RETIRED_TTL = 7 * 86400  # rows of keys no longer configured are kept this long
 MAINTENANCE_INTERVAL = 2.0  # seconds between WAL checkpoints
 PRUNE_INTERVAL = 60.0
@@ -66,6 +66,12 @@ MIGRATIONS: dict[int, list[str]] = {
             kind TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL, path TEXT NOT NULL,
             expires REAL NOT NULL, PRIMARY KEY (kind, name))""",
         "CREATE INDEX pins_expires ON pins (expires)",
+    ],
+    3: [
+        # limits Google named in its 429s (budgets.py): kind rpm | tpm | rpd, learned at `at`
+        """CREATE TABLE learned_limits (
+            project TEXT NOT NULL, model TEXT NOT NULL, kind TEXT NOT NULL, value INTEGER NOT NULL,
+            at REAL NOT NULL, PRIMARY KEY (project, model, kind))""",
     ],
 }
 
@@ -246,6 +252,15 @@ class Store:
             )
         ]
 
+    def load_learned(self) -> list[dict[str, Any]]:
+        """The limits learned from Google's 429s (budgets.Budgets.restore_learned)."""
+        return [
+            {"project": p, "model": m, "kind": k, "value": v, "at": at}
+            for p, m, k, v, at in self._conn.execute(
+                "SELECT project, model, kind, value, at FROM learned_limits"
+            )
+        ]
+
     # --- queueing (costs a list append) and writing
     def start(self) -> None:
         """Start the maintenance thread: checkpoints and pruning, on its own connection."""
@@ -278,6 +293,10 @@ class Store:
     def save_pin(self, pin: Pin) -> None:
         """Queue one pin (added, changed, or ended with an expiry in the past)."""
         self._pending.append(("pin", pin))
+
+    def save_learned(self, project: str, model: str, kind: str, value: int, at: float) -> None:
+        """Queue one learned limit (the newest per project, model and kind is kept)."""
+        self._pending.append(("learned", (project, model, kind, value, at)))
 
     def write_pending(self, wait: float = 0.0) -> bool:
         """Commit everything queued, in one transaction. Waits at most `wait` seconds for a lock
@@ -432,6 +451,14 @@ class Store:
                     " ON CONFLICT (kind, name) DO UPDATE SET owner = excluded.owner,"
                     " path = excluded.path, expires = excluded.expires",
                     [(p.kind, p.name, p.owner, p.path, p.expires) for p in pins.values()],
+                )
+            learned = [arg for kind, arg in items if kind == "learned"]
+            if learned:
+                self._conn.executemany(
+                    "INSERT INTO learned_limits (project, model, kind, value, at)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (project, model, kind) DO UPDATE SET"
+                    " value = excluded.value, at = excluded.at WHERE excluded.at >= at",
+                    learned,
                 )
             if snapshot is not None:
                 self._write_snapshot(snapshot)

@@ -254,9 +254,32 @@ def test_a_v1_database_upgrades_in_place_and_keeps_its_rows(tmp_path: Path) -> N
     s.save_pin(Pin(KIND_RESOURCE, "files/f", "p", "", 100.0))
     s.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert db.execute("SELECT name, retired FROM key_state").fetchall() == [("a", None)]
+        assert db.execute("SELECT * FROM learned_limits").fetchall() == []
     db.close()
+
+
+def test_a_v2_database_gains_learned_limits_which_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    with sqlite3.connect(path) as db:
+        for stmt in MIGRATIONS[1] + MIGRATIONS[2]:
+            db.execute(stmt)
+        db.execute("INSERT INTO cooldowns VALUES ('p', 'm', 9e9, 'minute quota')")
+        db.execute("PRAGMA user_version=2")
+    db.close()
+    s = Store(str(path))
+    assert s.load_state()[1][0]["project"] == "p"  # kept through the upgrade
+    assert s.load_learned() == []
+    s.save_learned("proj-a", "gemini-2.5-flash", "rpd", 20, 100.0)
+    s.save_learned("proj-a", "gemini-2.5-flash", "rpd", 25, 200.0)
+    s.save_learned("proj-a", "gemini-2.5-flash", "rpd", 30, 150.0)  # older: loses
+    s.close()
+    s = Store(str(path))
+    assert s.load_learned() == [
+        {"project": "proj-a", "model": "gemini-2.5-flash", "kind": "rpd", "value": 25, "at": 200.0}
+    ]
+    s.close()
 
 
 def test_pins_survive_a_restart_and_expire(tmp_path: Path) -> None:
