@@ -54,6 +54,7 @@ class AdminServer:
         r.add_post("/admin/reload", self.reload)
         r.add_get("/admin/health", self.health)
         r.add_get("/admin/rotation", self.rotation)
+        r.add_get("/admin/budgets", self.budgets)
         r.add_get("/admin/requests", self.requests)
         r.add_get("/admin/state", self.state_export)
         r.add_post("/admin/state", self.state_import)
@@ -171,6 +172,9 @@ class AdminServer:
 
     async def rotation(self, request: web.Request) -> web.Response:
         return web.json_response(self.service.rotation())
+
+    async def budgets(self, request: web.Request) -> web.Response:
+        return web.json_response({"budgets": self.service.describe_budgets()})
 
     async def requests(self, request: web.Request) -> web.Response:
         store = self.service.store

@@ -123,6 +123,13 @@ class Spend:
     day: str
     day_count: int  # the day's requests, this one included
     estimate: int
+    rpd: int | None = None  # the day's limit when charged
+
+    @property
+    def note(self) -> str:
+        """What a request spent, for its comment: "proj-a gemini-2.5-flash 17/20 today"."""
+        of = f"/{self.rpd}" if self.rpd is not None else ""
+        return f"{self.project} {self.model} {self.day_count}{of} today"
 
 
 class Budgets:
@@ -212,7 +219,10 @@ class Budgets:
         u.window_tokens += tokens
         u.day_requests += 1
         u.day_tokens += tokens
-        return Spend(project, model, entry, u.day, u.day_requests, tokens)
+        rpd = self.limits(project, model).get("rpd")
+        return Spend(
+            project, model, entry, u.day, u.day_requests, tokens, rpd.value if rpd else None
+        )
 
     def correct(self, spend: Spend, tokens_in: int | None, now: float) -> None:
         """Google said how many input tokens the served attempt had: replace the estimate."""
@@ -290,12 +300,6 @@ class Budgets:
         return None
 
     # --- views
-
-    def note(self, spend: Spend) -> str:
-        """What a request spent, for its comment: "proj-a gemini-2.5-flash 17/20 today"."""
-        rpd = self.limits(spend.project, spend.model).get("rpd")
-        of = f"/{rpd.value}" if rpd is not None else ""
-        return f"{spend.project} {spend.model} {spend.day_count}{of} today"
 
     def describe(self, now: float, projects: Iterable[str] = ()) -> list[dict[str, Any]]:
         """Per project x model with a limit or a count: limits with their source, used, left,

@@ -169,7 +169,7 @@ def test_days_end_at_pacific_midnight_dst_days_too(day: tuple[int, int, int]) ->
     assert hours == {8: 23, 1: 25}.get(d, 24)
     spend = b.charge("proj-a", FLASH, 1, end)
     assert spend.day == f"{y}-{m:02d}-{d + 1:02d}" and spend.day_count == 1
-    assert b.note(spend) == f"proj-a {FLASH} 1/2 today"
+    assert spend.note == f"proj-a {FLASH} 1/2 today"
 
 
 @settings(max_examples=60, deadline=None)
