@@ -19,6 +19,8 @@ from .routing import Api, Route
 from .selector import KeyPool, NoKey
 from .upstream import UpstreamAnswer, UpstreamClient, UpstreamError
 
+MAX_OVERSIZED = 2  # projects that may find a request over their token limit before it is refused
+
 
 @dataclass(frozen=True)
 class DispatchPolicy:
@@ -119,6 +121,7 @@ class Dispatcher:
         tried: set[str] = set()
         last: tuple[UpstreamAnswer | None, Verdict, KeySpec] | None = None
         served = 0  # attempts that count toward max_attempts
+        too_large = 0  # Google's 429s naming a minute token limit below this request's size
         while served < self.policy.max_attempts and len(result.attempts) < self.policy.ceiling:
             now = self.clock()
             pick = self.pool.select(
@@ -152,6 +155,8 @@ class Dispatcher:
             answer, verdict, seconds = await self._attempt(req, key, deadline - now)
             oversized = False
             if budgets is not None and answer is not None and answer.status == 429:
+                if result.spend is not None:  # Google counts no tokens of a refused request
+                    budgets.correct(result.spend, 0, self.clock())
                 self.on_learn(budgets.learn(key.project, model, answer.body, self.clock()))
                 # the limit Google just named is below this one request: the project is not
                 # spent, the request is too large; it must not cool the pool project by project
@@ -165,11 +170,14 @@ class Dispatcher:
                 Attempt(key.name, answer.status if answer else None, verdict, seconds)
             )
             last = (answer, verdict, key)
-            if oversized:
+            if oversized:  # another project may take it, but it is not tried on the whole pool
+                too_large += 1
+                if too_large < MAX_OVERSIZED:
+                    continue
                 result.status, result.reason = 413, "over_token_budget"
                 result.message = (
-                    f"the request's ~{req.tokens} input tokens exceed project {key.project}'s"
-                    f" per-minute input token limit for {model} (learned from Google's 429)"
+                    f"the request's ~{req.tokens} input tokens exceed the per-minute input token"
+                    f" limit for {model} of {too_large} projects (learned from Google's 429s)"
                     + _tried(result)
                 )
                 return result
