@@ -124,6 +124,7 @@ class Spend:
     day_count: int  # the day's requests, this one included
     estimate: int
     rpd: int | None = None  # the day's limit when charged
+    limited: bool = False  # the project x model had a limit (configured or learned) when charged
 
     @property
     def note(self) -> str:
@@ -219,9 +220,17 @@ class Budgets:
         u.window_tokens += tokens
         u.day_requests += 1
         u.day_tokens += tokens
-        rpd = self.limits(project, model).get("rpd")
+        limits = self.limits(project, model)
+        rpd = limits.get("rpd")
         return Spend(
-            project, model, entry, u.day, u.day_requests, tokens, rpd.value if rpd else None
+            project,
+            model,
+            entry,
+            u.day,
+            u.day_requests,
+            tokens,
+            rpd.value if rpd else None,
+            bool(limits),
         )
 
     def correct(self, spend: Spend, tokens_in: int | None, now: float) -> None:

@@ -27,7 +27,7 @@ def comment(rec: RequestRecord) -> str:
         parts.append(stream_summary(rec))
     if rec.waited:
         parts.append(f"waited {rec.waited:.1f}s for a key")
-    if rec.spend is not None and rec.key is not None:
+    if rec.spend is not None and rec.spend.limited and rec.key is not None:
         parts.append(f"budget {rec.spend.note}")
     lines = [" · ".join(parts)]
     if rec.proxy_message:

@@ -309,13 +309,13 @@ class KeyPool:
                 if m in (model, "*") and c.until > now
             }
         )
-        if budget:
-            why = "; ".join(reasons + budget)
+        if budget and not reasons:
+            why = "; ".join(budget)
             return NoKey(
                 False, retry_at, f"every project is out of budget for {model} ({why})", True
             )
         if reasons:
-            why = "; ".join(reasons)
+            why = "; ".join(reasons + budget)
             return NoKey(
                 False, retry_at, f"every API key for {model} is cooling down ({why})", True
             )
