@@ -28,6 +28,7 @@ log = logging.getLogger("gemini_proxy")
 WINDOW = 61.0  # seconds: a rolling minute, plus a second for clock skew with Google
 BYTES_PER_TOKEN = 4  # the cheap estimate of input tokens, before the call
 KINDS = ("rpm", "tpm", "rpd")
+MAX_TRACKED = 10_000  # project x model counters kept (callers name models; Google refuses most)
 KIND_WORDS = {"rpm": "requests a minute", "tpm": "input tokens a minute", "rpd": "requests a day"}
 # native methods and OpenAI-compatible paths that spend generation quota (countTokens does not)
 COUNTED_METHODS = frozenset(
@@ -142,6 +143,7 @@ class Budgets:
         # told of a limit learned here (to persist and share it): (project, model, kind, Learned)
         self.on_learn: Callable[[str, str, str, Learned], None] | None = None
         self._limits: dict[tuple[str, str], dict[str, Limit]] = {}  # cache, cleared on change
+        self._pruned_at = -math.inf
 
     def configure(self, projects: Iterable[ProjectSpec]) -> None:
         self.projects = {p.name: p.limits for p in projects}
@@ -208,9 +210,21 @@ class Budgets:
     def _usage(self, project: str, model: str, now: float) -> Usage:
         u = self.usage.get((project, model))
         if u is None:
-            u = self.usage[(project, model)] = Usage()
+            if len(self.usage) >= MAX_TRACKED and now - self._pruned_at >= 1.0:
+                self._pruned_at = now
+                self._prune(now)
+            u = Usage()
+            if len(self.usage) < MAX_TRACKED:
+                self.usage[(project, model)] = u
         u.roll(now)
         return u
+
+    def _prune(self, now: float) -> None:
+        """Forget counters with nothing in their minute and no limit (made-up model names)."""
+        for pm, u in list(self.usage.items()):
+            u.roll(now)
+            if not u.window and not self.limits(*pm):
+                del self.usage[pm]
 
     def charge(self, project: str, model: str, tokens: int, now: float) -> Spend:
         """An attempt is about to be sent: count it."""

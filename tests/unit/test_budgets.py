@@ -284,3 +284,14 @@ def test_a_prompt_too_large_for_one_project_goes_elsewhere_or_is_refused() -> No
     assert isinstance(nokey, NoKey) and not nokey.too_large and nokey.retry_at == WINDOW
     nokey = p.select(FLASH, 1.0, tokens=6000)
     assert isinstance(nokey, NoKey) and nokey.too_large and nokey.all_disabled
+
+
+def test_counters_stay_bounded_whatever_models_callers_name() -> None:
+    from gemini_pool import budgets as mod
+
+    b = budgets(proj_a={"rpd": 5})
+    b.charge("proj-a", FLASH, 1, 0.0)
+    for i in range(mod.MAX_TRACKED + 50):
+        b.charge("proj-a", f"made-up-{i}", 1, 100.0 + i / 1000)
+    assert len(b.usage) <= mod.MAX_TRACKED
+    assert b.left("proj-a", FLASH, "rpd", 200.0) == 4  # the limited counter is kept
