@@ -175,6 +175,8 @@ class Budgets:
             learned = self.learned.get((project, model, kind))
             if learned is not None:
                 out[kind] = Limit(learned.value, "learned", learned.at)
+        if len(self._limits) >= MAX_TRACKED:
+            self._limits.clear()
         self._limits[(project, model)] = out
         return out
 
