@@ -228,6 +228,12 @@ class Budgets:
             if not u.window and not self.limits(*pm):
                 del self.usage[pm]
 
+    def seed_day(self, project: str, model: str, requests: int, tokens: int, now: float) -> None:
+        """What the database says this project x model spent today (a restart keeps the day)."""
+        u = self._usage(project, model, now)
+        u.day_requests = max(u.day_requests, requests)
+        u.day_tokens = max(u.day_tokens, tokens)
+
     def charge(self, project: str, model: str, tokens: int, now: float) -> Spend:
         """An attempt is about to be sent: count it."""
         u = self._usage(project, model, now)

@@ -210,6 +210,9 @@ class ProxyService:
         self.pool.restore(keys, cooldowns, now)
         self.pins.restore(store.load_pins(now), now)
         self.budgets.restore_learned(store.load_learned())
+        for project, model, requests, tokens in store.usage_by_model(pacific_day(now)):
+            if model not in ("*", "other"):  # metric labels of unknown models: not a model
+                self.budgets.seed_day(project, model, requests, tokens, now)
         store.start()
         fingerprints = {s.spec.fingerprint for s in self.pool.keys.values()}
         restored = [n for n, s in keys.items() if s.get("fingerprint") in fingerprints]

@@ -582,3 +582,14 @@ class Store:
         ):
             out[r.pop("key")] = r
         return out
+
+    def usage_by_model(self, day: str) -> list[tuple[str, str, int, int]]:
+        """(project, model, requests, input tokens) of `day`: the budgets' day counts at start."""
+        return [
+            (str(p), str(m), int(r or 0), int(t or 0))
+            for p, m, r, t in self._conn.execute(
+                "SELECT project, model, SUM(requests), SUM(tokens_in) FROM usage_daily"
+                " WHERE day = ? GROUP BY project, model",
+                (day,),
+            )
+        ]

@@ -112,6 +112,11 @@ def test_configured_budgets_are_spent_then_answered_by_the_proxy(
     assert seen[("proj-b", FLASH)]["limits"]["rpm"]["left"] == 49
     metrics = proxy.metrics()
     assert f'gemini_proxy_budget_left{{kind="rpd",model="{FLASH}",project="proj-a"}} 0.0' in metrics
+    # a restart keeps the day's counts (from SQLite): still spent, still nothing upstream
+    upstream = len(fake.log())
+    proxy.restart()
+    assert gen(proxy).status_code == 429
+    assert len(fake.log()) == upstream
     assert proxy.stop() == 0
     with proxy.dump.open("rb") as f:
         comments = [flow.comment for flow in io.FlowReader(f).stream()]
