@@ -142,6 +142,9 @@ class Budgets:
         self.models: set[str] = set()  # models seen (bounded by the caller's model labels)
         # told of a limit learned here (to persist and share it): (project, model, kind, Learned)
         self.on_learn: Callable[[str, str, str, Learned], None] | None = None
+        # told of each attempt charged to a limited project x model, and of each correction
+        # (other workers count them too): (project, model, sent at, tokens, tokens before)
+        self.on_spend: Callable[[str, str, float, int, int | None], None] | None = None
         self._limits: dict[tuple[str, str], dict[str, Limit]] = {}  # cache, cleared on change
         self._pruned_at = -math.inf
 
@@ -243,6 +246,8 @@ class Budgets:
         u.day_requests += 1
         u.day_tokens += tokens
         limits = self.limits(project, model)
+        if limits and self.on_spend is not None:
+            self.on_spend(project, model, now, tokens, None)
         rpd = limits.get("rpd")
         return Spend(
             project,
@@ -260,12 +265,42 @@ class Budgets:
         if tokens_in is None or tokens_in < 0:
             return
         u = self._usage(spend.project, spend.model, now)
-        delta = tokens_in - spend.entry[1]
+        before = int(spend.entry[1])
+        delta = tokens_in - before
         if any(e is spend.entry for e in reversed(u.window)):
             u.window_tokens += delta
         spend.entry[1] = float(tokens_in)
         if u.day == spend.day:
             u.day_tokens = max(0, u.day_tokens + int(delta))
+        if delta and spend.limited and self.on_spend is not None:
+            self.on_spend(spend.project, spend.model, spend.entry[0], tokens_in, before)
+
+    def spent_elsewhere(
+        self, project: str, model: str, at: float, tokens: int, before: int | None, now: float
+    ) -> bool:
+        """Another worker charged (`before` None) or corrected an attempt: count it here too."""
+        if at <= now - WINDOW and before is not None:
+            return False
+        u = self._usage(project, model, now)
+        w = u.window
+        if before is not None:  # a correction of an entry we hold
+            for e in reversed(w):
+                if e[0] == at and e[1] == before:
+                    e[1] = float(tokens)
+                    u.window_tokens += tokens - before
+                    u.day_tokens = max(0, u.day_tokens + tokens - before)
+                    return True
+            return False
+        if at > now - WINDOW:
+            i = len(w)
+            while i and w[i - 1][0] > at:  # the window stays in time order
+                i -= 1
+            w.insert(i, [at, float(tokens)])
+            u.window_tokens += tokens
+        if pacific_day(at) == u.day:
+            u.day_requests += 1
+            u.day_tokens += tokens
+        return True
 
     # --- what the selector asks
 

@@ -132,11 +132,13 @@ class ProxyService:
             self.shared = None
             self.pool.on_change = None
             self.checker.claim = None
+            self.budgets.on_spend = None
         if url:
             shared = SharedState(self.pool, self.pins, url, prefix, worker, self._mark_dirty)
             self.shared = shared
             self.pool.on_change = shared.key_changed
             shared.budgets = self.budgets
+            self.budgets.on_spend = shared.spent
             self.checker.claim = shared.claim_check
             shared.start()
 

@@ -143,6 +143,11 @@ class SharedState:
     def limit_learned(self, project: str, model: str, kind: str, value: int, at: float) -> None:
         self._put("limits", SEP.join((project, model, kind)), {"value": value, "at": at})
 
+    def spent(self, project: str, model: str, at: float, tokens: int, before: int | None) -> None:
+        """An attempt charged to a limited project x model (or its correction): published only,
+        never stored (counts are transient; each worker keeps its own)."""
+        self._put("spends", SEP.join((project, model)), {"at": at, "n": tokens, "b": before})
+
     def _put(self, table: str, field: str, value: dict[str, Any] | None) -> None:
         try:
             self._queue.put_nowait((table, field, value))
@@ -279,6 +284,8 @@ class SharedState:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             for table, field, value in items:
+                if table == "spends":
+                    continue
                 if value is None:
                     pipe.hdel(self._k(table), field)
                 else:
@@ -327,6 +334,14 @@ class SharedState:
             return until > now and self.pool.apply_cooldown(
                 project, model, until, str(value["reason"])
             )
+        if table == "spends" and value is not None and self.budgets is not None:
+            project, model = field.split(SEP, 1)
+            before = value.get("b")
+            before = None if before is None else int(before)
+            self.budgets.spent_elsewhere(
+                project, model, float(value["at"]), int(value["n"]), before, now
+            )
+            return False  # counts are not persisted
         if table == "limits" and value is not None and self.budgets is not None:
             project, model, kind = field.split(SEP, 2)
             row = {"project": project, "model": model, "kind": kind, **value}

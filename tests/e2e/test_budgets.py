@@ -8,6 +8,7 @@ prompt larger than every project's minute budget never reaches Google.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,6 +18,9 @@ import yaml
 from mitmproxy import io
 
 from ..conftest import Fake, Proxy, gen_body, key_entry, new_secret, wait_for
+from .test_workers import redis_server, shared_up
+
+__all__ = ["redis_server"]  # the fixture, used by name
 
 FLASH = "gemini-2.5-flash"
 PRO = "gemini-2.5-pro"
@@ -216,3 +220,41 @@ def test_a_prompt_too_large_for_a_project_goes_elsewhere_and_never_cools_the_poo
     for _ in range(2):
         assert gen(proxy).status_code == 200
     assert {k for k, _ in served(fake)[2:]} == {b}  # proj-b: the most headroom
+
+
+def test_two_workers_spend_one_budget_through_redis(
+    fake: Fake, make_proxy: Any, redis_server: Any
+) -> None:
+    a = new_secret()
+    fake.configure({a: "ok"}, projects={a: "proj-a"})
+    prefix = "t-" + secrets.token_hex(4)
+    made = []
+    for i in (1, 2):
+        w: Proxy = make_proxy(
+            [key_entry("a1", a, project="proj-a")],
+            start=False,
+            options={
+                "gemini_redis": redis_server.url,
+                "gemini_redis_prefix": prefix,
+                "gemini_worker": f"w{i}",
+            },
+        )
+        doc = yaml.safe_load(w.keys_file.read_text())
+        doc["projects"] = [{"name": "proj-a", "limits": {FLASH: {"rpd": 3}}}]
+        w.keys_file.write_text(yaml.safe_dump(doc))
+        made.append(w.start())
+    w1, w2 = made
+    wait_for(lambda: all(shared_up(w) for w in made))
+    for _ in range(2):
+        assert gen(w1).status_code == 200
+
+    def used(w: Proxy) -> int:
+        return int(budgets(w)[("proj-a", FLASH)]["limits"]["rpd"]["used"])
+
+    wait_for(lambda: used(w2) == 2)
+    assert gen(w2).status_code == 200
+    wait_for(lambda: used(w1) == 3)
+    for w in made:  # the budget is spent on both workers: Google sees no fourth request
+        r = gen(w)
+        assert r.status_code == 429 and "3/3 requests today" in r.json()["error"]["message"]
+    assert len(served(fake)) == 3

@@ -295,3 +295,21 @@ def test_counters_stay_bounded_whatever_models_callers_name() -> None:
         b.charge("proj-a", f"made-up-{i}", 1, 100.0 + i / 1000)
     assert len(b.usage) <= mod.MAX_TRACKED
     assert b.left("proj-a", FLASH, "rpd", 200.0) == 4  # the limited counter is kept
+
+
+def test_what_other_workers_spent_counts_here_too() -> None:
+    mine, theirs = budgets(proj_a={"rpm": 3, "tpm": 1000}), budgets(proj_a={"rpm": 3, "tpm": 1000})
+    told: list[tuple[str, str, float, int, int | None]] = []
+    theirs.on_spend = lambda *a: told.append(a)
+    spend = theirs.charge("proj-a", FLASH, 400, 10.0)
+    theirs.charge("proj-b", FLASH, 400, 10.0)  # no limit there: nobody needs to know
+    theirs.correct(spend, 40, 11.0)
+    assert told == [("proj-a", FLASH, 10.0, 400, None), ("proj-a", FLASH, 10.0, 40, 400)]
+    mine.charge("proj-a", FLASH, 10, 12.0)
+    mine.spent_elsewhere(*told[0], now=12.5)  # older than my own: kept in time order
+    assert [e[0] for e in mine.usage[("proj-a", FLASH)].window] == [10.0, 12.0]
+    assert mine.left("proj-a", FLASH, "tpm", 12.5) == 590
+    mine.spent_elsewhere(*told[1], now=13.0)
+    assert mine.left("proj-a", FLASH, "tpm", 13.0) == 950
+    assert mine.left("proj-a", FLASH, "rpm", 13.0) == 1
+    assert mine.ready_at("proj-a", FLASH, 1, 10.0 + WINDOW) == 0.0  # theirs left the minute
