@@ -267,7 +267,7 @@ class Budgets:
         u = self._usage(spend.project, spend.model, now)
         before = int(spend.entry[1])
         delta = tokens_in - before
-        if any(e is spend.entry for e in reversed(u.window)):
+        if spend.entry[0] > now - WINDOW:  # still in the minute (rolled out only by age)
             u.window_tokens += delta
         spend.entry[1] = float(tokens_in)
         if u.day == spend.day:
