@@ -12,12 +12,22 @@ Control API (JSON, under /_fake/, never compressed):
   POST /_fake/config  {"keys": {"<secret>": "<behaviour>"}, "models": {"<secret>": {"<model>": "<behaviour>"}},
                        "projects": {"<secret>": "<project>"}, "script": ["<behaviour>", ...],
                        "random": {"<behaviour>": weight, ...}, "seed": 1,   (for keys whose behaviour is "random")
-                       "served_models": ["<model id>", ...], "gzip": true}
+                       "served_models": ["<model id>", ...], "gzip": true,
+                       "quota": {"<project>": {"<model>": {"rpm": n, "tpm": n, "rpd": n}}},
+                       "quota_delay": "1s"}
       "keys" replaces the key table when present; "models" and "projects" persist when absent;
       "script", "random", "seed", "served_models" and "gzip" return to their defaults when absent.
       "projects" maps a secret to its project (default: each key is its own project).
       "served_models" replaces DEFAULT_MODELS (ids with or without "models/").
       "gzip": false answers identity even when Accept-Encoding allows gzip.
+      "quota" (default none, reset when absent) gives projects Google's per-model limits: the
+      fake counts requests and input tokens per project x model (generations, embeddings, OpenAI
+      chat/embeddings; the tokens it reports in usageMetadata) over a rolling 60 s and the Pacific
+      day, and answers a request over a limit with Google's 429 (quotaId ...PerMinute... /
+      ...PerDay..., quotaValue the limit), not counting it. retryDelay: per minute, until the
+      window has room; per day, "23s" (Google's trap); "quota_delay" overrides both.
+  GET  /_fake/spent   {"<project>": {"<model>": {"requests_today", "tokens_today",
+                        "requests_minute", "tokens_minute", "refused": {"rpm": n, "tpm": n, "rpd": n}}}}
   GET  /_fake/log     [{"key", "method", "path", "query", "model", "status", "stream", "body",
                         "behaviour", "t"}]  (upload-byte requests: {"key", "method", "path",
                         "model", "stream", "status", "upload": true, "t"}); status 0 = dropped
@@ -42,7 +52,8 @@ Per-request knobs (headers): x-fake-events (stream events, default 3), x-fake-de
 events), x-fake-latency-ms (before answering), x-fake-event-bytes (padding per stream event),
 x-fake-poison: close | garbage (answer this request normally, then spoil its kept-alive
 connection: the next request on it gets no answer, the connection closed as in a keep-alive race
-(`close`), or bytes that are no status line (`garbage`); logged with status 0 and "poisoned").
+(`close`), or bytes that are no status line (`garbage`); logged with status 0 and "poisoned"),
+x-fake-prompt-tokens (the input tokens it counts and reports, default 5).
 
 Google's wrong-ways, on purpose: HEAD (any path) is answered with a body, as some upstreams and
 middleboxes do; a client that reuses that connection reads the body as its next status line.
@@ -111,6 +122,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -817,6 +829,97 @@ class EventStream:
         return self.resp
 
 
+PACIFIC = ZoneInfo("America/Los_Angeles")  # Google's days end at midnight here
+QUOTA_IDS = {
+    "rpm": (
+        "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+        "generate_content_free_tier_requests",
+    ),
+    "tpm": (
+        "GenerateContentInputTokensPerModelPerMinute-FreeTier",
+        "generate_content_free_tier_input_token_count",
+    ),
+    "rpd": (
+        "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+        "generate_content_free_tier_requests",
+    ),
+}
+QUOTA_METHODS = (
+    ":generateContent",
+    ":streamGenerateContent",
+    ":embedContent",
+    ":batchEmbedContents",
+)
+
+
+def quota_counted(method: str, path: str) -> bool:
+    """Requests that spend a project's per-model quota (countTokens does not)."""
+    return method == "POST" and (
+        path.endswith(QUOTA_METHODS)
+        or path.endswith(("/openai/chat/completions", "/openai/embeddings"))
+    )
+
+
+class QuotaBook:
+    """Google's per-project, per-model limits: requests and input tokens over a rolling 60 s and
+    the Pacific day. A request over a limit gets Google's 429 and is not counted."""
+
+    def __init__(self) -> None:
+        self.limits: dict[str, dict[str, dict[str, int]]] = {}
+        self.delay: str | None = None
+        self.spent: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def configure(self, limits: dict[str, Any], delay: Any) -> None:
+        self.limits = {p: {m: dict(v) for m, v in ms.items()} for p, ms in limits.items()}
+        self.delay = str(delay) if delay else None
+        self.spent.clear()
+
+    def _book(self, project: str, model: str, now: float) -> dict[str, Any]:
+        day = datetime.fromtimestamp(now, PACIFIC).date().isoformat()
+        book = self.spent.setdefault(
+            (project, model),
+            {"day": day, "requests": 0, "tokens": 0, "minute": [], "refused": {}},
+        )
+        if book["day"] != day:
+            book.update(day=day, requests=0, tokens=0)
+        book["minute"] = [e for e in book["minute"] if e[0] > now - 60]
+        return book
+
+    def spend(self, project: str, model: str, tokens: int, now: float) -> tuple[int, Any] | None:
+        book = self._book(project, model, now)
+        limits = self.limits.get(project, {}).get(model, {})
+        minute = book["minute"]
+        over = None
+        if "rpd" in limits and book["requests"] + 1 > limits["rpd"]:
+            over = ("rpd", "23s")
+        elif "rpm" in limits and len(minute) + 1 > limits["rpm"]:
+            over = ("rpm", f"{max(1, math.ceil(minute[-limits['rpm']][0] + 60 - now))}s")
+        elif "tpm" in limits and sum(e[1] for e in minute) + tokens > limits["tpm"]:
+            over = ("tpm", f"{max(1, math.ceil(minute[0][0] + 60 - now)) if minute else 60}s")
+        if over is not None:
+            kind, delay = over
+            book["refused"][kind] = book["refused"].get(kind, 0) + 1
+            quota_id, metric = QUOTA_IDS[kind]
+            return 429, _quota(model, quota_id, metric, self.delay or delay, str(limits[kind]))
+        minute.append((now, tokens))
+        book["requests"] += 1
+        book["tokens"] += tokens
+        return None
+
+    def report(self, now: float) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for project, model in list(self.spent):
+            book = self._book(project, model, now)
+            out.setdefault(project, {})[model] = {
+                "requests_today": book["requests"],
+                "tokens_today": book["tokens"],
+                "requests_minute": len(book["minute"]),
+                "tokens_minute": sum(e[1] for e in book["minute"]),
+                "refused": book["refused"],
+            }
+        return out
+
+
 class FakeGemini:
     def __init__(self) -> None:
         self.keys: dict[str, str] = {}
@@ -835,6 +938,7 @@ class FakeGemini:
         self.caches: dict[str, dict[str, Any]] = {}  # id -> {"project", "expires", "doc"}
         self.batches: dict[str, dict[str, Any]] = {}  # id -> {"project", "doc"}
         self.poisoned: dict[Any, str] = {}  # transport -> how its next request goes wrong
+        self.quota = QuotaBook()
 
     # --- control
     async def set_config(self, request: web.Request) -> web.Response:
@@ -853,7 +957,11 @@ class FakeGemini:
             else [str(m).removeprefix("models/") for m in served]
         )
         self.gzip = bool(doc.get("gzip", True))
+        self.quota.configure(doc.get("quota") or {}, doc.get("quota_delay"))
         return web.json_response({"ok": True})
+
+    async def get_spent(self, request: web.Request) -> web.Response:
+        return web.json_response(self.quota.report(time.time()))
 
     async def get_log(self, request: web.Request) -> web.Response:
         return web.json_response(self.log)
@@ -864,6 +972,7 @@ class FakeGemini:
     async def reset(self, request: web.Request) -> web.Response:
         self.log.clear()
         self.counts = dict.fromkeys(COUNTED, 0)
+        self.quota.spent.clear()
         return web.json_response({"ok": True})
 
     def count(self, name: str | None) -> None:
@@ -1012,6 +1121,9 @@ class FakeGemini:
             request.transport.abort()
             return web.Response()
         fault = error_for(behaviour, key, model or "unknown", request.headers.get("Referer"))
+        if fault is None and model is not None and quota_counted(request.method, path):
+            tokens = int(request.headers.get("x-fake-prompt-tokens", "5"))
+            fault = self.quota.spend(self.project(key), model, tokens, time.time())
         if fault is not None:
             entry["status"] = fault[0]
             return self.error(fault[0], fault[1], openai)
@@ -1296,7 +1408,8 @@ class FakeGemini:
             return web.json_response(self.model_doc(model or ""))
         structured = structured_text(parse_json(body))
         if not stream:
-            return web.json_response(self.candidate(model, structured or REPLY, True, 5, 4))
+            prompt = int(request.headers.get("x-fake-prompt-tokens", "5"))
+            return web.json_response(self.candidate(model, structured or REPLY, True, prompt, 4))
         events = int(request.headers.get("x-fake-events", "3"))
         delay = float(request.headers.get("x-fake-delay-ms", "0")) / 1000
         pad = "x" * int(request.headers.get("x-fake-event-bytes", "0"))
@@ -1538,6 +1651,7 @@ def make_app(fake: FakeGemini | None = None) -> web.Application:
     app.router.add_get("/_fake/log", fake.get_log)
     app.router.add_get("/_fake/counts", fake.get_counts)
     app.router.add_post("/_fake/reset", fake.reset)
+    app.router.add_get("/_fake/spent", fake.get_spent)
     app.router.add_route("*", "/{tail:.*}", fake.handle)
     app[FAKE] = fake
     with warnings.catch_warnings():  # the string key stays for callers that used it

@@ -55,6 +55,7 @@ class AdminServer:
         r.add_get("/admin/health", self.health)
         r.add_get("/admin/rotation", self.rotation)
         r.add_get("/admin/clients", self.clients)
+        r.add_get("/admin/budgets", self.budgets)
         r.add_get("/admin/requests", self.requests)
         r.add_post("/admin/resources", self.hand_over)
         r.add_get("/admin/state", self.state_export)
@@ -191,6 +192,9 @@ class AdminServer:
                 "shared": limiter.shared,  # False: Redis away or one worker: local shares
             }
         )
+
+    async def budgets(self, request: web.Request) -> web.Response:
+        return web.json_response({"budgets": self.service.describe_budgets()})
 
     async def requests(self, request: web.Request) -> web.Response:
         store = self.service.store

@@ -35,6 +35,8 @@ def comment(rec: RequestRecord, messages: bool = True) -> str:
         clauses.append(f"{shorten(rec.stream_error, MESSAGE_WORDS)} {CUT_TAG}")
     if rec.waited:
         clauses.append(f"waited {rec.waited:.1f}s for a key")
+    if rec.spend is not None and rec.spend.limited and rec.key is not None:
+        clauses.append(f"budget {rec.spend.note}")
     if rec.cache == "stored":
         clauses.append("answer cached")
     if rec.usage_note:  # last, the client's day so far: `alice: 17 requests, 12k tokens today`

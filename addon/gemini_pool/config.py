@@ -30,7 +30,7 @@ LIMIT_FIELDS = {"rpm", "concurrent", "requests_per_day", "tokens_per_day", "mode
 MAX_LIMIT = 10**12
 MODEL_GLOB = re.compile(r"[A-Za-z0-9._*?-]{1,128}")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # routing.MODEL_ID
-TOP_FIELDS = {"keys", "clients", "cache"}
+TOP_FIELDS = {"keys", "clients", "cache", "projects"}
 CACHE_FIELDS = {"ttl_s", "max_entries", "max_bytes"}
 
 
@@ -121,9 +121,32 @@ class Config:
     clients: tuple[ClientSpec, ...]
     source: str
     cache: CacheSpec | None = None  # the answer cache; None: off
+    projects: tuple[ProjectSpec, ...] = ()  # budgets (`projects:`), see budgets.py
 
     def key(self, name: str) -> KeySpec | None:
         return next((k for k in self.keys if k.name == name), None)
+
+
+PROJECT_FIELDS = {"name", "limits"}
+BUDGET_FIELDS = ("rpm", "tpm", "rpd")
+# a model id, or a glob of one ("gemini-2.5-pro*"): fnmatch's * and ? only, no [sets]
+MODEL_PATTERN_RE = re.compile(r"^[A-Za-z0-9*?][A-Za-z0-9._*?-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """A project's configured budget for one model (or a glob of models); None: no limit."""
+
+    pattern: str
+    rpm: int | None = None  # requests per rolling minute
+    tpm: int | None = None  # input tokens per rolling minute
+    rpd: int | None = None  # requests per Pacific day
+
+
+@dataclass(frozen=True)
+class ProjectSpec:
+    name: str
+    limits: tuple[ModelLimits, ...] = ()  # in file order; an exact model id beats a glob
 
 
 EMPTY = Config(keys=(), clients=(), source="(none)")
@@ -312,7 +335,7 @@ def parse_config(data: bytes, source: str, env: Mapping[str, str] | None = None)
         client_names.add(name)
         tokens.add(token)
         clients.append(ClientSpec(name, token, group, limits))
-    return Config(tuple(keys), tuple(clients), source, _cache(top))
+    return Config(tuple(keys), tuple(clients), source, _cache(top), _parse_projects(top, keys))
 
 
 def _cache(top: _Entry) -> CacheSpec | None:
@@ -395,6 +418,59 @@ def _limits(client: _Entry, parent_line: int) -> ClientLimits:
         tokens_per_day=numbers["tokens_per_day"],
         models=tuple(models),
     )
+
+
+def _parse_projects(top: _Entry, keys: list[KeySpec]) -> tuple[ProjectSpec, ...]:
+    """`projects:` budgets per project and model (see budgets.py)."""
+    raw_projects = top.raw.get("projects") or []
+    if not isinstance(raw_projects, list):
+        top.fail("must be a list of projects", "projects")
+    used = {k.project for k in keys}
+    out: list[ProjectSpec] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_projects):
+        entry = _Entry(top.source, f"projects[{i}]", raw, PROJECT_FIELDS, top.line)
+        name = entry.name()
+        if name in seen:
+            entry.fail(f"duplicate project '{name}'", "name")
+        if name not in used:
+            entry.fail(f"no key uses project '{name}' (keys[].project)", "name")
+        seen.add(name)
+        limits = entry.raw.get("limits") or {}
+        if not isinstance(limits, dict):
+            entry.fail("must be a mapping of model (or glob) to {rpm, tpm, rpd}", "limits")
+        models: list[ModelLimits] = []
+        for pattern, raw_limit in limits.items():
+            if not isinstance(pattern, str) or not MODEL_PATTERN_RE.match(pattern):
+                entry.fail(
+                    f"{pattern!r} is not a model id or a glob of one (letters, digits, '.', '_',"
+                    " '-', '*', '?')",
+                    "limits",
+                )
+            sub = _Entry(
+                top.source,
+                f"{entry.what}, limits '{pattern}'",
+                raw_limit,
+                set(BUDGET_FIELDS),
+                getattr(limits, "lines", {}).get(pattern, entry.line),
+            )
+            values: dict[str, int] = {}
+            for fld in BUDGET_FIELDS:
+                value = sub.raw.get(fld)
+                if value is None:
+                    continue
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, int)
+                    or not 0 < value <= MAX_LIMIT
+                ):
+                    sub.fail(f"must be a whole number from 1 to {MAX_LIMIT}, got {value!r}", fld)
+                values[fld] = value
+            if not values:
+                sub.fail(f"give at least one of {', '.join(BUDGET_FIELDS)}")
+            models.append(ModelLimits(str(pattern).removeprefix("models/"), **values))
+        out.append(ProjectSpec(name, tuple(models)))
+    return tuple(out)
 
 
 def keys_from_env(value: str, source: str = ENV_KEYS_VAR) -> Config:

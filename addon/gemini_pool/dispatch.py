@@ -12,12 +12,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .budgets import Budgets, Spend
 from .classify import Outcome, Verdict, classify, decode_body, network_verdict
 from .config import KeySpec
 from .egress import Egress
 from .routing import Api, Route
 from .selector import KeyPool, NoKey
 from .upstream import UpstreamAnswer, UpstreamClient, UpstreamError
+
+MAX_OVERSIZED = 2  # projects that may find a request over their token limit before it is refused
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class ProxyRequest:
     headers: list[tuple[str, str]]  # client credentials already removed
     body: bytes
     project: str | None = None  # pinned: the resource belongs to this project
+    tokens: int | None = None  # spends per-model quota: its estimated input tokens (budgets)
     # an upload session's bytes leave the way its start did: that key's egress (None: direct)
     upload_egress: tuple[Egress | None] | None = None
 
@@ -85,6 +89,7 @@ class Result:
     reason: str = ""
     retry_after: float | None = None
     waited: float = 0.0
+    spend: Spend | None = None  # what the last attempt was charged to (budgets)
 
     @property
     def proxy_made(self) -> bool:
@@ -108,6 +113,8 @@ class Dispatcher:
         self.policy = policy
         self.clock = clock
         self.on_wait = on_wait or (lambda delta: None)
+        self.budgets: Budgets | None = None  # counts attempts that spend quota
+        self.on_learn: Callable[[list[str]], None] = lambda said: None
 
     async def dispatch(self, req: ProxyRequest) -> Result:
         route = req.route
@@ -118,9 +125,12 @@ class Dispatcher:
         tried: set[str] = set()
         last: tuple[UpstreamAnswer | None, Verdict, KeySpec] | None = None
         served = 0  # attempts that count toward max_attempts
+        too_large = 0  # Google's 429s naming a minute token limit below this request's size
         while served < self.policy.max_attempts and len(result.attempts) < self.policy.ceiling:
             now = self.clock()
-            pick = self.pool.select(model, now, exclude=tried, project=req.project)
+            pick = self.pool.select(
+                model, now, exclude=tried, project=req.project, tokens=req.tokens
+            )
             if isinstance(pick, NoKey):
                 if last is not None and last[1].outcome is Outcome.WRONG_PROJECT:
                     result.answer, result.key = last[0], last[2]  # no project owns it: Google's 403
@@ -143,16 +153,42 @@ class Dispatcher:
                 continue
             key = pick.key
             tried.add(key.name)
+            budgets = self.budgets if req.tokens is not None else None
+            if budgets is not None:
+                result.spend = budgets.charge(key.project, model, req.tokens or 0, now)
             try:
                 answer, verdict, seconds = await self._attempt(req, key, deadline - now)
             except BaseException:  # cancelled (the caller left, shutdown) or a bug: no outcome
                 self.pool.release(key.name)  # a half-open probe must not stay taken
                 raise
+            oversized = False
+            if budgets is not None and answer is not None and answer.status == 429:
+                if result.spend is not None:  # Google counts no tokens of a refused request
+                    budgets.correct(result.spend, 0, self.clock())
+                self.on_learn(budgets.learn(key.project, model, answer.body, self.clock()))
+                # the limit Google just named is below this one request: the project is not
+                # spent, the request is too large; it must not cool the pool project by project
+                oversized = verdict.outcome is Outcome.QUOTA_MINUTE and math.isinf(
+                    budgets.ready_at(key.project, model, req.tokens or 0, self.clock())
+                )
+            if oversized:
+                verdict = Verdict(Outcome.CALLER_ERROR, "429 request over the token budget")
             self.pool.record(key.name, model, verdict, self.clock())
             result.attempts.append(
                 Attempt(key.name, answer.status if answer else None, verdict, seconds)
             )
             last = (answer, verdict, key)
+            if oversized:  # another project may take it, but it is not tried on the whole pool
+                too_large += 1
+                if too_large < MAX_OVERSIZED:
+                    continue
+                result.status, result.reason = 413, "over_token_budget"
+                result.message = (
+                    f"the request's ~{req.tokens} input tokens exceed the per-minute input token"
+                    f" limit for {model} of {too_large} projects (learned from Google's 429s)"
+                    + _tried(result)
+                )
+                return result
             if answer is not None and not verdict.retry:
                 result.answer, result.key = answer, key
                 return result
@@ -208,7 +244,10 @@ class Dispatcher:
         if last is not None and last[0] is not None and last[1].outcome is Outcome.TRANSIENT:
             result.answer, result.key = last[0], last[2]  # Google's own 5xx says it best
             return result
-        if nokey.all_disabled:
+        if nokey.too_large:
+            result.status, result.reason = 413, "over_token_budget"
+            result.retry_after = None
+        elif nokey.all_disabled:
             result.status, result.reason = 503, "no_usable_key"
             result.retry_after = None
         else:
@@ -232,7 +271,7 @@ class Dispatcher:
         if answer is not None and verdict.outcome is Outcome.TRANSIENT:
             result.answer, result.key = answer, key
             return result
-        nokey = self.pool.peek(req.route.model_or_default, self.clock(), req.project)
+        nokey = self.pool.peek(req.route.model_or_default, self.clock(), req.project, req.tokens)
         if nokey is not None and verdict.outcome is not Outcome.NETWORK:
             return self._no_key(result, nokey, last, self.clock())  # e.g. every key now cooling
         if verdict.outcome is Outcome.NETWORK:

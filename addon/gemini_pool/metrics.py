@@ -208,6 +208,31 @@ class _PoolCollector(Collector):
 
 REGISTRY.register(_PoolCollector())
 
+BudgetSource = Callable[[], list[tuple[str, str, str, float]]]  # (project, model, kind, left)
+_budget_source: list[BudgetSource] = []
+
+
+def set_budget_source(source: BudgetSource | None) -> None:
+    _budget_source.clear()
+    if source is not None:
+        _budget_source.append(source)
+
+
+class _BudgetCollector(Collector):
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "gemini_proxy_budget_left",
+            "Budget left per project x model: rpm and tpm in the rolling minute, rpd today"
+            " (Pacific); only where a limit is configured or learned",
+            labels=["project", "model", "kind"],
+        )
+        for project, model, kind, left in _budget_source[0]() if _budget_source else []:
+            family.add_metric([project, model, kind], left)
+        yield family
+
+
+REGISTRY.register(_BudgetCollector())
+
 
 def render() -> bytes:
     return generate_latest(REGISTRY)

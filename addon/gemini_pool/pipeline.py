@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import answer_cache, listing, metrics, resources
+from .budgets import counted, estimate_tokens
 from .codings import decoded
 from .dispatch import Attempt, ProxyRequest, Result
 from .gate import Admit
@@ -171,14 +172,17 @@ class Pipeline:
                 return hit
         if kind is not None and group is not None:
             return await self._listing(req, admit, r, rec, group, kind, now)
-        # 5. dispatch
+        # 5. dispatch (a request that spends quota is counted against its project's budget)
+        tokens = (
+            estimate_tokens(req.body) if counted(req.method, r.method, r.path, r.model) else None
+        )
         proxy_req = ProxyRequest(
-            req.method, admit.upstream.base, r, list(req.headers), req.body, project
+            req.method, admit.upstream.base, r, list(req.headers), req.body, project, tokens
         )
         if admit.upload_key is not None and (spec := service.config.key(admit.upload_key)):
             proxy_req.upload_egress = (spec.egress,)  # the upload's bytes leave as its start did
         result = await service.dispatcher.dispatch(proxy_req)
-        rec.attempts, rec.waited = result.attempts, result.waited
+        rec.attempts, rec.waited, rec.spend = result.attempts, result.waited, result.spend
         if result.proxy_made:
             return self._no_answer(result, r, group)
         answer, key = result.answer, result.key

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .budgets import Spend
 from .classify import Outcome
 from .dispatch import Attempt
 from .gate import Admit
@@ -55,6 +56,7 @@ class RequestRecord:
     cache: str | None = None  # the answer cache: "hit", "miss" or "stored"; None: not cacheable
     body_bytes: int = 0  # reserved in the request body budget until the flow is settled
     dispatching: bool = False  # the pipeline is at work: settling waits for its attempts
+    spend: Spend | None = None  # the budget the served (or last) attempt was charged to
     finished: bool = False
     ended: bool = False  # the answer is complete (or failed): the flow's last hook ran
     final_comment: str | None = None  # the comment once the flow ended (the log line reuses it)

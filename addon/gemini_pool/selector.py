@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from .breaker import BreakerPolicy, BreakerState, CircuitBreaker
 from .classify import Outcome, Verdict
@@ -92,7 +92,18 @@ class NoKey:
     all_disabled: bool  # True: nothing will come back by itself
     retry_at: float  # when the earliest key may be usable (unix time); meaningless if all_disabled
     reason: str
-    quota: bool = False  # True: quota cooldowns (429); False: breakers / failures (503)
+    quota: bool = False  # True: quota cooldowns or budgets (429); False: breakers / failures (503)
+    too_large: bool = False  # the request's input tokens exceed every project's minute budget
+
+
+class BudgetView(Protocol):
+    """What the selector asks of the budgets (budgets.Budgets) about one project x model."""
+
+    def ready_at(self, project: str, model: str, tokens: int, now: float) -> float: ...
+
+    def headroom(self, project: str, model: str, now: float) -> float: ...
+
+    def why(self, project: str, model: str, tokens: int, now: float) -> str | None: ...
 
 
 @dataclass
@@ -108,6 +119,8 @@ class KeyPool:
     # told of every change other workers must learn: ("marks" | "breaker", KeyState) or
     # ("cooldown", (project, model, Cooldown | None)); None: a reset cleared it
     on_change: Callable[[str, Any], None] | None = None
+    # budgets per project x model (consulted only for requests that spend quota: tokens given)
+    budgets: BudgetView | None = None
 
     def _changed(self, kind: str, what: Any) -> None:
         if self.on_change is not None:
@@ -150,11 +163,17 @@ class KeyPool:
 
     # --- availability
 
-    def _blocked_until(self, state: KeyState, model: str, now: float) -> float:
+    def _blocked_until(
+        self, state: KeyState, model: str, now: float, tokens: int | None = None
+    ) -> float:
         """0 if usable now, else the earliest time it may be usable (inf if never by itself)."""
         if not state.usable_ever:
             return float("inf")
         until = 0.0
+        if tokens is not None and self.budgets is not None:
+            ready = self.budgets.ready_at(state.spec.project, model, tokens, now)
+            if ready > now:
+                until = ready
         if self.cooldowns:
             for pm in ((state.spec.project, model), (state.spec.project, "*")):
                 c = self.cooldowns.get(pm)
@@ -179,17 +198,37 @@ class KeyPool:
         return best
 
     def _candidates(
-        self, model: str, now: float, exclude: Collection[str], project: str | None = None
+        self,
+        model: str,
+        now: float,
+        exclude: Collection[str],
+        project: str | None = None,
+        tokens: int | None = None,
     ) -> list[KeyState]:
         usable = [
             s
             for s in self.keys.values()
             if s.name not in exclude
             and (project is None or s.spec.project == project)
-            and self._blocked_until(s, model, now) == 0.0
+            and self._blocked_until(s, model, now, tokens) == 0.0
         ]
         healthy = [s for s in usable if s.health.healthy(self.policy.health_threshold)]
-        return healthy or usable
+        chosen = healthy or usable
+        if tokens is not None and self.budgets is not None and len(chosen) > 1:
+            chosen = self._most_headroom(chosen, model, now)
+        return chosen
+
+    def _most_headroom(self, states: list[KeyState], model: str, now: float) -> list[KeyState]:
+        """The keys of the projects with the most budget left for `model` (the day's budget
+        lasts, instead of round robin draining the first projects)."""
+        assert self.budgets is not None
+        share: dict[str, float] = {}
+        for s in states:
+            p = s.spec.project
+            if p not in share:
+                share[p] = self.budgets.headroom(p, model, now)
+        best = max(share.values())
+        return [s for s in states if share[s.spec.project] >= best - 1e-9]
 
     @staticmethod
     def _swrr(candidates: list[KeyState]) -> KeyState:
@@ -205,27 +244,37 @@ class KeyPool:
         return best
 
     def select(
-        self, model: str, now: float, exclude: Collection[str] = (), project: str | None = None
+        self,
+        model: str,
+        now: float,
+        exclude: Collection[str] = (),
+        project: str | None = None,
+        tokens: int | None = None,
     ) -> Pick | NoKey:
-        """Pick a key for `model`, skipping `exclude`; `project` pins the choice to one project."""
-        candidates = self._candidates(model, now, exclude, project)
+        """Pick a key for `model`, skipping `exclude`; `project` pins the choice to one project;
+        `tokens` (a request that spends quota, its estimated input tokens) consults the budgets."""
+        candidates = self._candidates(model, now, exclude, project, tokens)
         while candidates:
             chosen = self._swrr(candidates)
             if chosen.breaker.acquire(now):
                 return Pick(chosen.spec)
             candidates.remove(chosen)
-        return self._no_key(model, now, project)
+        return self._no_key(model, now, project, tokens)
 
     def keys_of_project(self, project: str) -> set[str]:
         return {n for n, s in self.keys.items() if s.spec.project == project}
 
-    def peek(self, model: str, now: float, project: str | None = None) -> NoKey | None:
+    def peek(
+        self, model: str, now: float, project: str | None = None, tokens: int | None = None
+    ) -> NoKey | None:
         """Without picking anything: None if some key could serve `model` now, else why not."""
-        if self._candidates(model, now, (), project):
+        if self._candidates(model, now, (), project, tokens):
             return None
-        return self._no_key(model, now, project)
+        return self._no_key(model, now, project, tokens)
 
-    def _no_key(self, model: str, now: float, project: str | None) -> NoKey:
+    def _no_key(
+        self, model: str, now: float, project: str | None, tokens: int | None = None
+    ) -> NoKey:
         states = [s for s in self.keys.values() if project is None or s.spec.project == project]
         if not states:
             if project is not None:
@@ -238,8 +287,19 @@ class KeyPool:
         if not any(s.usable_ever for s in states):
             reasons = sorted({_why_unusable(s) for s in states})
             return NoKey(True, now, "every API key is disabled: " + "; ".join(reasons))
-        times = [self._blocked_until(s, model, now) for s in states if s.usable_ever]
+        times = [self._blocked_until(s, model, now, tokens) for s in states if s.usable_ever]
         retry_at = min(times)
+        budget = self._budget_reasons(states, model, now, tokens)
+        if retry_at == float("inf"):  # usable keys, but no project's minute budget fits it
+            why = "; ".join(budget)
+            return NoKey(
+                True,
+                now,
+                f"the request's ~{tokens} input tokens exceed the per-minute token budget of"
+                f" every project for {model} ({why})",
+                True,
+                True,
+            )
         if retry_at <= now:  # usable keys exist but were all tried by this request
             retry_at = now + HALF_OPEN_RETRY
         reasons = sorted(
@@ -249,8 +309,13 @@ class KeyPool:
                 if m in (model, "*") and c.until > now
             }
         )
+        if budget and not reasons:
+            why = "; ".join(budget)
+            return NoKey(
+                False, retry_at, f"every project is out of budget for {model} ({why})", True
+            )
         if reasons:
-            why = "; ".join(reasons)
+            why = "; ".join(reasons + budget)
             return NoKey(
                 False, retry_at, f"every API key for {model} is cooling down ({why})", True
             )
@@ -261,6 +326,15 @@ class KeyPool:
             retry_at,
             f"every API key for {model} is unavailable after upstream failures{why}",
         )
+
+    def _budget_reasons(
+        self, states: list[KeyState], model: str, now: float, tokens: int | None
+    ) -> list[str]:
+        if tokens is None or self.budgets is None:
+            return []
+        projects = sorted({s.spec.project for s in states if s.usable_ever})
+        reasons = (self.budgets.why(p, model, tokens, now) for p in projects)
+        return [r for r in reasons if r]
 
     # --- outcomes
 

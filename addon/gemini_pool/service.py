@@ -15,6 +15,7 @@ from . import accounting, metrics
 from .access_log import log_request
 from .answer_cache import AnswerCache, CacheSpec, Entry
 from .breaker import BreakerState
+from .budgets import KINDS, Budgets, Learned
 from .classify import pacific_day
 from .clients_view import describe_clients
 from .config import EMPTY, NO_LIMITS, ClientLimits, ClientSpec, Config, ConfigError, load_config
@@ -61,6 +62,7 @@ class ProxyService:
     inflight: int = 0
     gate: Gate = field(default_factory=Gate)
     models: metrics.ModelLabels = field(default_factory=metrics.ModelLabels)
+    budgets: Budgets = field(default_factory=Budgets)
     _db_errors_seen: int = 0
     _projects: dict[str, str] = field(default_factory=dict)  # key name -> project
     answers: AnswerCache | None = None  # the answer cache (`cache:` in the key file); None: off
@@ -81,6 +83,46 @@ class ProxyService:
         self.limit_check = ClientLimitCheck(self.limiter, self._limits_of)
         self.shared_limits: SharedLimits | None = None
         metrics.set_state_source(self.gauge_rows)
+        self.pool.budgets = self.dispatcher.budgets = self.budgets
+        self.dispatcher.on_learn = self._said_learned
+        self.budgets.on_learn = self._on_learn
+        metrics.set_budget_source(self.budget_rows)
+
+    # --- budgets (budgets.py): learned limits are persisted and shared
+
+    @staticmethod
+    def _said_learned(said: list[str]) -> None:
+        for line in said:
+            log.info("gemini-proxy: %s", line)
+
+    def _on_learn(self, project: str, model: str, kind: str, learned: Learned) -> None:
+        if self.store is not None:
+            self.store.save_learned(project, model, kind, learned.value, learned.at)
+        if self.shared is not None:
+            self.shared.limit_learned(project, model, kind, learned.value, learned.at)
+
+    def describe_budgets(self) -> list[dict[str, Any]]:
+        return self.budgets.describe(time.time(), [p.name for p in self.config.projects])
+
+    def budget_rows(self) -> list[tuple[str, str, str, float]]:
+        """Budget left per project x model x kind, for the gauges: bounded labels only (the
+        projects of configured keys, models that answered 2xx or are named in `projects:`)."""
+        now = time.time()
+        projects = sorted({k.project for k in self.config.keys})
+        models = set(self.models.known) | {
+            m.pattern
+            for p in self.config.projects
+            for m in p.limits
+            if "*" not in m.pattern and "?" not in m.pattern
+        }
+        rows = []
+        for project in projects:
+            for model in sorted(models):
+                for kind in KINDS:
+                    left = self.budgets.left(project, model, kind, now)
+                    if left is not None:
+                        rows.append((project, model, kind, left))
+        return rows
 
     def _on_pin(self, pin: Pin) -> None:
         if self.store is not None:
@@ -104,6 +146,7 @@ class ProxyService:
             self.shared = None
             self.pool.on_change = None
             self.checker.claim = None
+            self.budgets.on_spend = None
         self.limiter.worker = worker
         self.shared_limits = SharedLimits(self.limiter, prefix) if url else None
         if not url:
@@ -112,6 +155,8 @@ class ProxyService:
             shared = SharedState(self.pool, self.pins, url, prefix, worker, self._mark_dirty)
             self.shared = shared
             self.pool.on_change = shared.key_changed
+            shared.budgets = self.budgets
+            self.budgets.on_spend = shared.spent
             self.checker.claim = shared.claim_check
             shared.start()
 
@@ -167,6 +212,7 @@ class ProxyService:
     def apply_config(self, config: Config) -> None:
         before = set(self.pool.keys)
         self.pool.apply_config(config)
+        self.budgets.configure(config.projects)
         self.config = config
         self.gate.clients = {digest(c.token): c.name for c in config.clients}
         self.groups = {c.name: c.group_name for c in config.clients}
@@ -250,6 +296,10 @@ class ProxyService:
             # this worker's own count of today: what it admitted (refused ones held no slot)
             tokens = u["tokens_in"] + u["tokens_out"]
             self.limiter.seed(client, day, u["requests"] - u["limited"], tokens)
+        self.budgets.restore_learned(store.load_learned())
+        for project, model, requests, tokens in store.usage_by_model(pacific_day(now)):
+            if model not in ("*", "other"):  # metric labels of unknown models: not a model
+                self.budgets.seed_day(project, model, requests, tokens, now)
         store.start()
         fingerprints = {s.spec.fingerprint for s in self.pool.keys.values()}
         restored = [n for n, s in keys.items() if s.get("fingerprint") in fingerprints]
@@ -291,6 +341,8 @@ class ProxyService:
             return
         rec.finished = True
         self.limiter.release(rec.request_id, (rec.tap.tokens_in or 0) + (rec.tap.tokens_out or 0))
+        if rec.spend is not None and rec.key is not None:
+            self.budgets.correct(rec.spend, rec.tap.tokens_in, time.time())
         model = self.models.label(rec.model, 200 <= rec.status < 300 and rec.key is not None)
         client = accounting.client_label(rec.client, self._clients)
         accounting.count(rec, model, client)

@@ -2,7 +2,8 @@
 
 What one worker learns, every worker knows within milliseconds: dead and suspect marks with their
 reasons and operator overrides (by key fingerprint), breaker trips, cooldowns per project x model,
-and project pins (files, cached contents, batches, upload sessions). Selection never waits on
+project pins (files, cached contents, batches, upload sessions), and budget limits learned from
+Google's 429s (per project x model x kind; the newer wins). Selection never waits on
 Redis: each worker decides from its local state; changes are queued, written and published by a
 background task, and other workers apply what they hear. Two locks make work happen once across
 the pool: the half-open probe of a breaker, and the no-quota check of a key that answered dead.
@@ -14,7 +15,8 @@ overrides: the newer change, so a dead mark stays until someone enables the key)
 everything they know (a Redis restarted empty gets the whole state again).
 
 Layout (every key under `prefix:`): hashes `marks` and `breakers` (field: key fingerprint),
-`cooldowns` (field: project, model), `pins` (field: kind, name); channel `events`; locks
+`cooldowns` (field: project, model), `pins` (field: kind, name), `learned` (budget limits learned from
+Google; field: project, model, kind), `limits` (client limits, shared_limits.py); channel `events`; locks
 `probe:<fingerprint>` and `check:<fingerprint>` (SET NX PX). Never a secret: fingerprints, names.
 
 Entries that expire (cooldowns, pins, upload sessions) are deleted from Redis once expired, at
@@ -39,6 +41,7 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import metrics
+from .budgets import Budgets
 from .pins import KIND_UPLOAD, Pin, ResourcePins
 from .redis_url import shown
 from .selector import KeyPool, KeyState
@@ -58,7 +61,7 @@ PRUNE_EVERY = 300.0  # seconds between deletions of expired entries from Redis
 WARNED_LIMIT = 1000  # malformed fields remembered (each is warned about once)
 UPLOAD_POLL = 0.05  # learn_upload: how often it looks again
 
-_ORDER = {"marks": "t", "breakers": "t", "cooldowns": "until", "pins": "expires"}
+_ORDER = {"marks": "t", "breakers": "t", "cooldowns": "until", "pins": "expires", "learned": "at"}
 _EXPIRY = {"cooldowns": "until", "pins": "expires"}  # tables whose entries expire
 
 
@@ -95,6 +98,7 @@ class SharedState:
         self._redis: aioredis.Redis | None = None
         self._release: Any = None
         self._merge_marks: Any = None
+        self.budgets: Budgets | None = None  # learned limits are shared when set
 
     # ------------------------------------------------------------------ hooks from the pool
 
@@ -117,6 +121,14 @@ class SharedState:
             f"{pin.kind}{SEP}{pin.name}",
             {"owner": pin.owner, "path": pin.path, "expires": pin.expires},
         )
+
+    def limit_learned(self, project: str, model: str, kind: str, value: int, at: float) -> None:
+        self._put("learned", SEP.join((project, model, kind)), {"value": value, "at": at})
+
+    def spent(self, project: str, model: str, at: float, tokens: int, before: int | None) -> None:
+        """An attempt charged to a limited project x model (or its correction): published only,
+        never stored (counts are transient; each worker keeps its own)."""
+        self._put("spends", SEP.join((project, model)), {"at": at, "n": tokens, "b": before})
 
     def _put(self, table: str, field: str, value: dict[str, Any] | None) -> None:
         try:
@@ -251,6 +263,10 @@ class SharedState:
                     {"owner": pin.owner, "path": pin.path, "expires": pin.expires},
                 )
             )
+        if self.budgets is not None:
+            for r in self.budgets.learned_rows():
+                field = SEP.join((r["project"], r["model"], r["kind"]))
+                items.append(("learned", field, {"value": r["value"], "at": r["at"]}))
         await self._flush(merge, items, publish=True)
         self._advance(self._queued)  # what was queued before is superseded by the full state
         self.on_change()
@@ -319,6 +335,8 @@ class SharedState:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             for table, field, value in items:
+                if table == "spends":
+                    continue
                 if value is None:
                     pipe.hdel(self._k(table), field)
                 else:
@@ -375,6 +393,18 @@ class SharedState:
             return until > now and self.pool.apply_cooldown(
                 project, model, until, str(value["reason"])
             )
+        if table == "spends" and value is not None and self.budgets is not None:
+            project, model = field.split(SEP, 1)
+            before = value.get("b")
+            before = None if before is None else int(before)
+            self.budgets.spent_elsewhere(
+                project, model, float(value["at"]), int(value["n"]), before, now
+            )
+            return False  # counts are not persisted
+        if table == "learned" and value is not None and self.budgets is not None:
+            project, model, kind = field.split(SEP, 2)
+            row = {"project": project, "model": model, "kind": kind, **value}
+            return self.budgets.restore_learned([row]) > 0
         if table == "pins" and value is not None:
             kind, _, name = field.partition(SEP)
             pin = Pin(

@@ -31,7 +31,7 @@ from .statecheck import check_state
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 RETIRED_TTL = 7 * 86400  # rows of keys no longer configured are kept this long
 MAINTENANCE_INTERVAL = 2.0  # seconds between WAL checkpoints
 PRUNE_INTERVAL = 60.0
@@ -85,6 +85,12 @@ MIGRATIONS: dict[int, list[str]] = {
             requests INTEGER NOT NULL DEFAULT 0, limited INTEGER NOT NULL DEFAULT 0,
             tokens_in INTEGER NOT NULL DEFAULT 0, tokens_out INTEGER NOT NULL DEFAULT 0,
             PRIMARY KEY (day, client, model))""",
+    ],
+    5: [
+        # limits Google named in its 429s (budgets.py): kind rpm | tpm | rpd, learned at `at`
+        """CREATE TABLE learned_limits (
+            project TEXT NOT NULL, model TEXT NOT NULL, kind TEXT NOT NULL, value INTEGER NOT NULL,
+            at REAL NOT NULL, PRIMARY KEY (project, model, kind))""",
     ],
 }
 
@@ -309,6 +315,15 @@ class Store:
         """Accounting per client of `day`, at start (on the writing connection)."""
         return self.client_usage(day, self._conn)
 
+    def load_learned(self) -> list[dict[str, Any]]:
+        """The limits learned from Google's 429s (budgets.Budgets.restore_learned)."""
+        return [
+            {"project": p, "model": m, "kind": k, "value": v, "at": at}
+            for p, m, k, v, at in self._conn.execute(
+                "SELECT project, model, kind, value, at FROM learned_limits"
+            )
+        ]
+
     # --- queueing (costs a list append) and writing
     def start(self) -> None:
         """Start the maintenance thread: checkpoints and pruning, on its own connection."""
@@ -347,6 +362,10 @@ class Store:
     def save_answer(self, entry: Entry | str | None) -> None:
         """Queue an answer cache change: an entry to keep, a key to drop, None: drop them all."""
         self._pending.append(("answer", entry))
+
+    def save_learned(self, project: str, model: str, kind: str, value: int, at: float) -> None:
+        """Queue one learned limit (the newest per project, model and kind is kept)."""
+        self._pending.append(("learned", (project, model, kind, value, at)))
 
     def write_pending(self, wait: float = 0.0) -> bool:
         """Commit everything queued, in one transaction. Waits at most `wait` seconds for a lock
@@ -536,6 +555,14 @@ class Store:
                     [(p.kind, p.name, p.owner, p.path, p.expires) for p in pins.values()],
                 )
             _write_answers(self._conn, [arg for kind, arg in items if kind == "answer"])
+            learned = [arg for kind, arg in items if kind == "learned"]
+            if learned:
+                self._conn.executemany(
+                    "INSERT INTO learned_limits (project, model, kind, value, at)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (project, model, kind) DO UPDATE SET"
+                    " value = excluded.value, at = excluded.at WHERE excluded.at >= at",
+                    learned,
+                )
             if snapshot is not None:
                 self._write_snapshot(snapshot)
             self._conn.execute("COMMIT")
@@ -684,3 +711,14 @@ class Store:
         ):
             out[r.pop("key")] = r
         return out
+
+    def usage_by_model(self, day: str) -> list[tuple[str, str, int, int]]:
+        """(project, model, requests, input tokens) of `day`: the budgets' day counts at start."""
+        return [
+            (str(p), str(m), int(r or 0), int(t or 0))
+            for p, m, r, t in self._conn.execute(
+                "SELECT project, model, SUM(requests), SUM(tokens_in) FROM usage_daily"
+                " WHERE day = ? GROUP BY project, model",
+                (day,),
+            )
+        ]

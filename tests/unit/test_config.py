@@ -176,6 +176,9 @@ def test_the_documented_example_file_is_valid() -> None:
         ("gamma", "proj-b", 1),
     ]
     assert [c.name for c in cfg.clients] == ["web-app", "batch-jobs"]
+    assert [(p.name, [m.pattern for m in p.limits]) for p in cfg.projects] == [
+        ("proj-a", ["gemini-2.5-flash", "gemini-2.5-pro*"])
+    ]
 
 
 def test_a_field_error_names_the_fields_own_line() -> None:

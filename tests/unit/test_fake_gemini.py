@@ -605,3 +605,50 @@ def test_example_of_never_raises_and_always_serialises(schema: Any) -> None:
     json.dumps(example_of(schema), allow_nan=True)
     assert structured_text({"generationConfig": {"responseMimeType": "application/json",
                                                  "responseJsonSchema": schema}}) is not None  # fmt: skip
+
+
+def test_quota_per_project_and_model_answers_googles_429() -> None:
+    """Per-project limits: counted per key-project x model, refused with Google's real 429
+    (quotaId, quotaValue) and not counted; the per-day 429 says retry in 23s (the trap)."""
+    gen = f"/v1beta/models/{FLASH}:generateContent"
+
+    async def scenario(s: aiohttp.ClientSession, fake: FakeGemini) -> None:
+        for _ in range(2):
+            r, _doc = await fetch(s, "POST", gen, key=A, json=GEN)
+            assert r.status == 200
+        r, doc = await fetch(s, "POST", gen, key=C, json=GEN)  # same project as A
+        assert r.status == 429
+        violation = doc["error"]["details"][1]["violations"][0]
+        assert violation["quotaId"] == "GenerateRequestsPerDayPerProjectPerModel-FreeTier"
+        assert violation["quotaValue"] == "2"
+        assert doc["error"]["details"][2]["retryDelay"] == "23s"
+        r, _doc = await fetch(s, "POST", gen, key=B, json=GEN)  # another project
+        assert r.status == 200
+        r, doc = await fetch(
+            s, "POST", gen, key=B, json=GEN, headers={"x-fake-prompt-tokens": "90"}
+        )
+        assert r.status == 429 and "InputTokens" in json.dumps(doc)
+        r, _doc = await fetch(s, "POST", "/v1beta/models/gemini-2.5-pro:generateContent", json=GEN)
+        assert r.status == 200  # another model: its own bucket
+        r, _doc = await fetch(s, "POST", f"/v1beta/models/{FLASH}:countTokens", json=GEN)
+        assert r.status == 200  # countTokens spends no generation quota
+        async with s.get("/_fake/spent") as resp:
+            spent = await resp.json()
+        assert spent["proj-a"][FLASH]["requests_today"] == 2
+        assert spent["proj-a"][FLASH]["refused"] == {"rpd": 1}
+        assert spent[B][FLASH] == {
+            "requests_today": 1,
+            "tokens_today": 5,
+            "requests_minute": 1,
+            "tokens_minute": 5,
+            "refused": {"tpm": 1},
+        }
+
+    run(
+        scenario,
+        {
+            "keys": {A: "ok", B: "ok", C: "ok"},
+            "projects": {A: "proj-a", C: "proj-a"},
+            "quota": {"proj-a": {FLASH: {"rpd": 2}}, B: {FLASH: {"tpm": 50, "rpm": 9}}},
+        },
+    )

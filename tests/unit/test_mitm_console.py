@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,3 +101,19 @@ def test_a_running_stream_refreshes_its_comment_at_most_once_a_second(
         clock[0] += 5
         progress()
         assert len(spy.updated) == 2
+
+
+def test_budgets_command(addons: tuple[Options, Console], tmp_path: Path) -> None:
+    options, proxy = addons
+    keys = tmp_path / "budgets.yaml"
+    keys.write_text(
+        "keys:\n  - {name: a, key: AIzaSy-unit-a, project: proj-a}\n"
+        "projects:\n  - {name: proj-a, limits: {gemini-2.5-flash: {rpd: 20, rpm: 5}}}\n"
+    )
+    with taddons.context(options, proxy) as tctx:
+        tctx.configure(options, gemini_keys=str(keys), gemini_db="", gemini_admin="")
+        service = proxy.rt.service
+        service.budgets.charge("proj-a", "gemini-2.5-flash", 10, time.time())
+        (line,) = tctx.command(proxy.budgets_cmd)
+        assert line.startswith("proj-a gemini-2.5-flash: 1 requests today; rpm 1/5 (configured)")
+        assert "rpd 1/20 (configured), 19 left, resets in " in line

@@ -389,3 +389,35 @@ def test_a_half_open_probe_is_given_back_when_its_request_is_cancelled() -> None
 
 
 SLOW = [*JSON, ("x-fake-latency-ms", "3000")]
+
+
+def test_a_spent_budget_is_answered_429_here_and_the_usage_corrects_the_estimate() -> None:
+    from gemini_pool.config import ModelLimits, ProjectSpec
+
+    async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        budgets = p.service.budgets
+        budgets.configure(
+            [
+                ProjectSpec("a", (ModelLimits("gemini-2.5-*", rpd=1),)),
+                ProjectSpec("b", (ModelLimits("gemini-2.5-flash", rpd=1),)),
+            ]
+        )
+        for _ in range(2):
+            rec = RequestRecord()
+            d = await p.handle(request(up), rec)
+            assert isinstance(d, Unary) and d.answer.status == 200
+            assert rec.spend is not None and rec.spend.note.endswith(" 1/1 today")
+            assert rec.spend.estimate == len(BODY) // 4 + 1
+            rec.tap.tokens_in = 5  # what the answer's usageMetadata said
+            p.service.finish(rec)
+        assert budgets.describe(time.time())[0]["input_tokens_today"] == 5
+        rec = RequestRecord()
+        d = await p.handle(request(up), rec)
+        assert isinstance(d, ProxyAnswer) and (d.status, d.reason) == (429, "all_keys_cooling")
+        assert d.retry_after is not None and d.retry_after > 0 and rec.attempts == []
+        assert "out of budget" in d.message and len(fake.log) == 2
+        # countTokens spends no generation quota: not held back
+        d = await p.handle(request(up, path=GEN.replace("generateContent", "countTokens")), rec)
+        assert isinstance(d, Unary) and d.answer.status == 200
+
+    run(scenario, {A: "ok", B: "ok"})

@@ -286,9 +286,10 @@ def test_a_v1_database_upgrades_in_place_and_keeps_its_rows(tmp_path: Path) -> N
     s.save_pin(Pin(KIND_RESOURCE, "files/f", "p", "", 100.0))
     s.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert db.execute("SELECT name, retired FROM key_state").fetchall() == [("a", None)]
         assert db.execute("SELECT COUNT(*) FROM client_usage").fetchone()[0] == 0
+        assert db.execute("SELECT * FROM learned_limits").fetchall() == []
     db.close()
 
 
@@ -310,6 +311,28 @@ def test_usage_per_client_model_and_day_adds_up_in_one_row_each(tmp_path: Path) 
     assert (a["requests"], a["limited"], a["tokens_in"], a["tokens_out"]) == (4, 1, 14, 10)
     assert a["models"]["m1"] == {"requests": 3, "limited": 1, "tokens_in": 11, "tokens_out": 6}
     assert s.client_usage("2026-12-06")["bob"]["requests"] == 1
+    s.close()
+
+
+def test_a_v2_database_gains_learned_limits_which_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    with sqlite3.connect(path) as db:
+        for stmt in MIGRATIONS[1] + MIGRATIONS[2]:
+            db.execute(stmt)
+        db.execute("INSERT INTO cooldowns VALUES ('p', 'm', 9e9, 'minute quota')")
+        db.execute("PRAGMA user_version=2")
+    db.close()
+    s = Store(str(path))
+    assert s.load_state()[1][0]["project"] == "p"  # kept through the upgrade
+    assert s.load_learned() == []
+    s.save_learned("proj-a", "gemini-2.5-flash", "rpd", 20, 100.0)
+    s.save_learned("proj-a", "gemini-2.5-flash", "rpd", 25, 200.0)
+    s.save_learned("proj-a", "gemini-2.5-flash", "rpd", 30, 150.0)  # older: loses
+    s.close()
+    s = Store(str(path))
+    assert s.load_learned() == [
+        {"project": "proj-a", "model": "gemini-2.5-flash", "kind": "rpd", "value": 25, "at": 200.0}
+    ]
     s.close()
 
 

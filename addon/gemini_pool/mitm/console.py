@@ -111,6 +111,12 @@ class Console:
             raise exceptions.CommandError(str(e)) from None
         return f"{done['name']} now belongs to {client}'s group ({done['group']})"
 
+    @command.command("gemini.budgets")
+    def budgets_cmd(self) -> Sequence[str]:
+        """Budgets per project x model: each limit with its source, used, left, resets in."""
+        lines = [budget_line(b) for b in self.rt.service.describe_budgets()]
+        return lines or ["no budgets: no limits configured (projects:) or learned, nothing counted"]
+
     @command.command("gemini.reload")
     def reload_cmd(self) -> str:
         """Re-read the key file now."""
@@ -143,6 +149,18 @@ def describe_line(k: dict[str, Any]) -> str:
         + (f" next_check={k['next_check_in']:.0f}s" if k["next_check_in"] is not None else "")
         + (f" last_error={k['last_error']}" if k["last_error"] else "")
     )
+
+
+def budget_line(b: dict[str, Any], now: float | None = None) -> str:
+    """One project x model as one line: "proj-a gemini-2.5-flash rpd 17/20 (learned) ..."."""
+    now = time.time() if now is None else now
+    parts = [f"{b['project']} {b['model']}: {b['requests_today']} requests today"]
+    for kind, lim in b["limits"].items():
+        parts.append(
+            f"{kind} {lim['used']}/{lim['limit']} ({lim['source']}), {lim['left']} left,"
+            f" resets in {max(0.0, lim['resets_at'] - now):.0f}s"
+        )
+    return "; ".join(parts)
 
 
 def _condition(k: dict[str, Any]) -> str:
