@@ -141,7 +141,7 @@ def test_run_takes_gemini_upstream_and_the_users_own_options(
     assert ok.status_code == 200, ok.text
     assert fake.log()[-1]["key"] == secret  # GEMINI_UPSTREAM: the fake served it, with the pool key
     assert (tmp_path / "state.db").exists()
-    assert r.stop() == 0
+    assert r.stop() == 0, r.output()[-4000:]
 
 
 def test_run_takes_the_users_mode_instead_of_its_own(
@@ -165,7 +165,7 @@ def test_run_takes_the_users_mode_instead_of_its_own(
     )
     assert ok.status_code == 200, ok.text
     assert "Cannot spawn multiple servers" not in r.output()
-    assert r.stop() == 0
+    assert r.stop() == 0, r.output()[-4000:]
 
 
 def test_busy_ports_name_the_variable_that_moves_them(tmp_path: Path, fake: Fake) -> None:
