@@ -92,6 +92,13 @@ ANSWER_CACHE = Counter(
     ["result"],
     registry=REGISTRY,
 )
+FALLBACKS = Counter(
+    "gemini_proxy_fallbacks",
+    "Requests served by a fallback model (`fallbacks:`), by the model asked and the one that"
+    " served (configured model names only)",
+    ["asked", "served"],
+    registry=REGISTRY,
+)
 RELOADS = Counter(
     "gemini_proxy_config_reloads", "Key file reloads by result", ["result"], registry=REGISTRY
 )
