@@ -390,6 +390,7 @@ PUBLIC_NO_ANSWER = {
     "upstream_timeout": "Google did not answer in time",
     "upstream_unreachable": "Google could not be reached",
     "attempts_exhausted": "no key answered after {attempts} attempts",
+    "pool_incident": "Google is throttling or overloaded for {model} across the pool",
 }
 
 
