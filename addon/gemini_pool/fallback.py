@@ -105,8 +105,10 @@ def eligible(http_method: str, route: Route, body: bytes) -> bool:
     if route.api is Api.OPENAI:
         if not route.path.endswith(OPENAI_GENERATION):
             return False
-    elif route.method not in GENERATION_METHODS or _NATIVE_MODEL.search(route.path) is None:
-        return False
+    else:
+        m = _NATIVE_MODEL.search(route.path)
+        if route.method not in GENERATION_METHODS or m is None or m.group(1) != route.model:
+            return False
     return not any(marker in body for marker in BOUND_MARKERS)
 
 

@@ -129,3 +129,23 @@ def test_the_rewrite_changes_the_model_only(doc: dict[str, object], model: str) 
     r = route("POST", "/v1/chat/completions", "", True, body)
     _, out = rewrite(r, body, model)
     assert json.loads(out) == {**doc, "model": model}
+
+
+def test_the_comment_and_the_log_line_say_which_model_served() -> None:
+    from gemini_pool.access_log import RequestLine
+    from gemini_pool.classify import Outcome, Verdict
+    from gemini_pool.comments import comment, metadata
+    from gemini_pool.dispatch import Attempt
+    from gemini_pool.records import RequestRecord
+
+    rec = RequestRecord(model=FLASH, asked_model=PRO, key="b", status=200)
+    rec.attempts = [Attempt("b", 200, Verdict(Outcome.OK, "200"), 0.01)]
+    line = comment(rec)
+    assert line.startswith("served by b: 200 · fell back to gemini-2.5-flash (gemini-2.5-pro")
+    assert metadata(rec)["asked_model"] == PRO
+    text = str(RequestLine(rec, False))
+    assert f"model={FLASH}" in text and f"asked_model={PRO}" in text and "fell back" in text
+    doc = json.loads(str(RequestLine(rec, True)))
+    assert (doc["model"], doc["asked_model"]) == (FLASH, PRO)
+    plain = RequestRecord(model=FLASH, key="b", status=200)
+    assert "fell back" not in comment(plain) and "asked_model" not in str(RequestLine(plain, False))
