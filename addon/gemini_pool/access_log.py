@@ -64,7 +64,9 @@ class RequestLine:
             "latency_ms": self.latency_ms,
             "outcome": rec.outcome,
         }
-        noteworthy = rec.retried or rec.proxy_reason or rec.stream_error
+        if rec.asked_model:  # a fallback model served it
+            fields["asked_model"] = rec.asked_model
+        noteworthy = rec.retried or rec.proxy_reason or rec.stream_error or rec.asked_model
         if self.as_json:  # one JSON object per line, nothing before it
             extra: dict[str, Any] = {"detail": comment(rec, messages=False)} if noteworthy else {}
             if rec.proxy_message:

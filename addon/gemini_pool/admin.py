@@ -109,6 +109,9 @@ class AdminServer:
         # a joining worker is not ready before its first sync with the pool (or READY_WAIT)
         synced = shared is None or shared.ready.is_set()
         doc: dict[str, Any] = {"ready": usable > 0 and synced, "usable_keys": usable}
+        incidents = self.service.dispatcher.incidents.current(time.time())
+        if incidents:  # said, not acted on: Google's trouble is no reason to pull this worker
+            doc["incidents"] = sorted(i.model for i in incidents)[:10]
         if shared is not None:  # a worker serves on its own state while Redis is away
             doc["shared_state"] = {
                 "up": shared.up,
@@ -173,7 +176,8 @@ class AdminServer:
         return web.json_response({"reloaded": True, "keys": [k.name for k in config.keys]})
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response(self.service.health())
+        incidents = self.service.dispatcher.incidents.describe(time.time())
+        return web.json_response({**self.service.health(), "incidents": incidents})
 
     async def rotation(self, request: web.Request) -> web.Response:
         return web.json_response(self.service.rotation())

@@ -25,6 +25,8 @@ CUT_TAG = "#cut"
 def comment(rec: RequestRecord, messages: bool = True) -> str:
     """The request in one line; `messages=False` leaves Google's and the proxy's messages out."""
     clauses = [headline(rec)]
+    if rec.asked_model:
+        clauses.append(f"fell back to {rec.model} ({rec.asked_model} out on every project)")
     if rec.proxy_message and messages:
         clauses.append(shorten(rec.proxy_message, 2 * MESSAGE_WORDS))
     if rec.retried or rec.proxy_reason or _failed_attempts(rec):
@@ -111,6 +113,7 @@ def metadata(rec: RequestRecord) -> dict[str, Any]:
         "client": rec.client,
         "api": rec.api,
         "model": rec.model,
+        "asked_model": rec.asked_model,
         "key": rec.key,
         "outcome": rec.outcome,
         "retried": rec.retried,

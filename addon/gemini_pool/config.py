@@ -18,6 +18,7 @@ import yaml
 
 from .answer_cache import CacheSpec
 from .egress import Egress, EgressError, parse_proxy_auth, parse_proxy_url
+from .fallback import FallbackError, Fallbacks, parse_fallbacks
 
 MAX_FILE_BYTES = 1 << 20
 MAX_WEIGHT = 1000
@@ -30,7 +31,7 @@ LIMIT_FIELDS = {"rpm", "concurrent", "requests_per_day", "tokens_per_day", "mode
 MAX_LIMIT = 10**12
 MODEL_GLOB = re.compile(r"[A-Za-z0-9._*?-]{1,128}")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # routing.MODEL_ID
-TOP_FIELDS = {"keys", "clients", "cache", "projects"}
+TOP_FIELDS = {"keys", "clients", "cache", "projects", "fallbacks"}
 CACHE_FIELDS = {"ttl_s", "max_entries", "max_bytes"}
 
 
@@ -122,6 +123,7 @@ class Config:
     source: str
     cache: CacheSpec | None = None  # the answer cache; None: off
     projects: tuple[ProjectSpec, ...] = ()  # budgets (`projects:`), see budgets.py
+    fallbacks: Fallbacks = ()  # model fallback (`fallbacks:`), see fallback.py; (): off
 
     def key(self, name: str) -> KeySpec | None:
         return next((k for k in self.keys if k.name == name), None)
@@ -241,6 +243,9 @@ class _Entry:
         lines = getattr(self.raw, "lines", {}) if hasattr(self, "raw") else {}
         raise ConfigError(self.source, f"{where}: {message}", lines.get(fld, self.line))
 
+    def raw_line(self, fld: str) -> int:
+        return int(getattr(self.raw, "lines", {}).get(fld, self.line))
+
     def string(self, fld: str, *, required: bool = False) -> str | None:
         value = self.raw.get(fld)
         if value is None:
@@ -335,7 +340,13 @@ def parse_config(data: bytes, source: str, env: Mapping[str, str] | None = None)
         client_names.add(name)
         tokens.add(token)
         clients.append(ClientSpec(name, token, group, limits))
-    return Config(tuple(keys), tuple(clients), source, _cache(top), _parse_projects(top, keys))
+    try:
+        fallbacks = parse_fallbacks(top.raw.get("fallbacks"), top.raw_line("fallbacks"))
+    except FallbackError as e:
+        raise ConfigError(source, str(e), e.line) from None
+    return Config(
+        tuple(keys), tuple(clients), source, _cache(top), _parse_projects(top, keys), fallbacks
+    )
 
 
 def _cache(top: _Entry) -> CacheSpec | None:

@@ -10,14 +10,15 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .budgets import Budgets, Spend
 from .classify import Outcome, Verdict, classify, decode_body, network_verdict
 from .config import KeySpec
 from .egress import Egress
+from .incidents import GO, Admission, Incidents
 from .routing import Api, Route
-from .selector import KeyPool, NoKey
+from .selector import BACKOFF_BASE, KeyPool, NoKey
 from .upstream import UpstreamAnswer, UpstreamClient, UpstreamError
 
 MAX_OVERSIZED = 2  # projects that may find a request over their token limit before it is refused
@@ -115,13 +116,99 @@ class Dispatcher:
         self.on_wait = on_wait or (lambda delta: None)
         self.budgets: Budgets | None = None  # counts attempts that spend quota
         self.on_learn: Callable[[list[str]], None] = lambda said: None
+        self.incidents = Incidents()  # whole-pool incidents (incidents.py)
 
     async def dispatch(self, req: ProxyRequest) -> Result:
+        model = req.route.model_or_default
+        start = self.clock()
+        result = Result()
+        admission = await self._hold(model, result, start) if self.incidents.open else GO
+        if admission is None:  # held as long as the caller may wait: the proxy answers
+            return self._incident_answer(result, model)
+        try:
+            return await self._dispatch(req, result, start, admission.probe)
+        finally:
+            if admission.probe is not None:
+                self.incidents.done(model, admission.probe)
+
+    async def _hold(self, model: str, result: Result, start: float) -> Admission | None:
+        """A new request for a model in an incident waits (bounded by gemini_max_wait_ms and the
+        deadline) until it may go; None: it would have to wait longer."""
+        bound = min(self.policy.max_wait, self.policy.deadline)
+        counted = False
+        while True:
+            now = self.clock()
+            admission = self.incidents.admit(model, now)
+            if not admission.wait_until:
+                return admission
+            if admission.wait_until - start > bound:
+                return None
+            if not counted:
+                self.incidents.held(model)
+                counted = True
+            wait = max(admission.wait_until - now, 0.01)
+            self.on_wait(+1)
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                self.on_wait(-1)
+            result.waited += wait
+
+    def _incident_answer(self, result: Result, model: str) -> Result:
+        now = self.clock()
+        incident = self.incidents.active(model, now)
+        until = incident.hold_until if incident is not None else now
+        result.status, result.reason = 503, "pool_incident"
+        result.retry_after = max(1.0, until - now)
+        what = f"{incident.projects} of {incident.of}" if incident is not None else "most"
+        result.message = (
+            f"Google is throttling or overloaded for {model} across the pool ({what} projects"
+            " answered 503 or 429 without a quota id); the proxy holds requests while one probe"
+            f" checks; retry in {result.retry_after:.0f}s"
+        )
+        return result
+
+    def _observe(
+        self,
+        project: str,
+        model: str,
+        answer: UpstreamAnswer | None,
+        verdict: Verdict,
+        probe: int | None,
+    ) -> Verdict:
+        """Tell the incidents what an answer says about the pool. In an incident, a 429 without a
+        quota id cools its project only briefly: the pool's hold paces it, not a backoff per
+        project that would outlast the incident."""
+        trouble = verdict.outcome is Outcome.QUOTA_UNKNOWN or (
+            answer is not None and answer.status == 503
+        )
+        if not trouble and verdict.outcome is not Outcome.OK:
+            return verdict
+        now = self.clock()
+        projects = (  # counted only on trouble: a served answer needs no count
+            len({s.spec.project for s in self.pool.keys.values() if s.usable_ever})
+            if trouble
+            else 0
+        )
+        self.incidents.observe(model, project, trouble, now, projects, probe)
+        if (
+            verdict.outcome is Outcome.QUOTA_UNKNOWN
+            and verdict.cooldown_until is None
+            and self.incidents.active(model, now) is not None
+        ):
+            return replace(
+                verdict,
+                cooldown_until=now + BACKOFF_BASE,
+                reason=f"{verdict.reason} (pool incident: {BACKOFF_BASE:.0f}s)",
+            )
+        return verdict
+
+    async def _dispatch(
+        self, req: ProxyRequest, result: Result, start: float, probe: int | None
+    ) -> Result:
         route = req.route
         model = route.model_or_default
-        start = self.clock()
         deadline = start + self.policy.deadline
-        result = Result()
         tried: set[str] = set()
         last: tuple[UpstreamAnswer | None, Verdict, KeySpec] | None = None
         served = 0  # attempts that count toward max_attempts
@@ -161,6 +248,7 @@ class Dispatcher:
             except BaseException:  # cancelled (the caller left, shutdown) or a bug: no outcome
                 self.pool.release(key.name)  # a half-open probe must not stay taken
                 raise
+            verdict = self._observe(key.project, model, answer, verdict, probe)
             oversized = False
             if budgets is not None and answer is not None and answer.status == 429:
                 if result.spend is not None:  # Google counts no tokens of a refused request

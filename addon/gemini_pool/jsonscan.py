@@ -34,11 +34,17 @@ class ScanError(ValueError):
 def top_level(body: bytes, names: frozenset[str]) -> dict[str, bytes]:
     """The raw JSON text of each top-level member of `body` named in `names` (the last one wins,
     as with json.loads). Raises ScanError if `body` is not one JSON object."""
+    return {name: body[start:end] for name, (start, end) in spans(body, names).items()}
+
+
+def spans(body: bytes, names: frozenset[str]) -> dict[str, tuple[int, int]]:
+    """Where the value of each top-level member named in `names` starts and ends in `body` (the
+    last one wins); a caller may replace one value and keep every other byte."""
     pos = _WS.match(body, 0).end()  # type: ignore[union-attr]
     if body[pos : pos + 1] != b"{":
         raise ScanError("request body must be a JSON object")
     pos = _skip_ws(body, pos + 1)
-    found: dict[str, bytes] = {}
+    found: dict[str, tuple[int, int]] = {}
     if body[pos : pos + 1] == b"}":
         return _end(body, pos + 1, found)
     while True:
@@ -52,7 +58,7 @@ def top_level(body: bytes, names: frozenset[str]) -> dict[str, bytes]:
         pos = _skip_ws(body, pos + 1)
         end = _skip_value(body, pos)
         if key in names:
-            found[key] = body[pos:end]
+            found[key] = (pos, end)
         pos = _skip_ws(body, end)
         sep = body[pos : pos + 1]
         if sep == b"}":
@@ -62,7 +68,7 @@ def top_level(body: bytes, names: frozenset[str]) -> dict[str, bytes]:
         pos = _skip_ws(body, pos + 1)
 
 
-def _end(body: bytes, pos: int, found: dict[str, bytes]) -> dict[str, bytes]:
+def _end(body: bytes, pos: int, found: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
     if _skip_ws(body, pos) != len(body):
         raise ScanError(f"extra data after the object at byte {pos}")
     return found

@@ -92,6 +92,18 @@ ANSWER_CACHE = Counter(
     ["result"],
     registry=REGISTRY,
 )
+FALLBACKS = Counter(
+    "gemini_proxy_fallbacks",
+    "Requests served by a fallback model (`fallbacks:`), by the model asked and the one that"
+    " served (configured model names only)",
+    ["asked", "served"],
+    registry=REGISTRY,
+)
+INCIDENTS = Counter(
+    "gemini_proxy_incidents",
+    "Whole-pool incidents started (most projects answering 503 or 429 without a quota id)",
+    registry=REGISTRY,
+)
 RELOADS = Counter(
     "gemini_proxy_config_reloads", "Key file reloads by result", ["result"], registry=REGISTRY
 )
@@ -232,6 +244,26 @@ class _BudgetCollector(Collector):
 
 
 REGISTRY.register(_BudgetCollector())
+
+_incident_source: list[Callable[[], int]] = []
+
+
+def set_incident_source(source: Callable[[], int] | None) -> None:
+    _incident_source.clear()
+    if source is not None:
+        _incident_source.append(source)
+
+
+class _IncidentCollector(Collector):
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "gemini_proxy_incident",
+            "Models in a whole-pool incident now (0: none): requests for them are held briefly",
+            value=_incident_source[0]() if _incident_source else 0,
+        )
+
+
+REGISTRY.register(_IncidentCollector())
 
 
 def render() -> bytes:

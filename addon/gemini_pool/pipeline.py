@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import answer_cache, listing, metrics, resources
+from . import answer_cache, fallback, listing, metrics, resources
 from .budgets import counted, estimate_tokens
 from .codings import decoded
 from .dispatch import Attempt, ProxyRequest, Result
@@ -182,6 +182,8 @@ class Pipeline:
         if admit.upload_key is not None and (spec := service.config.key(admit.upload_key)):
             proxy_req.upload_egress = (spec.egress,)  # the upload's bytes leave as its start did
         result = await service.dispatcher.dispatch(proxy_req)
+        if result.proxy_made and result.reason == "all_keys_cooling":
+            result = await self._fall_back(req.method, proxy_req, result, rec)  # 5b. fallbacks:
         rec.attempts, rec.waited, rec.spend = result.attempts, result.waited, result.spend
         if result.proxy_made:
             return self._no_answer(result, r, group)
@@ -195,6 +197,8 @@ class Pipeline:
             ("x-gemini-proxy-attempts", str(len(rec.attempts))),
             ("x-request-id", rec.request_id),
         ]
+        if rec.asked_model is not None:  # served by a fallback model: say which
+            headers.append((fallback.MODEL_HEADER, rec.model or ""))
         # 6. upload URLs back at the proxy
         if names_upload_urls(answer.headers):
             answer.headers, started = rewrite_upload_headers(
@@ -219,10 +223,49 @@ class Pipeline:
             ):
                 await self.ownership.shared_written()  # the next request may reach another worker
         # 7b. an answer that does not change, kept for the next caller of the group
-        if cache_key is not None:
-            headers.append((answer_cache.CACHE_HEADER, self._cache_store(cache_key, answer, rec)))
+        if cache_key is not None:  # (another model's answer is no answer to this request)
+            stored = "miss" if rec.asked_model else self._cache_store(cache_key, answer, rec)
+            headers.append((answer_cache.CACHE_HEADER, stored))
         # 8. Google's whole answer
         return Unary(answer, headers)
+
+    async def _fall_back(
+        self, http_method: str, sent: ProxyRequest, result: Result, rec: RequestRecord
+    ) -> Result:
+        """5b. Every project is out for the model asked: the first fallback model (`fallbacks:`)
+        the client may use and some key can serve takes the request, rewritten for it."""
+        service = self.service
+        asked = sent.route.model
+        targets = fallback.targets_of(service.config.fallbacks, asked)
+        if (
+            asked is None
+            or not targets
+            or not fallback.eligible(http_method, sent.route, sent.body)
+        ):
+            return result
+        client = rec.admit.client if rec.admit is not None else None
+        spec = next((c for c in service.config.clients if c.name == client), None)
+        now = time.time()
+        model = fallback.choose(
+            targets,
+            spec.limits.models if spec is not None else (),
+            lambda m: service.pool.peek(m, now, sent.project, sent.tokens) is None,
+        )
+        if model is None:
+            return result
+        try:
+            route, body = fallback.rewrite(sent.route, sent.body, model)
+        except ValueError:
+            return result
+        again = await service.dispatcher.dispatch(replace(sent, route=route, body=body))
+        if again.proxy_made:  # the fallback's keys went meanwhile: the answer for the model asked
+            result.attempts += again.attempts
+            return result
+        again.attempts[:0] = result.attempts
+        again.waited += result.waited
+        rec.asked_model, rec.model, rec.upstream_path = asked, model, route.path_and_query
+        metrics.FALLBACKS.labels(asked, model).inc()
+        return again
 
     def _cache_key(self, req: Incoming, admit: Admit, r: Route, project: str | None) -> str | None:
         """The answer cache's key for this request; None: the cache is off or it is not cacheable."""
@@ -347,6 +390,7 @@ PUBLIC_NO_ANSWER = {
     "upstream_timeout": "Google did not answer in time",
     "upstream_unreachable": "Google could not be reached",
     "attempts_exhausted": "no key answered after {attempts} attempts",
+    "pool_incident": "Google is throttling or overloaded for {model} across the pool",
 }
 
 

@@ -33,7 +33,8 @@ _ID_COUNTER = itertools.count(1)
 class RequestRecord:
     api: str = "native"
     client: str | None = None
-    model: str | None = None
+    model: str | None = None  # the model that served (a fallback's, see asked_model)
+    asked_model: str | None = None  # the model asked for, when a fallback model served it
     streaming: bool = False
     admit: Admit | None = None  # the gate's admission: who, where to, which upload session
     origin_host: str = ""  # the Host the caller used

@@ -21,6 +21,7 @@ from .clients_view import describe_clients
 from .config import EMPTY, NO_LIMITS, ClientLimits, ClientSpec, Config, ConfigError, load_config
 from .dispatch import Dispatcher, DispatchPolicy
 from .gate import Gate, digest
+from .incidents import Incident
 from .keycheck import KeyChecker
 from .limits import ClientLimitCheck, Limiter
 from .owners import Owners
@@ -87,6 +88,20 @@ class ProxyService:
         self.dispatcher.on_learn = self._said_learned
         self.budgets.on_learn = self._on_learn
         metrics.set_budget_source(self.budget_rows)
+        self.dispatcher.incidents.on_change = self._on_incident
+        metrics.set_incident_source(lambda: self.dispatcher.incidents.count(time.time()))
+
+    @staticmethod
+    def _on_incident(what: str, incident: Incident, why: str) -> None:
+        """Whole-pool incidents (incidents.py): said once as they start and end."""
+        if what == "started":
+            metrics.INCIDENTS.inc()
+            log.warning("gemini-proxy: incident on %s: %s", incident.model, why)
+        else:
+            seconds = time.time() - incident.started
+            log.info(
+                "gemini-proxy: incident on %s over after %.0fs: %s", incident.model, seconds, why
+            )
 
     # --- budgets (budgets.py): learned limits are persisted and shared
 
