@@ -12,17 +12,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from .answer_cache import CacheSpec
 from .egress import Egress, EgressError, parse_proxy_auth, parse_proxy_url
 from .fallback import FallbackError, Fallbacks, parse_fallbacks
+from .key_file import NAME_RE, ConfigError, Entry, LinedDict, load_yaml
 
-MAX_FILE_BYTES = 1 << 20
+__all__ = ["NAME_RE", "Config", "ConfigError", "load_config", "parse_config"]
+
 MAX_WEIGHT = 1000
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_KEYS_VAR = "GEMINI_API_KEYS"
 
 KEY_FIELDS = {"name", "key", "key_env", "project", "weight", "enabled", "proxy", "proxy_auth_env"}
@@ -33,17 +31,6 @@ MODEL_GLOB = re.compile(r"[A-Za-z0-9._*?-]{1,128}")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # routing.MODEL_ID
 TOP_FIELDS = {"keys", "clients", "cache", "projects", "fallbacks"}
 CACHE_FIELDS = {"ttl_s", "max_entries", "max_bytes"}
-
-
-class ConfigError(ValueError):
-    """A key file that cannot be used. str() reads `file:line: message`."""
-
-    def __init__(self, source: str, message: str, line: int | None = None) -> None:
-        self.source = source
-        self.line = line
-        self.detail = message
-        where = f"{source}:{line}" if line else source
-        super().__init__(f"{where}: {message}")
 
 
 # how Google's keys start (every key, so no secret): shown in full, like Google's console does
@@ -154,141 +141,13 @@ class ProjectSpec:
 EMPTY = Config(keys=(), clients=(), source="(none)")
 
 
-# --- YAML loading: no aliases (no "billion laughs"), no duplicate mapping keys, line numbers kept.
-
-
-class _LinedDict(dict[Any, Any]):
-    line: int = 0
-    lines: dict[Any, int]  # the line of each field
-
-
-class _StrictLoader(yaml.SafeLoader):
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()  # type: ignore[no-untyped-call]
-            raise yaml.composer.ComposerError(
-                None, None, "aliases (*name) are not allowed in the key file", event.start_mark
-            )
-        return super().compose_node(parent, index)
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> _LinedDict:
-    result = _LinedDict()
-    result.line = node.start_mark.line + 1
-    result.lines = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, str | int | bool | float) and key is not None:
-            raise yaml.constructor.ConstructorError(
-                None, None, "mapping keys must be plain scalars", key_node.start_mark
-            )
-        if key in result:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        result[key] = loader.construct_object(value_node, deep=True)
-        result.lines[key] = key_node.start_mark.line + 1
-    return result
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _load_yaml(data: bytes, source: str) -> Any:
-    if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(source, f"file is {len(data)} bytes; the limit is {MAX_FILE_BYTES}")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise ConfigError(source, f"not valid UTF-8 (byte {e.start})", line) from None
-    try:
-        return yaml.load(text, Loader=_StrictLoader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = mark.line + 1 if mark else None
-        message = f"YAML error: {e.problem or e.context}"
-        if e.context and e.context_mark and e.problem:
-            message += f" ({e.context} started at line {e.context_mark.line + 1})"
-        raise ConfigError(source, message, where) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(source, f"YAML error: {e}") from None
-    except RecursionError:
-        raise ConfigError(source, "YAML nested too deeply") from None
-    except Exception as e:  # a tagged scalar PyYAML cannot construct (!!timestamp nope, ...)
-        raise ConfigError(source, f"YAML error: {type(e).__name__}: {e}") from None
-
-
-# --- validation
-
-
-class _Entry:
-    """One mapping in the file, with enough context to name it in an error."""
-
-    def __init__(self, source: str, what: str, raw: Any, allowed: set[str], parent_line: int):
-        self.source = source
-        self.what = what
-        self.line = raw.line if isinstance(raw, _LinedDict) else parent_line
-        if not isinstance(raw, dict):
-            self.fail(f"must be a mapping, got {type(raw).__name__}")
-        self.raw: dict[Any, Any] = raw
-        unknown = sorted(str(k) for k in raw if k not in allowed)
-        if unknown:
-            self.fail(
-                f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
-            )
-
-    def fail(self, message: str, fld: str | None = None) -> None:
-        where = f"{self.what}, field '{fld}'" if fld else self.what
-        lines = getattr(self.raw, "lines", {}) if hasattr(self, "raw") else {}
-        raise ConfigError(self.source, f"{where}: {message}", lines.get(fld, self.line))
-
-    def raw_line(self, fld: str) -> int:
-        return int(getattr(self.raw, "lines", {}).get(fld, self.line))
-
-    def string(self, fld: str, *, required: bool = False) -> str | None:
-        value = self.raw.get(fld)
-        if value is None:
-            if required:
-                self.fail("is required", fld)
-            return None
-        if not isinstance(value, str) or not value.strip():
-            self.fail(f"must be a non-empty string, got {type(value).__name__}", fld)
-        return str(value).strip()
-
-    def secret(self, fld: str, env_fld: str, env: Mapping[str, str]) -> str:
-        direct, from_env = self.string(fld), self.string(env_fld)
-        if direct and from_env:
-            self.fail(f"give either '{fld}' or '{env_fld}', not both")
-        if from_env:
-            value = env.get(from_env, "").strip()
-            if not value:
-                self.fail(f"environment variable {from_env} is not set or empty", env_fld)
-            return value
-        if not direct:
-            self.fail(f"one of '{fld}' or '{env_fld}' is required")
-        return str(direct)
-
-    def name(self) -> str:
-        name = self.string("name", required=True)
-        assert name is not None
-        if not NAME_RE.match(name):
-            self.fail(
-                "must be 1-64 characters of letters, digits, '_', '.', '-', starting with a "
-                "letter or digit",
-                "name",
-            )
-        self.what = f"{self.what} ({name})"
-        return name
-
-
 def parse_config(data: bytes, source: str, env: Mapping[str, str] | None = None) -> Config:
     """Parse key-file bytes. Raises ConfigError naming file, line and field."""
     env = os.environ if env is None else env
-    doc = _load_yaml(data, source)
+    doc = load_yaml(data, source)
     if doc is None:
-        doc = _LinedDict()
-    top = _Entry(source, "top level", doc, TOP_FIELDS, 1)
+        doc = LinedDict()
+    top = Entry(source, "top level", doc, TOP_FIELDS, 1)
     raw_keys = top.raw.get("keys") or []
     raw_clients = top.raw.get("clients") or []
     if not isinstance(raw_keys, list):
@@ -300,7 +159,7 @@ def parse_config(data: bytes, source: str, env: Mapping[str, str] | None = None)
     names: set[str] = set()
     secrets: dict[str, str] = {}
     for i, raw in enumerate(raw_keys):
-        entry = _Entry(source, f"keys[{i}]", raw, KEY_FIELDS, top.line)
+        entry = Entry(source, f"keys[{i}]", raw, KEY_FIELDS, top.line)
         name = entry.name()
         if name in names:
             entry.fail(f"duplicate key name '{name}'", "name")
@@ -322,7 +181,7 @@ def parse_config(data: bytes, source: str, env: Mapping[str, str] | None = None)
     client_names: set[str] = set()
     tokens: set[str] = set()
     for i, raw in enumerate(raw_clients):
-        entry = _Entry(source, f"clients[{i}]", raw, CLIENT_FIELDS, top.line)
+        entry = Entry(source, f"clients[{i}]", raw, CLIENT_FIELDS, top.line)
         name = entry.name()
         if name in client_names:
             entry.fail(f"duplicate client name '{name}'", "name")
@@ -349,12 +208,12 @@ def parse_config(data: bytes, source: str, env: Mapping[str, str] | None = None)
     )
 
 
-def _cache(top: _Entry) -> CacheSpec | None:
+def _cache(top: Entry) -> CacheSpec | None:
     """`cache: {ttl_s, max_entries, max_bytes}`: the answer cache, off without it."""
     raw = top.raw.get("cache")
     if raw is None:
         return None
-    entry = _Entry(top.source, "cache", raw, CACHE_FIELDS, top.line)
+    entry = Entry(top.source, "cache", raw, CACHE_FIELDS, top.line)
     default = CacheSpec()
     values: dict[str, int] = {}
     for fld, low, high in (
@@ -369,7 +228,7 @@ def _cache(top: _Entry) -> CacheSpec | None:
     return CacheSpec(float(values["ttl_s"]), values["max_entries"], values["max_bytes"])
 
 
-def _egress(entry: _Entry, env: Mapping[str, str]) -> Egress | None:
+def _egress(entry: Entry, env: Mapping[str, str]) -> Egress | None:
     """keys[].proxy and keys[].proxy_auth_env (the credentials, from the environment only)."""
     url, auth_env = entry.string("proxy"), entry.string("proxy_auth_env")
     if url is None:
@@ -392,12 +251,12 @@ def _egress(entry: _Entry, env: Mapping[str, str]) -> Egress | None:
     return Egress(url, auth)
 
 
-def _limits(client: _Entry, parent_line: int) -> ClientLimits:
+def _limits(client: Entry, parent_line: int) -> ClientLimits:
     """A client's `limits:` mapping: positive whole numbers, and model globs that can match."""
     raw = client.raw.get("limits")
     if raw is None:
         return NO_LIMITS
-    entry = _Entry(client.source, f"{client.what} limits", raw, LIMIT_FIELDS, parent_line)
+    entry = Entry(client.source, f"{client.what} limits", raw, LIMIT_FIELDS, parent_line)
     numbers: dict[str, int | None] = {}
     for fld in sorted(LIMIT_FIELDS - {"models"}):
         value = entry.raw.get(fld)
@@ -431,7 +290,7 @@ def _limits(client: _Entry, parent_line: int) -> ClientLimits:
     )
 
 
-def _parse_projects(top: _Entry, keys: list[KeySpec]) -> tuple[ProjectSpec, ...]:
+def _parse_projects(top: Entry, keys: list[KeySpec]) -> tuple[ProjectSpec, ...]:
     """`projects:` budgets per project and model (see budgets.py)."""
     raw_projects = top.raw.get("projects") or []
     if not isinstance(raw_projects, list):
@@ -440,7 +299,7 @@ def _parse_projects(top: _Entry, keys: list[KeySpec]) -> tuple[ProjectSpec, ...]
     out: list[ProjectSpec] = []
     seen: set[str] = set()
     for i, raw in enumerate(raw_projects):
-        entry = _Entry(top.source, f"projects[{i}]", raw, PROJECT_FIELDS, top.line)
+        entry = Entry(top.source, f"projects[{i}]", raw, PROJECT_FIELDS, top.line)
         name = entry.name()
         if name in seen:
             entry.fail(f"duplicate project '{name}'", "name")
@@ -458,7 +317,7 @@ def _parse_projects(top: _Entry, keys: list[KeySpec]) -> tuple[ProjectSpec, ...]
                     " '-', '*', '?')",
                     "limits",
                 )
-            sub = _Entry(
+            sub = Entry(
                 top.source,
                 f"{entry.what}, limits '{pattern}'",
                 raw_limit,
