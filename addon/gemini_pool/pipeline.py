@@ -38,6 +38,7 @@ from .records import RequestRecord
 from .routing import Route, RouteError, query_param, route
 from .uploads import (
     Where,
+    mask_upload_ids,
     names_upload_id,
     names_upload_urls,
     proxy_origin,
@@ -157,7 +158,8 @@ class Pipeline:
         rec.upstream_path = r.path_and_query  # an upload's follow-up: its token, not Google's id
         # 2b. an upload's follow-up goes upstream with Google's upload_id, opened with its token
         session = self._upload_session(req, admit)
-        if session is None:
+        if session is None:  # flows and records show no upload id but the proxy's tokens
+            rec.upstream_path = replace(r, query=mask_upload_ids(r.query)).path_and_query
             return ProxyAnswer(404, UPLOAD_NOT_FOUND, "upload_not_found")
         upstream_route = r
         if session is not NO_UPLOAD:

@@ -116,7 +116,12 @@ class SharedState:
             self._put("cooldowns", f"{project}{SEP}{model}", value)
 
     def pin_added(self, pin: Pin) -> None:
-        self._put("pins", f"{pin.kind}{SEP}{pin.name}", _pin_value(pin))
+        field = f"{pin.kind}{SEP}{pin.name}"
+        self._put("pins", field, _pin_value(pin))  # published: the other workers drop it too
+        if pin.kind == KIND_UPLOAD and pin.expires <= time.time():
+            # an upload that ended: Redis's merge keeps the longer expiry, and a worker catching
+            # up (learn_upload) would take the session back from it; delete it outright
+            self._put("pins", field, None)
 
     def limit_learned(self, project: str, model: str, kind: str, value: int, at: float) -> None:
         self._put("learned", SEP.join((project, model, kind)), {"value": value, "at": at})

@@ -20,7 +20,7 @@ from urllib.parse import quote, unquote_plus, urlsplit
 
 from .gate import parse_ip
 from .routing import param_name
-from .upload_tokens import new_token
+from .upload_tokens import is_token, new_token
 
 UPLOAD_URL_HEADERS = frozenset({"x-goog-upload-url", "x-goog-upload-control-url", "location"})
 # Google's uploader names the upload it served here (for GCS, the upload_id itself): never passed on
@@ -138,6 +138,20 @@ def names_upload_id(query: str) -> bool:
     return "pload" in query.lower() and any(
         param_name(part.partition("=")[0]) == _UPLOAD_ID_FOLDED for part in query.split("&")
     )
+
+
+def mask_upload_ids(query: str) -> str:
+    """A refused request's query as flows and records show it: an upload id that is not one of
+    the proxy's tokens (Google's own, say) reads `redacted`."""
+    if "pload" not in query.lower():
+        return query
+    parts = []
+    for part in query.split("&"):
+        raw_name, _, raw_value = part.partition("=")
+        if param_name(raw_name) == _UPLOAD_ID_FOLDED and not is_token(unquote_plus(raw_value)):
+            part = f"{raw_name}=redacted"
+        parts.append(part)
+    return "&".join(parts)
 
 
 def _swap_upload_ids(query: str, swap: Callable[[str], str]) -> str:

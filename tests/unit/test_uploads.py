@@ -7,6 +7,7 @@ import ipaddress
 from gemini_pool.upload_tokens import is_token, new_token
 from gemini_pool.uploads import (
     Where,
+    mask_upload_ids,
     names_upload_id,
     proxy_origin,
     rewrite_upload_headers,
@@ -52,6 +53,15 @@ def test_a_follow_up_goes_upstream_with_googles_id_in_place_of_every_upload_id()
     assert upstream_query("alt=json", "g") == "alt=json"  # (a follow-up always names one)
     assert names_upload_id(query) and names_upload_id("uploadId=1")
     assert names_upload_id("%2575pload_id=1") and not names_upload_id("upload=1&alt=json")
+
+
+def test_a_refused_requests_upload_ids_show_only_as_the_proxys_tokens() -> None:
+    token = new_token()
+    query = f"upload_id=googles-id&alt=json&uploadId=x%2By&upload_id={token}"
+    assert (
+        mask_upload_ids(query) == f"upload_id=redacted&alt=json&uploadId=redacted&upload_id={token}"
+    )
+    assert mask_upload_ids("alt=json") == "alt=json"
 
 
 def test_the_origin_upload_urls_point_at() -> None:
