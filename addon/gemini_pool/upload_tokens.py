@@ -64,11 +64,6 @@ def unseal(token: str, sealed: str) -> str | None:
         return None
 
 
-def masked(token: str) -> str:
-    """A token as logs may show it: its prefix and first characters only."""
-    return token[: len(PREFIX) + 6] + "…" if is_token(token) else "…"
-
-
 def _key(token: str) -> bytes:
     hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO)
     return hkdf.derive(token.encode())
