@@ -63,7 +63,7 @@ MIGRATIONS: dict[int, list[str]] = {
         # when the key left the configuration (NULL while it is configured)
         "ALTER TABLE key_state ADD COLUMN retired REAL",
         # project-bound resources and upload sessions (see pins.Pin); owner is a project or a
-        # key name, an upload session's name is a digest of its upload_id: never a secret
+        # key name, an upload session's name is a digest of its upload token: never a secret
         """CREATE TABLE pins (
             kind TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL, path TEXT NOT NULL,
             expires REAL NOT NULL, PRIMARY KEY (kind, name))""",
