@@ -153,11 +153,22 @@ def test_googles_upload_id_shows_nowhere_and_forged_ones_go_nowhere(
     for fl in starts:
         assert fl.response is not None
         assert is_token(token_of(fl.response.headers["x-goog-upload-url"]))
-    follow_ups = [fl for fl in uploads if "upload_id=" in fl.request.path]
-    assert {token_of(fl.request.path) for fl in follow_ups} >= {token}
-    assert all(
-        is_token(token_of(fl.request.path)) for fl in follow_ups if fl.response.status_code == 200
-    )
+    follow_ups = [fl for fl in uploads if "?" in fl.request.path]
+    served = [fl for fl in follow_ups if fl.response and fl.response.status_code == 200]
+    assert len(served) == 4  # the SDK's bytes, two chunks, the open upload's first
+    assert all(is_token(token_of(fl.request.path)) for fl in served)
+    assert token in {token_of(fl.request.path) for fl in served}
+    # the refused ones show the proxy's tokens, or `redacted` for anything else
+    shown = [
+        value
+        for fl in follow_ups
+        for name, values in parse_qs(fl.request.path.split("?", 1)[1]).items()
+        if name.lower().replace("_", "") == "uploadid"
+        for value in values
+    ]
+    assert len(shown) == len(follow_ups) == 4 + 2 * len(refused)
+    assert all(is_token(v) or v == "redacted" for v in shown)
+    assert shown.count("redacted") == 4  # Google's id, twice in each of two spellings
 
     # the open session's row: its token's digest and a ciphertext only that token opens; the
     # finalized sessions kept nothing
