@@ -30,7 +30,8 @@ Control API (JSON, under /_fake/, never compressed):
                         "requests_minute", "tokens_minute", "refused": {"rpm": n, "tpm": n, "rpd": n}}}}
   GET  /_fake/log     [{"key", "method", "path", "query", "model", "status", "stream", "body",
                         "behaviour", "t"}]  (upload-byte requests: {"key", "method", "path",
-                        "model", "stream", "status", "upload": true, "t"}); status 0 = dropped
+                        "query", "model", "stream", "status", "upload": true, "t"}); status 0 =
+                        dropped
   GET  /_fake/counts  {"create:files": 0, "finalize:files": 0, "delete:files": 0,
                        "create:cachedContents": 0, "update:cachedContents": 0,
                        "delete:cachedContents": 0, "create:batches": 0, "cancel:batches": 0,
@@ -1504,6 +1505,7 @@ class FakeGemini:
                 "key": request.headers.get("x-goog-api-key"),
                 "method": request.method,
                 "path": request.path,
+                "query": request.query_string,  # the upload_id the fake handed out, if it is one
                 "model": None,
                 "stream": False,
                 "t": time.time(),

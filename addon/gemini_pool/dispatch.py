@@ -310,8 +310,9 @@ class Dispatcher:
                 repeatable=req.route.repeatable,
                 egress=key.egress if req.upload_egress is None else req.upload_egress[0],
             )
-        except UpstreamError as e:
-            return None, network_verdict(str(e), e.sent), time.perf_counter() - t0
+        except UpstreamError as e:  # its message never repeats the query (an upload's id)
+            why = str(e).replace(req.route.query, "…") if req.route.query else str(e)
+            return None, network_verdict(why, e.sent), time.perf_counter() - t0
         seconds = time.perf_counter() - t0
         if 200 <= answer.status < 300:
             return answer, Verdict(Outcome.OK, str(answer.status)), seconds

@@ -4,7 +4,7 @@ Google cannot tell a pool's callers apart (one project, one key, one list), so t
 who created what: name -> (group, expires). A resource nobody created through the proxy has no
 owner and is nobody's: with clients configured it is refused like another group's, until an
 operator hands it to a group (`POST /admin/resources`, `gemini.own`). An upload session belongs
-to the group that started it (kept under "upload:" + the digest of its upload_id), and the file
+to the group that started it (kept under "upload:" + the digest of its upload token), and the file
 it creates goes to that group.
 
 Persisted and shared as pins of kind "owner" (through `pins.ResourcePins`: the store's pins table,

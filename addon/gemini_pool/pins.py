@@ -6,8 +6,9 @@ Bounded LRU maps with an expiry per entry; pure logic (no mitmproxy, no SQLite).
 
 Persistence: every pin added or changed is handed to `ResourcePins.on_pin` (the service points it
 at `Store.save_pin`), and `ResourcePins.restore` takes the rows of `Store.load_pins` at start.
-An upload session is kept under a digest of its upload_id, never the id itself: the id is a
-credential for the upload at Google, and what is persisted must not be one.
+An upload session is kept under a digest of the proxy's own upload token, with Google's upload_id
+sealed under that token (`upload_tokens`): Google's id is a credential for the upload at Google,
+and neither it nor the token is ever kept in the clear.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ RESOURCE_TTL = {  # how long Google keeps each kind unless the answer says other
     "batches/": 48 * HOUR,
     "operations/": 48 * HOUR,
 }
-KIND_UPLOAD = "upload"  # Pin.name = digest of the upload_id, owner = key name
+KIND_UPLOAD = "upload"  # Pin.name = digest of the upload token, owner = key name
 KIND_RESOURCE = "resource"  # Pin.name = "files/abc", owner = project
 UPLOAD_METHODS = frozenset({"POST", "PUT"})  # what the resumable protocol's follow-ups use
 
@@ -69,10 +70,11 @@ class Pin:
     """One persisted pin: a row of the store's `pins` table. Never holds a secret."""
 
     kind: str  # KIND_UPLOAD | KIND_RESOURCE
-    name: str  # upload: digest of the upload_id; resource: "files/abc", "cachedContents/x", ...
+    name: str  # upload: digest of the upload token; resource: "files/abc", "cachedContents/x", ...
     owner: str  # upload: the key name that started it; resource: the owning project
     path: str  # upload: the path its follow-ups must use ("/upload/v1beta/files"); else ""
     expires: float  # epoch seconds
+    sealed: str = ""  # upload: Google's upload_id sealed under the token (upload_tokens); else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +82,11 @@ class UploadPin:
     key: str  # the key name that started the upload
     path: str  # the upload URL's path
     expires: float
+    sealed: str = ""  # Google's upload_id, sealed under the session's token
 
 
 def upload_digest(upload_id: str) -> str:
-    """What an upload session is kept (and persisted) under instead of its upload_id."""
+    """What an upload session is kept (and persisted) under instead of its upload token."""
     return hashlib.sha256(b"gemini-proxy upload\0" + upload_id.encode()).hexdigest()
 
 
@@ -216,7 +219,7 @@ class ResourcePins:
                 ended.pop(p.name, None)
                 continue
             if p.kind == KIND_UPLOAD:
-                self.uploads.put(p.name, UploadPin(p.owner, p.path, p.expires))
+                self.uploads.put(p.name, UploadPin(p.owner, p.path, p.expires, p.sealed))
             elif p.kind == KIND_RESOURCE:
                 self.resources.put(p.name, (p.owner, p.expires))
             else:
@@ -227,7 +230,7 @@ class ResourcePins:
     def all_pins(self, now: float) -> list[Pin]:
         """Every pin still valid, as rows (for another worker or a fresh Redis)."""
         out = [
-            Pin(KIND_UPLOAD, name, u.key, u.path, u.expires)
+            Pin(KIND_UPLOAD, name, u.key, u.path, u.expires, u.sealed)
             for name, u in self.uploads.items()
             if u.expires > now
         ]
@@ -252,18 +255,26 @@ class ResourcePins:
     # --- upload sessions
 
     def remember_upload(
-        self, upload_id: str, key: str, path: str = "", now: float | None = None
+        self,
+        upload_id: str,
+        key: str,
+        path: str = "",
+        now: float | None = None,
+        sealed: str = "",
     ) -> None:
-        """An upload session `key` started; its follow-ups must use `path` (the upload URL's
-        path, e.g. "/upload/v1beta/files"). Without a path, upload_session never matches it."""
+        """An upload session `key` started, known to the caller as `upload_id` (the proxy's
+        token); its follow-ups must use `path` (the upload URL's path, e.g.
+        "/upload/v1beta/files"). Without a path, upload_session never matches it. `sealed`:
+        Google's own upload_id, sealed under the token."""
         now = time.time() if now is None else now
         digest = upload_digest(upload_id)
-        pin = UploadPin(key, path, now + UPLOAD_TTL)
+        pin = UploadPin(key, path, now + UPLOAD_TTL, sealed)
         self.uploads.put(digest, pin)
-        self._emit(Pin(KIND_UPLOAD, digest, key, path, pin.expires))
+        self._emit(Pin(KIND_UPLOAD, digest, key, path, pin.expires, sealed))
 
     def forget_upload(self, upload_id: str, now: float | None = None) -> None:
-        """The session is over (finalized or cancelled): its upload_id lets nothing through."""
+        """The session is over (finalized or cancelled): its token lets nothing through (the
+        ended pin keeps no sealed id)."""
         now = time.time() if now is None else now
         pin = self.uploads.pop(upload_digest(upload_id), None)
         if pin is not None:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import answer_cache, fallback, listing, metrics, resources
+from . import answer_cache, fallback, listing, metrics, resources, upload_tokens
 from .budgets import counted, estimate_tokens
 from .codings import decoded
 from .dispatch import Attempt, ProxyRequest, Result
@@ -36,7 +36,15 @@ from .gate import Admit
 from .ownership import NOT_FOUND
 from .records import RequestRecord
 from .routing import Route, RouteError, query_param, route
-from .uploads import Where, names_upload_urls, proxy_origin, rewrite_upload_headers
+from .uploads import (
+    Where,
+    mask_upload_ids,
+    names_upload_id,
+    names_upload_urls,
+    proxy_origin,
+    rewrite_upload_headers,
+    upstream_query,
+)
 from .upstream import UpstreamAnswer
 from .usage import UsageTap
 
@@ -55,6 +63,10 @@ RESOURCE_PATHS = (
 )
 MAX_RESOURCE_ANSWER = 4 << 20  # larger answers are not read for names
 MAX_LIST_PAGES = 10  # upstream pages one list call of a tenant may read past empty ones
+NO_UPLOAD = ("", "")  # _upload_session: the request continues no upload session
+UPLOAD_NOT_FOUND = (
+    "upload session not found: it ended, expired, or its URL is not one this proxy handed out"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +155,15 @@ class Pipeline:
         except RouteError as e:
             return ProxyAnswer(e.status, e.message, e.reason)
         rec.api, rec.model, rec.streaming = str(r.api), r.model, r.streaming
-        rec.upstream_path = r.path_and_query
+        rec.upstream_path = r.path_and_query  # an upload's follow-up: its token, not Google's id
+        # 2b. an upload's follow-up goes upstream with Google's upload_id, opened with its token
+        session = self._upload_session(req, admit)
+        if session is None:  # flows and records show no upload id but the proxy's tokens
+            rec.upstream_path = replace(r, query=mask_upload_ids(r.query)).path_and_query
+            return ProxyAnswer(404, UPLOAD_NOT_FOUND, "upload_not_found")
+        upstream_route = r
+        if session is not NO_UPLOAD:
+            upstream_route = replace(r, query=upstream_query(r.query, session[0]))
         # 3. owners and pins
         now = time.time()
         group = self.ownership.group(admit, now)
@@ -177,7 +197,13 @@ class Pipeline:
             estimate_tokens(req.body) if counted(req.method, r.method, r.path, r.model) else None
         )
         proxy_req = ProxyRequest(
-            req.method, admit.upstream.base, r, list(req.headers), req.body, project, tokens
+            req.method,
+            admit.upstream.base,
+            upstream_route,
+            list(req.headers),
+            req.body,
+            project,
+            tokens,
         )
         if admit.upload_key is not None and (spec := service.config.key(admit.upload_key)):
             proxy_req.upload_egress = (spec.egress,)  # the upload's bytes leave as its start did
@@ -199,17 +225,21 @@ class Pipeline:
         ]
         if rec.asked_model is not None:  # served by a fallback model: say which
             headers.append((fallback.MODEL_HEADER, rec.model or ""))
-        # 6. upload URLs back at the proxy
+        # 6. upload URLs back at the proxy, each with a token of ours instead of Google's id
+        if session is not NO_UPLOAD:
+            _hide_upload_id(answer, *session)
         if names_upload_urls(answer.headers):
             answer.headers, started = rewrite_upload_headers(
                 answer.headers,
                 admit.upstream.host,
                 proxy_origin(req.where(), settings.public_url, settings.trusted_proxies),
+                dict([session]) if session is not NO_UPLOAD else None,
             )
-            for upload_id, upload_path in started if admit.upload_id is None else ():
-                service.pins.remember_upload(upload_id, key.name, upload_path, now)
-                self.ownership.upload_started(upload_id, group, now)
-            if started and admit.upload_id is None:
+            for new in started:
+                sealed = upload_tokens.seal(new.token, new.upload_id)
+                service.pins.remember_upload(new.token, key.name, new.path, now, sealed)
+                self.ownership.upload_started(new.token, group, now)
+            if started:
                 await self.ownership.shared_written()  # its bytes may go to another worker
         if admit.upload_id is not None and _upload_over(answer):
             self.ownership.upload_ended(admit.upload_id, now)
@@ -266,6 +296,20 @@ class Pipeline:
         rec.asked_model, rec.model, rec.upstream_path = asked, model, route.path_and_query
         metrics.FALLBACKS.labels(asked, model).inc()
         return again
+
+    def _upload_session(self, req: Incoming, admit: Admit) -> tuple[str, str] | None:
+        """(Google's upload_id, the token) of the upload session a follow-up continues; NO_UPLOAD
+        for a request that names none; None for one that names an upload id the proxy did not hand
+        out, or whose sealed id its token does not open: refused, nothing goes upstream (a raw
+        Google upload_id included)."""
+        token = admit.upload_id
+        if token is None:
+            return None if names_upload_id(req.query) else NO_UPLOAD
+        pin = self.service.pins.upload_session(token, req.method, req.path, time.time())
+        if admit.upload_key is None or pin is None or pin.key != admit.upload_key:
+            return None
+        upload_id = upload_tokens.unseal(token, pin.sealed)
+        return None if upload_id is None else (upload_id, token)
 
     def _cache_key(self, req: Incoming, admit: Admit, r: Route, project: str | None) -> str | None:
         """The answer cache's key for this request; None: the cache is off or it is not cacheable."""
@@ -398,6 +442,15 @@ def _upload_over(answer: UpstreamAnswer) -> bool:
     """An upload follow-up's answer that ends the session: finalized, cancelled or failed."""
     status = answer.header("x-goog-upload-status").lower()
     return status in ("final", "cancelled") or answer.status >= 400
+
+
+def _hide_upload_id(answer: UpstreamAnswer, upload_id: str, token: str) -> None:
+    """Google's upload_id, wherever a follow-up's answer repeats it (headers; a plain, whole body),
+    becomes the caller's token: the caller, mitmweb and dumps see only the token."""
+    answer.headers = [(k, v.replace(upload_id, token)) for k, v in answer.headers]
+    raw = upload_id.encode()
+    if answer.stream is None and not answer.header("content-encoding") and raw in answer.body:
+        answer.body = answer.body.replace(raw, token.encode())
 
 
 def _json_answer(body: bytes) -> UpstreamAnswer:

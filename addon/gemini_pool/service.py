@@ -32,6 +32,7 @@ from .selector import KeyPool, PoolPolicy
 from .shared import SharedState
 from .shared_limits import SharedLimits
 from .store import Store, read_state_document, state_document
+from .upload_tokens import is_token
 from .uploads import IPNetwork
 from .upstream import UpstreamClient
 
@@ -196,8 +197,12 @@ class ProxyService:
         self.state_dirty = True
 
     def _upload_key(self, upload_id: str, method: str, path: str, now: float) -> str | None:
+        """The key of the upload session a follow-up names by the token we handed out; never
+        for anything else (a raw Google upload_id, a session kept before tokens)."""
+        if not is_token(upload_id):
+            return None
         pin = self.pins.upload_session(upload_id, method, path, now)
-        return pin.key if pin is not None else None
+        return pin.key if pin is not None and pin.sealed else None
 
     @staticmethod
     def _on_wait(delta: int) -> None:

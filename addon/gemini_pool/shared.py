@@ -116,11 +116,12 @@ class SharedState:
             self._put("cooldowns", f"{project}{SEP}{model}", value)
 
     def pin_added(self, pin: Pin) -> None:
-        self._put(
-            "pins",
-            f"{pin.kind}{SEP}{pin.name}",
-            {"owner": pin.owner, "path": pin.path, "expires": pin.expires},
-        )
+        field = f"{pin.kind}{SEP}{pin.name}"
+        self._put("pins", field, _pin_value(pin))  # published: the other workers drop it too
+        if pin.kind == KIND_UPLOAD and pin.expires <= time.time():
+            # an upload that ended: Redis's merge keeps the longer expiry, and a worker catching
+            # up (learn_upload) would take the session back from it; delete it outright
+            self._put("pins", field, None)
 
     def limit_learned(self, project: str, model: str, kind: str, value: int, at: float) -> None:
         self._put("learned", SEP.join((project, model, kind)), {"value": value, "at": at})
@@ -256,13 +257,7 @@ class SharedState:
                     ("cooldowns", f"{project}{SEP}{model}", {"until": c.until, "reason": c.reason})
                 )
         for pin in self.pins.all_pins(time.time()):
-            items.append(
-                (
-                    "pins",
-                    f"{pin.kind}{SEP}{pin.name}",
-                    {"owner": pin.owner, "path": pin.path, "expires": pin.expires},
-                )
-            )
+            items.append(("pins", f"{pin.kind}{SEP}{pin.name}", _pin_value(pin)))
         if self.budgets is not None:
             for r in self.budgets.learned_rows():
                 field = SEP.join((r["project"], r["model"], r["kind"]))
@@ -408,7 +403,12 @@ class SharedState:
         if table == "pins" and value is not None:
             kind, _, name = field.partition(SEP)
             pin = Pin(
-                kind, name, str(value["owner"]), str(value.get("path", "")), float(value["expires"])
+                kind,
+                name,
+                str(value["owner"]),
+                str(value.get("path", "")),
+                float(value["expires"]),
+                str(value.get("sealed", "")),
             )
             return self.pins.restore([pin], now) > 0
         return False
@@ -520,6 +520,14 @@ async def _first_failure(*coros: Any) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _pin_value(pin: Pin) -> dict[str, Any]:
+    """A pin as its Redis hash field's value (an upload's sealed id only where there is one)."""
+    value: dict[str, Any] = {"owner": pin.owner, "path": pin.path, "expires": pin.expires}
+    if pin.sealed:
+        value["sealed"] = pin.sealed
+    return value
 
 
 async def await_ready(get: Callable[[], SharedState | None], timeout: float = READY_WAIT) -> None:

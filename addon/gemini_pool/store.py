@@ -31,7 +31,7 @@ from .statecheck import check_state
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 RETIRED_TTL = 7 * 86400  # rows of keys no longer configured are kept this long
 MAINTENANCE_INTERVAL = 2.0  # seconds between WAL checkpoints
 PRUNE_INTERVAL = 60.0
@@ -63,7 +63,7 @@ MIGRATIONS: dict[int, list[str]] = {
         # when the key left the configuration (NULL while it is configured)
         "ALTER TABLE key_state ADD COLUMN retired REAL",
         # project-bound resources and upload sessions (see pins.Pin); owner is a project or a
-        # key name, an upload session's name is a digest of its upload_id: never a secret
+        # key name, an upload session's name is a digest of its upload token: never a secret
         """CREATE TABLE pins (
             kind TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL, path TEXT NOT NULL,
             expires REAL NOT NULL, PRIMARY KEY (kind, name))""",
@@ -91,6 +91,11 @@ MIGRATIONS: dict[int, list[str]] = {
         """CREATE TABLE learned_limits (
             project TEXT NOT NULL, model TEXT NOT NULL, kind TEXT NOT NULL, value INTEGER NOT NULL,
             at REAL NOT NULL, PRIMARY KEY (project, model, kind))""",
+    ],
+    6: [
+        # an upload session's Google upload_id, sealed under the proxy's token (upload_tokens.py):
+        # a ciphertext only the caller's token opens ('' for every other pin)
+        "ALTER TABLE pins ADD COLUMN sealed TEXT NOT NULL DEFAULT ''",
     ],
 }
 
@@ -292,9 +297,9 @@ class Store:
     def load_pins(self, now: float) -> list[Pin]:
         """The pins not yet expired at `now`, the soonest to expire first."""
         return [
-            Pin(kind, name, owner, path, expires)
-            for kind, name, owner, path, expires in self._conn.execute(
-                "SELECT kind, name, owner, path, expires FROM pins WHERE expires > ?"
+            Pin(kind, name, owner, path, expires, sealed)
+            for kind, name, owner, path, expires, sealed in self._conn.execute(
+                "SELECT kind, name, owner, path, expires, sealed FROM pins WHERE expires > ?"
                 " ORDER BY expires",
                 (now,),
             )
@@ -549,10 +554,11 @@ class Store:
             )
             if pins:
                 self._conn.executemany(
-                    "INSERT INTO pins (kind, name, owner, path, expires) VALUES (?, ?, ?, ?, ?)"
-                    " ON CONFLICT (kind, name) DO UPDATE SET owner = excluded.owner,"
-                    " path = excluded.path, expires = excluded.expires",
-                    [(p.kind, p.name, p.owner, p.path, p.expires) for p in pins.values()],
+                    "INSERT INTO pins (kind, name, owner, path, expires, sealed)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (kind, name) DO UPDATE SET"
+                    " owner = excluded.owner, path = excluded.path, expires = excluded.expires,"
+                    " sealed = excluded.sealed",
+                    [(p.kind, p.name, p.owner, p.path, p.expires, p.sealed) for p in pins.values()],
                 )
             _write_answers(self._conn, [arg for kind, arg in items if kind == "answer"])
             learned = [arg for kind, arg in items if kind == "learned"]

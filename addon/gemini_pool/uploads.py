@@ -3,20 +3,30 @@
 A resumable upload's start answer names the URL the bytes go to (`X-Goog-Upload-URL`, and
 `X-Goog-Upload-Control-URL`), and a download answers with a `Location`: both at Google, with the
 upload_id as the only credential. The caller must reach them through the proxy, so they are
-rewritten to the address the caller reaches the proxy at (`proxy_origin`). Pure: no mitmproxy.
+rewritten to the address the caller reaches the proxy at (`proxy_origin`), and Google's upload_id
+in them is swapped for an opaque token of the proxy's (`upload_tokens`): the caller, mitmweb and
+flow dumps never see Google's. A follow-up's query gets Google's id back on its way upstream
+(`upstream_query`). Pure: no mitmproxy.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import quote, unquote_plus, urlsplit
 
 from .gate import parse_ip
+from .routing import param_name
+from .upload_tokens import is_token, new_token
 
 UPLOAD_URL_HEADERS = frozenset({"x-goog-upload-url", "x-goog-upload-control-url", "location"})
+# Google's uploader names the upload it served here (for GCS, the upload_id itself): never passed on
+DROPPED_ANSWER_HEADERS = frozenset({"x-guploader-uploadid"})
+UPLOAD_ID = "upload_id"
+_UPLOAD_ID_FOLDED = param_name(UPLOAD_ID)  # "uploadid": `upload_id`, `uploadId`, `%75pload_id`...
 HOSTPORT = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -67,24 +77,99 @@ def names_upload_urls(headers: Sequence[tuple[str, str]]) -> bool:
     return any(k.lower() in UPLOAD_URL_HEADERS for k, _ in headers)
 
 
-def rewrite_upload_headers(
-    headers: list[tuple[str, str]], upstream_host: str, proxy_origin: str
-) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Point upload / redirect URLs at Google back at this proxy.
+@dataclass(frozen=True, slots=True)
+class Started:
+    """An upload session an answer named: Google's upload_id and the token handed out for it."""
 
-    Returns the new headers and (upload_id, path) of each upload URL they carried: the caller
-    remembers which key started each session and the path its follow-ups must use
-    (`ResourcePins.remember_upload(upload_id, key, path, now)`).
+    upload_id: str  # Google's: kept only sealed under the token
+    token: str  # the proxy's, in the URL the caller gets
+    path: str  # the upload URL's path, which its follow-ups must use
+
+
+def rewrite_upload_headers(
+    headers: list[tuple[str, str]],
+    upstream_host: str,
+    proxy_origin: str,
+    known: Mapping[str, str] | None = None,
+    mint: Callable[[], str] = new_token,
+) -> tuple[list[tuple[str, str]], list[Started]]:
+    """Point upload / redirect URLs at Google back at this proxy, with opaque upload ids.
+
+    Every upload_id a URL at Google names is replaced by a token: `known`'s (Google's id ->
+    token: a follow-up's own session) or a fresh one from `mint`. Returns the new headers and the
+    sessions given a fresh token (the caller remembers each: `ResourcePins.remember_upload`).
+    Google's ids show nowhere in what is returned, in any header.
     """
+    tokens: dict[str, str] = dict(known or {})
+    started: list[Started] = []
+
+    def token_for(upload_id: str, path: str) -> str:
+        token = tokens.get(upload_id)
+        if token is None and not upload_id:
+            return ""
+        if token is None:
+            token = tokens[upload_id] = mint()
+            started.append(Started(upload_id, token, path))
+        return token
+
     out: list[tuple[str, str]] = []
-    uploads: list[tuple[str, str]] = []
     for k, v in headers:
+        if k.lower() in DROPPED_ANSWER_HEADERS:
+            continue
         if k.lower() in UPLOAD_URL_HEADERS and v.startswith(("http://", "https://")):
             u = urlsplit(v)
             if u.hostname == upstream_host:
-                upload_id = dict(parse_qsl(u.query)).get("upload_id")
-                if upload_id and (upload_id, u.path) not in uploads:
-                    uploads.append((upload_id, u.path))
-                v = proxy_origin + u.path + (f"?{u.query}" if u.query else "")
+                query = _swap_upload_ids(u.query, functools.partial(token_for, path=u.path))
+                v = proxy_origin + u.path + (f"?{query}" if query else "")
         out.append((k, v))
-    return out, uploads
+    if tokens:  # Google's id anywhere else in a header (never expected): the token instead
+        out = [(k, _hide(v, tokens)) for k, v in out]
+    return out, started
+
+
+def upstream_query(query: str, upload_id: str) -> str:
+    """A follow-up's query as it goes to Google: its token swapped for Google's `upload_id`
+    (every upload-id parameter, in any spelling, gives way to exactly one)."""
+    return _swap_upload_ids(query, lambda _: upload_id)
+
+
+def names_upload_id(query: str) -> bool:
+    """The query has an upload-id parameter in some spelling (`upload_id`, `uploadId`, ...)."""
+    return "pload" in query.lower() and any(
+        param_name(part.partition("=")[0]) == _UPLOAD_ID_FOLDED for part in query.split("&")
+    )
+
+
+def mask_upload_ids(query: str) -> str:
+    """A refused request's query as flows and records show it: an upload id that is not one of
+    the proxy's tokens (Google's own, say) reads `redacted`."""
+    if "pload" not in query.lower():
+        return query
+    parts = []
+    for part in query.split("&"):
+        raw_name, _, raw_value = part.partition("=")
+        if param_name(raw_name) == _UPLOAD_ID_FOLDED and not is_token(unquote_plus(raw_value)):
+            part = f"{raw_name}=redacted"
+        parts.append(part)
+    return "&".join(parts)
+
+
+def _swap_upload_ids(query: str, swap: Callable[[str], str]) -> str:
+    """The query with its first upload-id parameter's value swapped and any other dropped."""
+    parts: list[str] = []
+    done = False
+    for part in query.split("&") if query else ():
+        raw_name, _, raw_value = part.partition("=")
+        if param_name(raw_name) != _UPLOAD_ID_FOLDED:
+            parts.append(part)
+        elif not done:
+            done = True
+            parts.append(f"{UPLOAD_ID}={quote(swap(unquote_plus(raw_value)), safe='')}")
+    return "&".join(parts)
+
+
+def _hide(value: str, tokens: Mapping[str, str]) -> str:
+    for upload_id, token in tokens.items():
+        if upload_id and upload_id in value:
+            value = value.replace(upload_id, token)
+    return value

@@ -9,6 +9,7 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from gemini_pool.pipeline import Incoming, Pipeline, ProxyAnswer, Stream, Unary
 from gemini_pool.records import RequestRecord
 from gemini_pool.routing import Api, Route
 from gemini_pool.service import ProxyService
+from gemini_pool.upload_tokens import is_token, new_token
 from gemini_pool.uploads import Where
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
@@ -188,10 +190,44 @@ def test_an_upload_url_points_back_at_the_proxy_and_its_session_at_its_key() -> 
         assert isinstance(d, Unary) and asked == [True]
         url = d.answer.header("x-goog-upload-url")
         assert url.startswith("https://proxy.example:8443/upload/v1beta/files?")
-        upload_id = url.split("upload_id=")[1].split("&")[0]
-        session = p.service.pins.upload_session(upload_id, "PUT", "/upload/v1beta/files", 0)
+        token = url.split("upload_id=")[1].split("&")[0]
+        (google_id,) = fake.uploads  # the id Google (the fake) gave the session
+        assert is_token(token) and google_id not in repr(d.answer.headers)
+        session = p.service.pins.upload_session(token, "PUT", "/upload/v1beta/files", 0)
         assert session is not None
         assert session.key == {A: "a", B: "b"}[fake.log[0]["key"]]
+        assert google_id not in repr(session) and token not in repr(session)
+
+        # the bytes: the token opens Google's id, which goes upstream; the record keeps the token
+        query = f"upload_id={token}&upload_protocol=resumable"
+        follow = Incoming(
+            "POST",
+            "/upload/v1beta/files",
+            query,
+            [("x-goog-upload-command", "upload, finalize"), ("x-goog-upload-offset", "0")],
+            b"hello",
+            admit(up, upload_id=token, upload_key=session.key),
+        )
+        rec = RequestRecord()
+        d = await p.handle(follow, rec)
+        assert isinstance(d, Unary) and d.answer.status == 200, d
+        assert fake.uploads[google_id]["data"] == b"hello"
+        assert rec.upstream_path == f"/upload/v1beta/files?{query}"
+        assert google_id not in repr(d.answer.headers) + repr(d.answer.body)
+        # finalized: the token lets nothing through any more
+        assert p.service.pins.upload_session(token, "PUT", "/upload/v1beta/files", 0) is None
+
+        # Google's own id, or a token the proxy never handed out: 404, nothing upstream
+        seen = len(fake.log)
+        for forged, key in ((google_id, None), (new_token(), None), (token, session.key)):
+            q = f"upload_id={forged}"
+            bad = replace(follow, query=q, admit=admit(up, upload_id=forged, upload_key=key))
+            d = await p.handle(bad, RequestRecord())
+            assert isinstance(d, ProxyAnswer) and (d.status, d.reason) == (404, "upload_not_found")
+        no_id = replace(follow, query="uploadId=" + google_id, admit=admit(up))
+        d = await p.handle(no_id, RequestRecord())
+        assert isinstance(d, ProxyAnswer) and d.status == 404
+        assert len(fake.log) == seen
 
     run(scenario, {A: "ok", B: "ok"})
 

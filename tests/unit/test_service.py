@@ -9,6 +9,7 @@ import pytest
 from gemini_pool.config import ClientSpec, Config, KeySpec
 from gemini_pool.gate import Admit, Arrival, Refuse, Target
 from gemini_pool.service import ProxyService
+from gemini_pool.upload_tokens import new_token, seal
 from gemini_pool.websession import constant_time_equal
 
 GOOGLE = Target("https", "generativelanguage.googleapis.com", 443)
@@ -34,13 +35,21 @@ def test_the_service_gate_follows_the_key_file() -> None:
 
 def test_upload_sessions_open_the_gate_only_for_their_own_requests() -> None:
     s = service(ClientSpec("web", "tok-web"))
-    s.pins.remember_upload("up-1", "a", "/upload/v1beta/files", 0)
+    token = new_token()
+    s.pins.remember_upload(token, "a", "/upload/v1beta/files", 0, seal(token, "google-id"))
     follow = Arrival(
-        "PUT", "/upload/v1beta/files", "upload_id=up-1", (), "10.0.0.1", GOOGLE, GOOGLE
+        "PUT", "/upload/v1beta/files", f"upload_id={token}", (), "10.0.0.1", GOOGLE, GOOGLE
     )
     assert isinstance(d := s.gate.decide(follow, 1), Admit) and d.upload_key == "a"
     assert isinstance(s.gate.decide(replace(follow, path="/v1beta/files"), 1), Refuse)
     assert isinstance(s.gate.decide(follow, 2 * 86400), Refuse)  # sessions expire
+    # a session kept under a raw id (as before tokens), or without its sealed id: refused
+    s.pins.remember_upload("raw-google-id", "a", "/upload/v1beta/files", 0, "x")
+    raw = replace(follow, query="upload_id=raw-google-id")
+    assert isinstance(s.gate.decide(raw, 1), Refuse)
+    other = new_token()
+    s.pins.remember_upload(other, "a", "/upload/v1beta/files", 0)
+    assert isinstance(s.gate.decide(replace(follow, query=f"upload_id={other}"), 1), Refuse)
 
 
 def test_operator_actions_and_unknown_keys() -> None:

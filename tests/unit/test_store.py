@@ -286,7 +286,8 @@ def test_a_v1_database_upgrades_in_place_and_keeps_its_rows(tmp_path: Path) -> N
     s.save_pin(Pin(KIND_RESOURCE, "files/f", "p", "", 100.0))
     s.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert db.execute("SELECT sealed FROM pins").fetchall() == [("",)]  # version 6
         assert db.execute("SELECT name, retired FROM key_state").fetchall() == [("a", None)]
         assert db.execute("SELECT COUNT(*) FROM client_usage").fetchone()[0] == 0
         assert db.execute("SELECT * FROM learned_limits").fetchall() == []
@@ -342,7 +343,7 @@ def test_pins_survive_a_restart_and_expire(tmp_path: Path) -> None:
     s = Store(path, clock=clock)
     s.start()
     pins = ResourcePins(on_pin=s.save_pin)
-    pins.remember_upload("up-1", "alpha", "/upload/v1beta/files", 1000.0)
+    pins.remember_upload("up-1", "alpha", "/upload/v1beta/files", 1000.0, "sealed-1")
     remember(
         pins,
         b'{"files": [{"name": "files/f1"}], "cachedContents": [{"name": "cachedContents/c1"}]}',
@@ -369,7 +370,7 @@ def test_pins_survive_a_restart_and_expire(tmp_path: Path) -> None:
     fresh = ResourcePins()
     assert fresh.restore(rows, 1100.0) == 4
     session = fresh.upload_session("up-1", "PUT", "/upload/v1beta/files", 1100.0)
-    assert session is not None and session.key == "alpha"
+    assert session is not None and (session.key, session.sealed) == ("alpha", "sealed-1")
     assert fresh.upload_session("up-2", "PUT", "/upload/v1beta/files", 1100.0) is None
     assert fresh.project_for("/v1beta/files/f1", b"", 1100.0) == "proj"
     clock.t = 2000.0

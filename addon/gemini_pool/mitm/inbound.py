@@ -7,7 +7,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from ..gate import STRIPPED_FIELDS, Arrival, Target
 from ..routing import query_credentials
-from ..uploads import HOSTPORT, Where
+from ..uploads import HOSTPORT, Where, mask_upload_ids
 
 
 def reverse_target(spec: str | ProxyMode) -> Target | None:
@@ -42,7 +42,7 @@ def strip_credentials(req: http.Request) -> None:
         )
         path, sep, query = req.path.partition("?")
         if sep:
-            clean = query_credentials(query).query
+            clean = mask_upload_ids(query_credentials(query).query)
             req.path = f"{path}?{clean}" if clean else path
     except Exception:
         req.headers.fields = ()

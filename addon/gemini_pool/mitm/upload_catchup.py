@@ -17,6 +17,7 @@ from mitmproxy import http
 
 from ..pins import upload_digest
 from ..routing import query_param
+from ..upload_tokens import is_token
 
 UPLOAD_WAIT = 2.0  # seconds a follow-up waits for its session's pin from another worker
 
@@ -34,7 +35,7 @@ class UploadCatchUp:
         if shared is None or not shared.up:
             return None
         upload_id = query_param(path.partition("?")[2], "upload_id")
-        if not upload_id:
+        if not upload_id or not is_token(upload_id):  # only the proxy's own tokens name sessions
             return None
         digest = upload_digest(upload_id)
         if digest in service.pins.uploads:
