@@ -118,9 +118,10 @@ class SharedState:
     def pin_added(self, pin: Pin) -> None:
         field = f"{pin.kind}{SEP}{pin.name}"
         self._put("pins", field, _pin_value(pin))  # published: the other workers drop it too
-        if pin.kind == KIND_UPLOAD and pin.expires <= time.time():
-            # an upload that ended: Redis's merge keeps the longer expiry, and a worker catching
-            # up (learn_upload) would take the session back from it; delete it outright
+        if pin.expires <= time.time():
+            # ended (an upload finalized, a resource deleted, an owner forgotten): Redis's merge
+            # keeps the longer expiry, and a worker catching up (learn_upload, learn_pins) would
+            # take it back from there; delete it outright
             self._put("pins", field, None)
 
     def limit_learned(self, project: str, model: str, kind: str, value: int, at: float) -> None:

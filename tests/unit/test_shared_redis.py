@@ -221,3 +221,28 @@ def test_a_creation_is_in_redis_when_written_returns_and_a_miss_reads_it_once(
             await w2.stop()
 
     run(scenario)
+
+
+def test_an_ended_pin_leaves_redis_so_no_worker_takes_it_back(redis_url: str) -> None:
+    """A deleted resource: Redis's merge keeps the longer expiry, so the ended pin is deleted
+    outright; a worker that reads Redis on a miss finds nothing to take back."""
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    field = f"{KIND_RESOURCE}{SEP}files/gone"
+
+    async def scenario() -> None:
+        w1, w2 = worker(redis_url, "w1"), worker(redis_url, "w2")
+        for w in (w1, w2):
+            w.start()
+        try:
+            await until(lambda: w1.up and w2.up)
+            w1.pin_added(Pin(KIND_RESOURCE, "files/gone", "pa", "", time.time() + 300))
+            assert await w1.written(5) and r.hget("t:pins", field) is not None
+            w1.pin_added(Pin(KIND_RESOURCE, "files/gone", "pa", "", time.time()))  # deleted
+            assert await w1.written(5)
+            assert r.hget("t:pins", field) is None
+            assert await w2.learn_pins([(KIND_RESOURCE, "files/gone")], 2) == 0
+        finally:
+            await w1.stop()
+            await w2.stop()
+
+    run(scenario)
