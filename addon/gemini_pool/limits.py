@@ -29,7 +29,7 @@ from .classify import next_pacific_midnight, pacific_day
 from .config import ClientLimits
 
 if TYPE_CHECKING:
-    from .pipeline import Incoming, ProxyAnswer
+    from .decisions import Incoming, ProxyAnswer
     from .records import RequestRecord
     from .routing import Route
 
@@ -332,7 +332,7 @@ class ClientLimitCheck:
         self.limits_of = limits_of
 
     def __call__(self, req: Incoming, route: Route, rec: RequestRecord) -> ProxyAnswer | None:
-        from .pipeline import ProxyAnswer
+        from .decisions import ProxyAnswer
 
         client = rec.client or (req.admit.client if req.admit else None)
         if client is None:

@@ -23,21 +23,30 @@ The RequestRecord is where each step notes what happened (for mitmweb, the log a
 from __future__ import annotations
 
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from . import answer_cache, fallback, listing, metrics, resources, upload_tokens
+from . import answer_cache, fallback, metrics, resources, upload_tokens
 from .budgets import counted, estimate_tokens
 from .codings import decoded
-from .dispatch import Attempt, ProxyRequest, Result
+from .decisions import (
+    PUBLIC_NO_ANSWER,
+    Check,
+    Decision,
+    Incoming,
+    ProxyAnswer,
+    Stream,
+    Unary,
+    no_answer,
+)
+from .dispatch import ProxyRequest, Result
 from .gate import Admit
 from .ownership import NOT_FOUND
 from .records import RequestRecord
-from .routing import Route, RouteError, query_param, route
+from .routing import Route, RouteError, route
+from .tenant_lists import MAX_RESOURCE_ANSWER, list_for_group
 from .uploads import (
-    Where,
     mask_upload_ids,
     names_upload_id,
     names_upload_urls,
@@ -51,6 +60,17 @@ from .usage import UsageTap
 if TYPE_CHECKING:
     from .service import ProxyService
 
+__all__ = [
+    "PUBLIC_NO_ANSWER",
+    "Check",
+    "Decision",
+    "Incoming",
+    "Pipeline",
+    "ProxyAnswer",
+    "Stream",
+    "Unary",
+]
+
 # paths whose 2xx answers can name a project-bound resource (files, caches, batches, operations)
 RESOURCE_PATHS = (
     "/upload/",
@@ -61,63 +81,10 @@ RESOURCE_PATHS = (
     ":batch",
     ":async",
 )
-MAX_RESOURCE_ANSWER = 4 << 20  # larger answers are not read for names
-MAX_LIST_PAGES = 10  # upstream pages one list call of a tenant may read past empty ones
 NO_UPLOAD = ("", "")  # _upload_session: the request continues no upload session
 UPLOAD_NOT_FOUND = (
     "upload session not found: it ended, expired, or its URL is not one this proxy handed out"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    """What the caller sent, as the gate let it through."""
-
-    method: str
-    path: str  # without the query
-    query: str  # without credentials (the gate removed them)
-    headers: Sequence[tuple[str, str]]  # without credentials and Host
-    body: bytes
-    admit: Admit | None  # the gate's admission; None: no gate ran for this request
-    # how the caller reached the proxy (asked only when an answer names an upload URL)
-    where: Callable[[], Where] = Where
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyAnswer:
-    """The proxy answers itself, in the caller's API's error shape; nothing (more) upstream."""
-
-    status: int
-    message: str
-    reason: str
-    retry_after: float | None = None
-    close: bool = False  # close the connection (a body the proxy did not read may follow)
-    detail: str = ""  # for the log, mitmweb and the admin API only (which keys were tried)
-
-
-@dataclass(frozen=True, slots=True)
-class Unary:
-    """Google's whole answer, with the proxy's own headers to add."""
-
-    answer: UpstreamAnswer
-    headers: list[tuple[str, str]]
-
-
-@dataclass(frozen=True, slots=True)
-class Stream:
-    """An open 2xx answer to relay as it arrives, with the proxy's own headers to add."""
-
-    answer: UpstreamAnswer
-    headers: list[tuple[str, str]]
-
-
-Decision = ProxyAnswer | Unary | Stream
-
-
-class Check(Protocol):
-    """Step 4: a limit or budget. Returns an answer to refuse with, or None to go on."""
-
-    def __call__(self, req: Incoming, route: Route, rec: RequestRecord) -> ProxyAnswer | None: ...
 
 
 class Pipeline:
@@ -191,7 +158,7 @@ class Pipeline:
             if hit is not None:
                 return hit
         if kind is not None and group is not None:
-            return await self._listing(req, admit, r, rec, group, kind, now)
+            return await list_for_group(service, req, admit, r, rec, group, kind, now)
         # 5. dispatch (a request that spends quota is counted against its project's budget)
         tokens = (
             estimate_tokens(req.body) if counted(req.method, r.method, r.path, r.model) else None
@@ -212,7 +179,7 @@ class Pipeline:
             result = await self._fall_back(req.method, proxy_req, result, rec)  # 5b. fallbacks:
         rec.attempts, rec.waited, rec.spend = result.attempts, result.waited, result.spend
         if result.proxy_made:
-            return self._no_answer(result, r, group)
+            return no_answer(result, r, group)
         answer, key = result.answer, result.key
         assert answer is not None and key is not None
         rec.key, rec.status = key.name, answer.status
@@ -356,87 +323,6 @@ class Pipeline:
         metrics.ANSWER_CACHE.labels("stored").inc()
         return "stored"
 
-    def _no_answer(self, result: Result, r: Route, group: str | None) -> ProxyAnswer:
-        """The proxy answers for the pool (no key could serve). A tenant client learns what to
-        do, not which keys were tried or why: that goes to the log, mitmweb and the admin API."""
-        full = result.message
-        if group is None:
-            return ProxyAnswer(result.status, full, result.reason, result.retry_after)
-        public = PUBLIC_NO_ANSWER.get(result.reason, "the proxy could not serve this request")
-        public = public.format(model=r.model_or_default, attempts=len(result.attempts))
-        if result.retry_after is not None:
-            public += f"; retry in {result.retry_after:.0f}s"
-        return ProxyAnswer(result.status, public, result.reason, result.retry_after, detail=full)
-
-    async def _listing(
-        self,
-        req: Incoming,
-        admit: Admit,
-        r: Route,
-        rec: RequestRecord,
-        group: str,
-        kind: str,
-        now: float,
-    ) -> Decision:
-        """A list call of a tenant: one project's page, only what `group` owns, our page token."""
-        service = self.service
-        owned = set(service.owners.names_of(group, kind + "/", now))
-        held = Counter(p for n in owned if (p := service.pins.project_of(n, now)))
-        projects = dict(sorted(held.items()))  # project -> how many of the group's it holds
-        page = listing.decode(query_param(r.query, "pageToken") or "", projects)
-        if page is None and not projects:
-            return Unary(_json_answer(b"{}"), [("x-request-id", rec.request_id)])
-        if page is None:
-            return ProxyAnswer(400, "Invalid page token.", "invalid_page_token")
-        items: list[Any] = []
-        attempts: list[Attempt] = []
-        following: listing.Page | None = page
-        headers = [("x-request-id", rec.request_id)]
-        for _ in range(MAX_LIST_PAGES):  # skip pages with nothing of the group's, bounded
-            listed = replace(r, query=listing.upstream_query(r.query, page))
-            rec.upstream_path = listed.path_and_query
-            result = await service.dispatcher.dispatch(
-                ProxyRequest(
-                    req.method, admit.upstream.base, listed, list(req.headers), b"", page.project
-                )
-            )
-            attempts += result.attempts
-            rec.attempts, rec.waited = attempts, rec.waited + result.waited
-            if result.proxy_made:
-                return self._no_answer(result, r, group)
-            answer, key = result.answer, result.key
-            assert answer is not None and key is not None
-            rec.key, rec.status = key.name, answer.status
-            headers = [
-                ("x-gemini-proxy-key", key.name),
-                ("x-gemini-proxy-attempts", str(len(attempts))),
-                ("x-request-id", rec.request_id),
-            ]
-            if not 200 <= answer.status < 300:
-                return Unary(answer, headers)
-            plain = decoded(answer.body, answer.header("content-encoding"), MAX_RESOURCE_ANSWER)
-            found = None if plain is None else listing.owned_items(plain, kind, owned)
-            if plain is None or found is None:
-                return ProxyAnswer(502, "Google's list answer could not be read", "bad_list")
-            service.pins.remember(resources.listed(plain, kind), key.project, now)
-            items += found[0]
-            following = listing.next_page(page, found[1], len(found[0]), projects)
-            if items or following is None:
-                break
-            page = following
-        return Unary(_json_answer(listing.render(kind, items, following)), headers)
-
-
-PUBLIC_NO_ANSWER = {
-    "all_keys_cooling": "every API key for {model} is out of quota for now",
-    "keys_unavailable": "no API key can serve {model} right now",
-    "no_usable_key": "the proxy has no usable API key",
-    "upstream_timeout": "Google did not answer in time",
-    "upstream_unreachable": "Google could not be reached",
-    "attempts_exhausted": "no key answered after {attempts} attempts",
-    "pool_incident": "Google is throttling or overloaded for {model} across the pool",
-}
-
 
 def _upload_over(answer: UpstreamAnswer) -> bool:
     """An upload follow-up's answer that ends the session: finalized, cancelled or failed."""
@@ -451,8 +337,3 @@ def _hide_upload_id(answer: UpstreamAnswer, upload_id: str, token: str) -> None:
     raw = upload_id.encode()
     if answer.stream is None and not answer.header("content-encoding") and raw in answer.body:
         answer.body = answer.body.replace(raw, token.encode())
-
-
-def _json_answer(body: bytes) -> UpstreamAnswer:
-    """An answer the proxy composed itself in Google's place (a filtered list)."""
-    return UpstreamAnswer(200, "OK", [("content-type", "application/json; charset=UTF-8")], body)

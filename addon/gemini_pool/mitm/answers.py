@@ -6,8 +6,8 @@ import time
 
 from mitmproxy import http
 
+from ..decisions import ProxyAnswer
 from ..errors import error_body
-from ..pipeline import ProxyAnswer
 from ..records import RequestRecord
 from ..routing import Api
 from ..upstream import UpstreamAnswer

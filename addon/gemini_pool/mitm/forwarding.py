@@ -20,8 +20,8 @@ from mitmproxy import http
 
 from ..bodybudget import RETRY_AFTER
 from ..classify import network_verdict
+from ..decisions import Incoming, ProxyAnswer, Stream, Unary
 from ..metrics import BODY_BYTES_IN_FLIGHT
-from ..pipeline import Incoming, ProxyAnswer, Stream, Unary
 from ..records import RequestRecord
 from ..relay import Held
 from ..runtime import Runtime
