@@ -29,6 +29,7 @@ from .pins import Pin, ResourcePins
 from .records import RequestRecord
 from .selector import KeyPool, PoolPolicy
 from .shared import SharedState
+from .shared_answers import SharedAnswers
 from .shared_limits import SharedLimits
 from .store import Store, read_state_document, state_document
 from .uploads import IPNetwork
@@ -82,6 +83,7 @@ class ProxyService:
         self.limiter = Limiter()
         self.limit_check = ClientLimitCheck(self.limiter, self._limits_of)
         self.shared_limits: SharedLimits | None = None
+        self.shared_answers: SharedAnswers | None = None  # the answer cache across workers
         metrics.set_state_source(self.gauge_rows)
         self.pool.budgets = self.dispatcher.budgets = self.budgets
         self.dispatcher.on_learn = self._said_learned
@@ -147,6 +149,7 @@ class ProxyService:
             self.pool.on_change = None
             self.checker.claim = None
             self.budgets.on_spend = None
+            self.shared_answers = None
         self.limiter.worker = worker
         self.shared_limits = SharedLimits(self.limiter, prefix) if url else None
         if not url:
@@ -158,6 +161,7 @@ class ProxyService:
             shared.budgets = self.budgets
             self.budgets.on_spend = shared.spent
             self.checker.claim = shared.claim_check
+            self.shared_answers = SharedAnswers(prefix, shared.client)
             shared.start()
 
     def _limits_of(self, client: str) -> ClientLimits | None:
