@@ -20,7 +20,9 @@ __all__ = ["redis_url"]  # the fixture, used by name
 pytestmark = pytest.mark.timeout(60)
 
 
-def entry(key: str = "k" * 64, group: str = "team-a", body: bytes = b'{"a":1}', ttl: float = 60) -> Entry:
+def entry(
+    key: str = "k" * 64, group: str = "team-a", body: bytes = b'{"a":1}', ttl: float = 60
+) -> Entry:
     now = time.time()
     return Entry(key, group, 200, "application/json", body, now, now + ttl)
 
