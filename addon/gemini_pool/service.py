@@ -180,6 +180,10 @@ class ProxyService:
         redis = shared.client() if shared is not None else None
         limits = {c.name: c.limits for c in self.config.clients}
         await self.shared_limits.tick(redis, limits)
+        if redis is None:  # budgets: this worker keeps to its share until Redis is back
+            self.budgets.isolate(self.limiter.workers, time.time())
+        else:
+            self.budgets.rejoin()
 
     def _mark_dirty(self) -> None:
         self.state_dirty = True
