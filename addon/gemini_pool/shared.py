@@ -18,7 +18,8 @@ Layout (every key under `prefix:`): hashes `marks` and `breakers` (field: key fi
 `cooldowns` (field: project, model), `pins` (field: kind, name), `learned` (budget limits learned from
 Google; field: project, model, kind), `limits` (client limits, shared_limits.py); channel `events`; locks
 `probe:<fingerprint>` and `check:<fingerprint>` (SET NX PX); list `away` (budget spends made while
-a worker was cut off, shared_spends.py). Never a secret: fingerprints, names.
+a worker was cut off, shared_spends.py); strings `answer:<hash>` (the answer cache,
+shared_answers.py). Never a secret: fingerprints, names.
 
 Entries that expire (cooldowns, pins, upload sessions) are deleted from Redis once expired, at
 every sync and every PRUNE_EVERY seconds, by every worker (Redis 7.0 has no per-field TTL). A
