@@ -13,7 +13,8 @@ used goes first) and by a TTL.
 
 Held in memory, persisted to SQLite (`store.py`, table `answer_cache`) through the store's batched
 writes: a lookup never touches the disk, so it never blocks the event loop, and `max_bytes` bounds
-the memory it takes. A restart reads the entries back.
+the memory it takes. A restart reads the entries back. With `gemini_redis` the entries are
+shared across workers too (`shared_answers.py`): a local miss reads Redis once, bounded.
 """
 
 from __future__ import annotations
@@ -154,6 +155,15 @@ class AnswerCache:
             if entry.expires > now and self._admit(entry, persist=False):
                 n += 1
         return n
+
+    def adopt(self, entry: Entry, now: float) -> bool:
+        """An entry another worker stored (read from Redis): held here until its own expiry,
+        counted as a hit (the local lookup counted a miss), not written to SQLite again."""
+        if entry.expires <= now or not self._admit(entry):
+            return False
+        self.misses = max(0, self.misses - 1)
+        self.hits += 1
+        return True
 
     def configure(self, spec: CacheSpec) -> None:
         """New bounds (a reload): shrink at once if needed; TTLs of held entries stay."""

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .budget_share import NOTE, LocalShare
 from .classify import error_object, next_pacific_midnight, pacific_day
 from .config import ModelLimits, ProjectSpec
 
@@ -147,6 +148,30 @@ class Budgets:
         self.on_spend: Callable[[str, str, float, int, int | None], None] | None = None
         self._limits: dict[tuple[str, str], dict[str, Limit]] = {}  # cache, cleared on change
         self._pruned_at = -math.inf
+        self.share: LocalShare | None = None  # Redis away: this worker's share (budget_share.py)
+
+    def isolate(self, workers: int, now: float) -> None:
+        """Shared state went away (`workers` last seen sharing): keep to a share from now on."""
+        if self.share is None:
+            for u in self.usage.values():
+                u.roll(now)
+            cut = {pm: (u.day, u.day_requests) for pm, u in self.usage.items()}
+            self.share = LocalShare(workers, cut)
+
+    def rejoin(self) -> None:
+        """Shared state is back: one budget across the workers again."""
+        self.share = None
+
+    def _in_force(
+        self, pm: tuple[str, str], limits: dict[str, Limit], u: Usage
+    ) -> dict[str, Limit]:
+        share = self.share
+        if share is None or not limits:
+            return limits
+        return {
+            k: Limit(share.cap(*pm, k, lim.value, u.day), f"{lim.source}, {NOTE}", lim.at)
+            for k, lim in limits.items()
+        }
 
     def configure(self, projects: Iterable[ProjectSpec]) -> None:
         self.projects = {p.name: p.limits for p in projects}
@@ -310,6 +335,7 @@ class Budgets:
         if not limits:
             return 0.0
         u = self._usage(project, model, now)
+        limits = self._in_force((project, model), limits, u)
         at = 0.0
         rpd = limits.get("rpd")
         if rpd is not None and u.day_requests >= rpd.value:
@@ -335,6 +361,7 @@ class Budgets:
         if not limits:
             return 1.0
         u = self._usage(project, model, now)
+        limits = self._in_force((project, model), limits, u)
         share = 1.0
         for kind, limit in limits.items():
             used = (
@@ -353,6 +380,7 @@ class Budgets:
         if not limits:
             return None
         u = self._usage(project, model, now)
+        limits = self._in_force((project, model), limits, u)
         rpd, rpm, tpm = limits.get("rpd"), limits.get("rpm"), limits.get("tpm")
         if rpd is not None and u.day_requests >= rpd.value:
             return f"{project} spent {u.day_requests}/{rpd.value} requests today ({rpd.source})"
@@ -397,12 +425,19 @@ class Budgets:
                             "used": used[kind],
                             "left": max(0, lim.value - used[kind]),
                             "resets_at": round(resets[kind], 3),
+                            **self._shown_share(project, model, kind, lim.value, u.day),
                         }
                         for kind, lim in limits.items()
                     },
                 }
             )
         return out
+
+    def _shown_share(
+        self, project: str, model: str, kind: str, value: int, day: str
+    ) -> dict[str, int]:
+        share = self.share
+        return {} if share is None else {"share": share.cap(project, model, kind, value, day)}
 
     def left(self, project: str, model: str, kind: str, now: float) -> float | None:
         lim = self.limits(project, model).get(kind)

@@ -9,7 +9,8 @@ a request after the gate admitted its head happens here, in this order:
 3. owners and pins: a resource of another client's group is 404, one the request names goes to
    its own project (`ownership`, `pins`);
 4. checks: the client's limits, each a `Check` that may answer before any upstream call
-   (`limits`); then the answer cache, whose hit spends no quota (`answer_cache`);
+   (`limits`); then the answer cache, whose hit spends no quota (`answer_cache`; across workers
+   `shared_answers`);
 5. dispatch: pick a key with budget left, send, classify, retry on another key
    (`dispatch.Dispatcher`; the projects' budgets are the selector's);
 6. rewrite upload URLs that point at Google back at the proxy (`uploads`);
@@ -154,7 +155,7 @@ class Pipeline:
         # 4b. the answer cache: a hit spends no quota
         cache_key = self._cache_key(req, admit, r, project)
         if cache_key is not None:
-            hit = self._cache_hit(cache_key, rec, now)
+            hit = await self._cache_hit(cache_key, admit, rec, now)
             if hit is not None:
                 return hit
         if kind is not None and group is not None:
@@ -221,8 +222,8 @@ class Pipeline:
                 await self.ownership.shared_written()  # the next request may reach another worker
         # 7b. an answer that does not change, kept for the next caller of the group
         if cache_key is not None:  # (another model's answer is no answer to this request)
-            stored = "miss" if rec.asked_model else self._cache_store(cache_key, answer, rec)
-            headers.append((answer_cache.CACHE_HEADER, stored))
+            said = "miss" if rec.asked_model else await self._cache_store(cache_key, answer, rec)
+            headers.append((answer_cache.CACHE_HEADER, said))
         # 8. Google's whole answer
         return Unary(answer, headers)
 
@@ -287,9 +288,17 @@ class Pipeline:
         group = answer_cache.client_group(admit.client, self.service.groups)
         return answer_cache.cache_key(group, req.method, r, req.body)
 
-    def _cache_hit(self, key: str, rec: RequestRecord, now: float) -> Unary | None:
-        cache = self.service.answers
+    async def _cache_hit(
+        self, key: str, admit: Admit, rec: RequestRecord, now: float
+    ) -> Unary | None:
+        cache, shared = self.service.answers, self.service.shared_answers
         entry = cache.get(key, now) if cache is not None else None
+        if entry is None and cache is not None and shared is not None:
+            # stored through another worker? one bounded read of Redis
+            group = answer_cache.client_group(admit.client, self.service.groups)
+            entry = await shared.get(key, group, now)
+            if entry is not None:
+                cache.adopt(entry, now)
         rec.cache = "miss" if entry is None else "hit"
         metrics.ANSWER_CACHE.labels(rec.cache).inc()
         if entry is None:
@@ -304,7 +313,7 @@ class Pipeline:
             [(answer_cache.CACHE_HEADER, "hit"), ("x-request-id", rec.request_id)],
         )
 
-    def _cache_store(self, key: str, answer: UpstreamAnswer, rec: RequestRecord) -> str:
+    async def _cache_store(self, key: str, answer: UpstreamAnswer, rec: RequestRecord) -> str:
         """Keep a 2xx unary answer; says what became of it ("stored" or "miss")."""
         cache = self.service.answers
         if cache is None or not 200 <= answer.status < 300 or answer.stream is not None:
@@ -317,8 +326,12 @@ class Pipeline:
         group = (
             answer_cache.client_group(rec.admit.client, self.service.groups) if rec.admit else ""
         )
-        if cache.put(key, group, answer.status, content_type, plain, time.time()) is None:
+        now = time.time()
+        entry = cache.put(key, group, answer.status, content_type, plain, now)
+        if entry is None:
             return "miss"
+        if self.service.shared_answers is not None:  # before the answer leaves (bounded)
+            await self.service.shared_answers.put(entry, now)
         rec.cache = "stored"
         metrics.ANSWER_CACHE.labels("stored").inc()
         return "stored"

@@ -9,6 +9,16 @@ through the proxy. Their names are read from exactly three places, never from an
 - a list answer: the `name` of each listed object.
 A `displayName`, a text part or any other field can say anything and is never read. Pure: no
 mitmproxy.
+
+A request that may name a resource in a spelling these readers do not take (a lenient server
+could still resolve it) names `UNREADABLE` instead, which no group owns: with clients configured
+it is refused like another group's resource. That is a path that, percent-decoded (repeatedly),
+in any case, with `//`, `.` and `..` folded, starts with a resource collection but is not spelled
+the plain way (`/v1beta/Files/x`, `/v1beta/%66iles/x`, `/v1beta//files/x`), and OpenAI-compatible
+`files` and `batches` paths (ownership reads Gemini's own names only); and a body with a resource
+key written with `\\u` escapes (`"file\\u0055ri"`), more than MAX_NAMED resource keys, a value
+too long to read, or a value naming `files/ID` / `cachedContents/ID` in another spelling
+(`files/abc?alt=media`, `FILES/abc`, `files%2Fabc`, a Google URL with a query).
 """
 
 from __future__ import annotations
@@ -17,8 +27,9 @@ import json
 import re
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
-from .pins import MAX_ANSWER_SCAN, body_resource_names, parse_rfc3339
+from .pins import _BODY_KEY, _STRING_VALUE, _VALUE_OF, MAX_ANSWER_SCAN, MAX_VALUE, parse_rfc3339
 
 KINDS = ("files", "cachedContents", "batches", "operations", "tunedModels")
 # a whole resource name; an operation of a tuned model ("tunedModels/x/operations/y") is the
@@ -26,7 +37,22 @@ KINDS = ("files", "cachedContents", "batches", "operations", "tunedModels")
 NAME = re.compile(r"(files|cachedContents|batches|operations|tunedModels)/([A-Za-z0-9_-]{1,128})")
 _VERSIONED = re.compile(r"/(?:upload/|download/)?v1(?:beta|alpha)?\d*/")
 LISTS = {"files": "files", "cachedContents": "cachedContents", "batches": "operations"}
-MAX_NAMED = 64  # resource names read from one request
+MAX_NAMED = 64  # resource keys read from one request body (more: UNREADABLE)
+UNREADABLE = "?"  # a request naming a resource in a spelling the proxy does not read: no owner
+_KINDS_FOLDED = frozenset(k.lower() for k in KINDS)
+_PLAIN_REST = re.compile(
+    r"(?:files|cachedContents|batches|operations|tunedModels)(?:/[A-Za-z0-9_-]{1,128})*/?"
+    r"(?::[A-Za-z]+)?"
+)
+_OPENAI_KINDS = frozenset({"files", "batches"})
+_TOKEN = re.compile(r"[/:;]")
+# `"key"` then `:` and the opening quote of a string (whose end _STRING_VALUE did not find)
+_STRING_START = re.compile(rb'[ \t\r\n]{0,64}:[ \t\r\n]{0,64}"')
+# a \u escape of an ASCII letter or `_`: what a JSON writer uses only to hide a key's spelling
+_ESCAPED_LETTER = re.compile(rb"\\u00(?:4[1-9A-Fa-f]|5[0-9AaFf]|6[1-9A-Fa-f]|7[0-9Aa])")
+_BODY_KEYS = frozenset(k.decode() for k in _VALUE_OF)
+# a value naming files/ID or cachedContents/ID, read leniently (folded, decoded)
+_LOOSE_VALUE = re.compile(r"(?:^|[/\s])(?:files|cachedcontents)/[a-z0-9_-]{1,128}(?:$|[/?#:;\s])")
 
 
 def root(name: str) -> str | None:
@@ -62,16 +88,129 @@ def list_kind(method: str, path: str) -> str | None:
 
 
 def named(path: str, body: bytes) -> list[str]:
-    """Every resource a request names (path first, then body), each once, at most MAX_NAMED."""
+    """Every resource a request names (path first, then body), each once; UNREADABLE for a
+    spelling the proxy does not read (see the module's doc). At most MAX_NAMED + 1 names."""
     out: dict[str, None] = {}
     first = path_name(path)
     if first is not None:
         out[first] = None
-    for name in body_resource_names(body, limit=MAX_NAMED):
-        r = root(name)
-        if r is not None:
-            out[r] = None
-    return list(out)[:MAX_NAMED]
+    elif odd_path(path):
+        out[UNREADABLE] = None
+    for name in body_names(body):
+        out[name] = None
+    return list(out)[: MAX_NAMED + 1]
+
+
+def _folded(text: str) -> str:
+    """Percent-decoded until it stops changing (at most 8 rounds), `\\` as `/`, lower case."""
+    for _ in range(8):
+        decoded = unquote(text, errors="replace")
+        if decoded == text:
+            break
+        text = decoded
+    return text.replace("\\", "/").lower()
+
+
+def odd_path(path: str) -> bool:
+    """Does a path, read leniently, lie under a resource collection without being spelled the
+    plain way `path_name` and `list_kind` read? (An OpenAI-compatible files or batches path too.)"""
+    m = _VERSIONED.match(path)
+    if m is None:
+        return False
+    rest = path[m.end() :]
+    segments: list[str] = []
+    for segment in _folded(rest).split("/"):
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment not in ("", "."):
+            segments.append(segment)
+    tokens = [t for t in _TOKEN.split("/".join(segments)) if t]
+    if not tokens:
+        return False
+    if tokens[0] == "openai":
+        return len(tokens) > 1 and tokens[1] in _OPENAI_KINDS
+    return tokens[0] in _KINDS_FOLDED and _PLAIN_REST.fullmatch(rest) is None
+
+
+def body_names(body: bytes) -> list[str]:
+    """The resources a request body names where Gemini reads them (fileUri, cachedContent, a
+    batch's fileName), in order; UNREADABLE (last) for a spelling not read. Never raises."""
+    if _ESCAPED_LETTER.search(body):
+        return _parsed_body_names(body)
+    out: list[str] = []
+    odd = False
+    for n, key in enumerate(_BODY_KEY.finditer(body)):
+        if n >= MAX_NAMED:
+            odd = True
+            break
+        m = _STRING_VALUE.match(body, key.end())
+        if m is None:
+            odd |= _STRING_START.match(body, key.end()) is not None  # a value too long to read
+            continue
+        raw = m.group(1)
+        if b"\\" in raw:  # an escaped value ("https:\/\/..."): decode it, strictly
+            try:
+                text = json.loads(b'"' + raw + b'"')
+            except ValueError:
+                odd = True
+                continue
+        else:
+            text = raw.decode(errors="replace")
+        name, unread = _value_name(key.group(1).decode(), text)
+        if name is not None:
+            out.append(name)
+        odd |= unread
+    return [*out, UNREADABLE] if odd else out
+
+
+def _value_name(key: str, value: str) -> tuple[str | None, bool]:
+    """The resource a body value names (in the plain spelling), and whether it may name one in
+    another spelling."""
+    try:
+        raw = value.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return None, True
+    m = _VALUE_OF[key.encode()].search(raw)
+    if m is not None:
+        return m.group(1).decode(), False
+    folded = _folded(value).strip()
+    if not _LOOSE_VALUE.search(folded):
+        return None, False
+    try:
+        host = urlsplit(folded).hostname if "://" in folded else None
+    except ValueError:
+        return None, True
+    # a URL of another host is that host's business, not a Gemini resource
+    return None, host is None or host == "googleapis.com" or host.endswith(".googleapis.com")
+
+
+def _parsed_body_names(body: bytes) -> list[str]:
+    """A body with escaped letters: parsed whole (bounded), every key read decoded."""
+    doc = _document(body)
+    if doc is None:
+        return [UNREADABLE]
+    out: list[str] = []
+    odd, seen, stack = False, 0, [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, dict):
+            for key, value in item.items():
+                if key in _BODY_KEYS:
+                    seen += 1
+                    if isinstance(value, str):
+                        name, unread = (
+                            _value_name(key, value) if len(value) <= MAX_VALUE else (None, True)
+                        )
+                        if name is not None:
+                            out.append(name)
+                        odd |= unread
+                stack.append(value)
+    if seen > MAX_NAMED:
+        odd = True
+    return [*out, UNREADABLE] if odd else out
 
 
 def _document(body: bytes) -> Any:

@@ -30,6 +30,7 @@ from .pins import Pin, ResourcePins
 from .records import RequestRecord
 from .selector import KeyPool, PoolPolicy
 from .shared import SharedState
+from .shared_answers import SharedAnswers
 from .shared_limits import SharedLimits
 from .store import Store, read_state_document, state_document
 from .upload_tokens import is_token
@@ -84,6 +85,7 @@ class ProxyService:
         self.limiter = Limiter()
         self.limit_check = ClientLimitCheck(self.limiter, self._limits_of)
         self.shared_limits: SharedLimits | None = None
+        self.shared_answers: SharedAnswers | None = None  # the answer cache across workers
         metrics.set_state_source(self.gauge_rows)
         self.pool.budgets = self.dispatcher.budgets = self.budgets
         self.dispatcher.on_learn = self._said_learned
@@ -163,6 +165,7 @@ class ProxyService:
             self.pool.on_change = None
             self.checker.claim = None
             self.budgets.on_spend = None
+            self.shared_answers = None
         self.limiter.worker = worker
         self.shared_limits = SharedLimits(self.limiter, prefix) if url else None
         if not url:
@@ -174,6 +177,7 @@ class ProxyService:
             shared.budgets = self.budgets
             self.budgets.on_spend = shared.spent
             self.checker.claim = shared.claim_check
+            self.shared_answers = SharedAnswers(prefix, shared.client)
             shared.start()
 
     def _limits_of(self, client: str) -> ClientLimits | None:
@@ -192,6 +196,10 @@ class ProxyService:
         redis = shared.client() if shared is not None else None
         limits = {c.name: c.limits for c in self.config.clients}
         await self.shared_limits.tick(redis, limits)
+        if redis is None:  # budgets: this worker keeps to its share until Redis is back
+            self.budgets.isolate(self.limiter.workers, time.time())
+        else:
+            self.budgets.rejoin()
 
     def _mark_dirty(self) -> None:
         self.state_dirty = True

@@ -17,7 +17,9 @@ everything they know (a Redis restarted empty gets the whole state again).
 Layout (every key under `prefix:`): hashes `marks` and `breakers` (field: key fingerprint),
 `cooldowns` (field: project, model), `pins` (field: kind, name), `learned` (budget limits learned from
 Google; field: project, model, kind), `limits` (client limits, shared_limits.py); channel `events`; locks
-`probe:<fingerprint>` and `check:<fingerprint>` (SET NX PX). Never a secret: fingerprints, names.
+`probe:<fingerprint>` and `check:<fingerprint>` (SET NX PX); list `away` (budget spends made while
+a worker was cut off, shared_spends.py); strings `answer:<hash>` (the answer cache,
+shared_answers.py). Never a secret: fingerprints, names.
 
 Entries that expire (cooldowns, pins, upload sessions) are deleted from Redis once expired, at
 every sync and every PRUNE_EVERY seconds, by every worker (Redis 7.0 has no per-field TTL). A
@@ -48,6 +50,7 @@ from .selector import KeyPool, KeyState
 from .shared_scripts import MERGE as _MERGE
 from .shared_scripts import MERGE_MARKS as _MERGE_MARKS
 from .shared_scripts import RELEASE as _RELEASE
+from .shared_spends import AwaySpends
 
 log = logging.getLogger("gemini_proxy")
 
@@ -99,6 +102,7 @@ class SharedState:
         self._release: Any = None
         self._merge_marks: Any = None
         self.budgets: Budgets | None = None  # learned limits are shared when set
+        self.away = AwaySpends(prefix, worker)  # budget spends made while Redis was away
 
     # ------------------------------------------------------------------ hooks from the pool
 
@@ -246,8 +250,14 @@ class SharedState:
                 await self._redis.hdel(self._k(table), *expired)
         self.syncs += 1
         self._overflow = False
-        while not self._queue.empty():  # superseded by the full state below
-            self._queue.get_nowait()
+        away: list[tuple[str, str, dict[str, Any] | None]] = []
+        while not self._queue.empty():  # superseded by the full state below, but for spends:
+            item = self._queue.get_nowait()  # attempts made while away (shared_spends.py)
+            if item[0] == "spends":
+                away.append(item)
+        told = await self.away.exchange(self._redis, away, self._apply)
+        if told is not None:
+            await self._redis.publish(self._k("events"), json.dumps(told))
         items: list[tuple[str, str, dict[str, Any] | None]] = []
         for state in self.pool.keys.values():
             items.append(("marks", state.spec.fingerprint, self.pool.shared_marks(state)))
@@ -359,6 +369,8 @@ class SharedState:
                 doc = json.loads(message["data"])
                 if doc.get("w") == self.worker:
                     continue
+                if "id" in doc and not self.away.first_time(str(doc["id"])):
+                    continue  # spends made while away, counted from the list already
                 for item in doc["items"]:
                     try:
                         table, field, value = item

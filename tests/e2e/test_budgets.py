@@ -18,7 +18,7 @@ import yaml
 from mitmproxy import io
 
 from ..conftest import Fake, Proxy, gen_body, key_entry, new_secret, wait_for
-from .test_workers import redis_server, shared_up
+from .test_workers import RedisServer, redis_server, shared_up
 
 __all__ = ["redis_server"]  # the fixture, used by name
 
@@ -258,3 +258,61 @@ def test_two_workers_spend_one_budget_through_redis(
         r = gen(w)
         assert r.status_code == 429 and "3/3 requests today" in r.json()["error"]["message"]
     assert len(served(fake)) == 3
+
+
+def test_two_workers_share_a_budget_with_redis_killed_mid_run(
+    fake: Fake, make_proxy: Any, tmp_path: Any
+) -> None:
+    server = RedisServer(tmp_path)
+    try:
+        a = new_secret()
+        fake.configure({a: "ok"}, projects={a: "proj-a"})
+        prefix = "t-" + secrets.token_hex(4)
+        made = []
+        for i in (1, 2):
+            w: Proxy = make_proxy(
+                [key_entry("a1", a, project="proj-a")],
+                start=False,
+                options={
+                    "gemini_redis": server.url,
+                    "gemini_redis_prefix": prefix,
+                    "gemini_worker": f"w{i}",
+                },
+            )
+            doc = yaml.safe_load(w.keys_file.read_text())
+            doc["projects"] = [{"name": "proj-a", "limits": {FLASH: {"rpd": 9}}}]
+            w.keys_file.write_text(yaml.safe_dump(doc))
+            made.append(w.start())
+        w1, w2 = made
+        wait_for(lambda: all(shared_up(w) for w in made))
+        wait_for(lambda: all(w.admin.get("/admin/clients").json()["workers"] == 2 for w in made))
+
+        def rpd(w: Proxy) -> dict[str, Any]:
+            return dict(budgets(w)[("proj-a", FLASH)]["limits"]["rpd"])
+
+        for w in (w1, w2, w1, w2):
+            assert gen(w).status_code == 200
+        wait_for(lambda: all(rpd(w)["used"] == 4 for w in made))
+        # Redis dies: a request at once is served (selection never waits on Redis) ...
+        server.stop()
+        assert gen(w1).status_code == 200
+        wait_for(lambda: not any(shared_up(w) for w in made))
+        wait_for(lambda: all("share" in rpd(w) for w in made))
+        # ... and each worker keeps to its share of the 5 left: 3 each (rounded up), so the two
+        # spend 10 of a budget of 9: one over, never more
+        statuses = [gen(w).status_code for w in (w1, w2) * 6]
+        assert statuses.count(200) == 5 and set(statuses) <= {200, 429}, statuses
+        assert len(served(fake)) == 10
+        for w in made:
+            r = gen(w)
+            assert r.status_code == 429, r.text
+            assert "this worker's share while Redis is away" in r.json()["error"]["message"]
+        assert len(served(fake)) == 10  # the proxy's own 429s: nothing went upstream
+        # Redis back: each worker hears what the other spent meanwhile; one budget, spent
+        server.start()
+        wait_for(lambda: all(shared_up(w) for w in made), timeout=30)
+        wait_for(lambda: all("share" not in rpd(w) and rpd(w)["used"] >= 9 for w in made))
+        assert [gen(w).status_code for w in made] == [429, 429]
+        assert len(served(fake)) == 10
+    finally:
+        server.stop()

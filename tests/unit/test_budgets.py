@@ -313,3 +313,54 @@ def test_what_other_workers_spent_counts_here_too() -> None:
     assert mine.left("proj-a", FLASH, "tpm", 13.0) == 950
     assert mine.left("proj-a", FLASH, "rpm", 13.0) == 1
     assert mine.ready_at("proj-a", FLASH, 1, 10.0 + WINDOW) == 0.0  # theirs left the minute
+
+
+def _fill(b: Budgets, now: float) -> int:
+    """Charge proj-a until its budget says no: how many."""
+    n = 0
+    while b.ready_at("proj-a", FLASH, 1, now) == 0.0 and n < 1000:
+        b.charge("proj-a", FLASH, 1, now)
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize(
+    ("rpd", "spent", "each"), [(20, 10, 5), (21, 10, 6), (20, 0, 10), (3, 3, 0)]
+)
+def test_redis_away_each_worker_keeps_to_its_share_of_the_day_left(
+    rpd: int, spent: int, each: int
+) -> None:
+    t = pacific(2026, 3, 2, 9, 0)
+    w1, w2 = budgets(proj_a={"rpd": rpd}), budgets(proj_a={"rpd": rpd})
+    for _ in range(spent):  # shared: both count every request
+        w1.charge("proj-a", FLASH, 1, t)
+        w2.spent_elsewhere("proj-a", FLASH, t, 1, None, t)
+    for w in (w1, w2):
+        w.isolate(2, t + 1)
+    got = [_fill(w1, t + 2), _fill(w2, t + 2)]
+    assert got == [each, each]
+    assert spent + sum(got) <= rpd + 1  # 2 workers: at most one over (rounding up)
+    why = w1.why("proj-a", FLASH, 1, t + 2)
+    assert why is not None and "this worker's share while Redis is away" in why
+    # a new Pacific day while still away: half the day's limit each
+    tomorrow = pacific(2026, 3, 3, 0, 1)
+    assert _fill(w1, tomorrow) == math.ceil(rpd / 2)
+    # Redis back: one budget again (the whole day's limit, as counted here)
+    w1.rejoin()
+    assert _fill(w1, tomorrow) == rpd - math.ceil(rpd / 2)
+
+
+def test_redis_away_a_minutes_limits_are_split_too() -> None:
+    w = budgets(proj_a={"rpm": 10, "tpm": 1000})
+    w.isolate(2, 0.0)
+    assert _fill(w, 1.0) == 5
+    assert w.ready_at("proj-a", FLASH, 1, 1.0) == 1.0 + WINDOW
+    later = 1.0 + WINDOW
+    assert w.why("proj-a", FLASH, 600, later) is not None  # 600 > 1000 / 2 tokens
+    assert w.why("proj-a", FLASH, 400, later) is None
+    w.rejoin()
+    assert w.why("proj-a", FLASH, 600, later) is None
+    # one worker alone: its share is the whole budget
+    alone = budgets(proj_a={"rpd": 4})
+    alone.isolate(1, 0.0)
+    assert _fill(alone, 1.0) == 4
