@@ -23,6 +23,9 @@ path of every stream's first byte, and aiohttp's web server cost more CPU per re
 Every answer that ends a connection (a refusal, 400, 404) is followed by a graceful close: shut
 down the write side, read and discard what the peer still sends up to a bound, then close. Closing
 with unread bytes would make the kernel send a reset, which can destroy the answer in flight.
+
+It stays one module (under 500 lines): the tickets, the HTTP/1.1 framing and the graceful close
+are one small server, measured as a whole on the stream's first byte.
 """
 
 from __future__ import annotations

@@ -171,7 +171,9 @@ class Runtime:
                 now = time.monotonic()
                 if self.service.shared is not None:  # a slow Redis must not hold the rest up
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.service.shared.grant_probes(time.time()), 1.0)
+                        await asyncio.wait_for(
+                            self.service.shared.locks.grant_probes(time.time()), 1.0
+                        )
                 with contextlib.suppress(TimeoutError):  # client limits across workers
                     await asyncio.wait_for(self.service.share_limits(), 1.0)
                 self.service.checker.run_due(time.time())

@@ -6,6 +6,11 @@ Selection: smooth weighted round robin (nginx's algorithm) over the keys usable 
 right now, preferring healthy keys; unhealthy ones serve only when no healthy key is left.
 Quota cooldowns are per project x model (keys of one project share Google's quota bucket);
 breakers and dead-key disables are per key.
+
+This module stays whole (about 750 lines) on purpose: every rule of which key may serve, and in
+which order, reads and changes the same per-key state, and splitting it would scatter the one
+decision the proxy makes most often across files. Budgets (budgets.py), breakers (breaker.py)
+and health (health.py) are their own rooms; the selector only asks them.
 """
 
 from __future__ import annotations

@@ -9,15 +9,12 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
-from . import accounting, metrics
+from . import accounting, metrics, operator_actions, pool_views
 from .access_log import log_request
 from .answer_cache import AnswerCache, CacheSpec, Entry
-from .breaker import BreakerState
-from .budgets import KINDS, Budgets, Learned
+from .budgets import Budgets, Learned
 from .classify import pacific_day
-from .clients_view import describe_clients
 from .config import EMPTY, NO_LIMITS, ClientLimits, ClientSpec, Config, ConfigError, load_config
 from .dispatch import Dispatcher, DispatchPolicy
 from .gate import Gate, digest
@@ -32,14 +29,12 @@ from .selector import KeyPool, PoolPolicy
 from .shared import SharedState
 from .shared_answers import SharedAnswers
 from .shared_limits import SharedLimits
-from .store import Store, read_state_document, state_document
+from .store import Store
 from .upload_tokens import is_token
 from .uploads import IPNetwork
 from .upstream import UpstreamClient
 
 log = logging.getLogger("gemini_proxy")
-
-BREAKER_CODE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
 @dataclass(frozen=True)
@@ -119,29 +114,6 @@ class ProxyService:
         if self.shared is not None:
             self.shared.limit_learned(project, model, kind, learned.value, learned.at)
 
-    def describe_budgets(self) -> list[dict[str, Any]]:
-        return self.budgets.describe(time.time(), [p.name for p in self.config.projects])
-
-    def budget_rows(self) -> list[tuple[str, str, str, float]]:
-        """Budget left per project x model x kind, for the gauges: bounded labels only (the
-        projects of configured keys, models that answered 2xx or are named in `projects:`)."""
-        now = time.time()
-        projects = sorted({k.project for k in self.config.keys})
-        models = set(self.models.known) | {
-            m.pattern
-            for p in self.config.projects
-            for m in p.limits
-            if "*" not in m.pattern and "?" not in m.pattern
-        }
-        rows = []
-        for project in projects:
-            for model in sorted(models):
-                for kind in KINDS:
-                    left = self.budgets.left(project, model, kind, now)
-                    if left is not None:
-                        rows.append((project, model, kind, left))
-        return rows
-
     def _on_pin(self, pin: Pin) -> None:
         if self.store is not None:
             self.store.save_pin(pin)
@@ -176,7 +148,7 @@ class ProxyService:
             self.pool.on_change = shared.key_changed
             shared.budgets = self.budgets
             self.budgets.on_spend = shared.spent
-            self.checker.claim = shared.claim_check
+            self.checker.claim = shared.locks.claim_check
             self.shared_answers = SharedAnswers(prefix, shared.client)
             shared.start()
 
@@ -384,144 +356,18 @@ class ProxyService:
                 accounting.client_delta(rec, client, model),
             )
 
-    # --- views
+    # --- read-only views (pool_views.py) and operator actions (operator_actions.py)
 
-    def gauge_rows(self) -> tuple[list[metrics.KeyGaugeRow], int]:
-        now = time.time()
-        rows = []
-        for s in self.pool.keys.values():
-            cool = self.pool.cooldowns_of(s.spec.project, now)
-            rows.append(
-                metrics.KeyGaugeRow(
-                    key=s.name,
-                    breaker=BREAKER_CODE[s.breaker.state],
-                    cooldown_seconds=max(
-                        [c.until - now for c in cool] + [s.breaker.seconds_left(now)]
-                    ),
-                    health=s.health.ratio,
-                    enabled=s.usable_ever,
-                    usable=self.pool.status(s, now) == "active",
-                )
-            )
-        return rows, self.store.queue_depth if self.store else 0
-
-    def usage_today(self) -> dict[str, dict[str, int]]:
-        if self.store is None:
-            return {}
-        try:
-            return self.store.usage(pacific_day(time.time()))
-        except Exception as e:  # the admin view must not fail because of the database
-            log.warning("gemini-proxy: cannot read usage: %s", e)
-            return {}
-
-    def clients_today(self) -> dict[str, Any]:
-        """This worker's accounting per client today, from SQLite (call from a worker thread)."""
-        if self.store is None:
-            return {}
-        try:
-            return self.store.client_usage(pacific_day(time.time()))
-        except Exception as e:  # the admin view must not fail because of the database
-            log.warning("gemini-proxy: cannot read usage per client: %s", e)
-            return {}
-
-    def describe_clients(self, accounting: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        return describe_clients(self.config, self.limiter, accounting or {})
-
-    def describe_keys(self, usage: dict[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:
-        now = time.time()
-        usage = usage or {}
-        out = []
-        for s in self.pool.keys.values():
-            d = self.pool.describe(s, now)
-            d["usage_today"] = usage.get(s.name, {})
-            d["egress"] = s.spec.egress.url if s.spec.egress else None  # never its credentials
-            d["overrides_yaml"] = {
-                k: v
-                for k, v in (("enabled", s.operator_enabled), ("weight", s.operator_weight))
-                if v is not None
-            }
-            out.append(d)
-        return out
-
-    def health(self) -> dict[str, Any]:
-        now = time.time()
-        counts = {"active": 0, "cooling": 0, "open": 0, "suspect": 0, "dead": 0, "disabled": 0}
-        errors = {}
-        for s in self.pool.keys.values():
-            status = self.pool.status(s, now)
-            counts[status] += 1
-            if s.last_error:
-                errors[s.name] = s.last_error
-        return {
-            "keys": len(self.pool.keys),
-            **counts,
-            "last_errors": errors,
-            "inflight": self.inflight,
-        }
-
-    def rotation(self) -> dict[str, list[str]]:
-        now = time.time()
-        models = sorted({m for (_p, m) in self.pool.cooldowns if m != "*"} | {"*"})
-        # one weighted round of the keys that can serve at all
-        cycle = min(100, max(1, sum(s.weight for s in self.pool.keys.values() if s.usable_ever)))
-        return {m: self.pool.rotation(m, now, count=cycle) for m in models}
-
-    # --- operator actions (persisted, shown as overriding the YAML)
-
-    def operator(self, name: str, action: str, weight: int | None = None) -> dict[str, Any]:
-        if name not in self.pool.keys:
-            raise KeyError(name)
-        if action == "enable":
-            self.pool.set_enabled(name, True)
-        elif action == "disable":
-            self.pool.set_enabled(name, False)
-        elif action == "reset":
-            self.pool.reset(name)
-        elif action == "weight":
-            self.pool.set_weight(name, weight)
-        else:
-            raise ValueError(action)
-        log.info(
-            "gemini-proxy: operator %s key %s%s", action, name, f" = {weight}" if weight else ""
-        )
-        self.save_state()
-        return self.pool.describe(self.pool.keys[name], time.time())
-
-    def hand_over(
-        self, name: str, client: str | None = None, group: str | None = None, project: str = ""
-    ) -> dict[str, str]:
-        """An operator gives a resource the proxy never saw created (or another group's) to a
-        client's group: from then on that group sees and uses it. Raises ValueError."""
-        groups = set(self.groups.values())
-        if (client is None) == (group is None):
-            raise ValueError("name exactly one of client or group")
-        if client is not None:
-            if client not in self.groups:
-                raise ValueError(f"no client named {client!r}")
-            group = self.groups[client]
-        assert group is not None
-        if group not in groups:
-            raise ValueError(f"no client has the group {group!r}")
-        if project and project not in {k.project for k in self.config.keys}:
-            raise ValueError(f"no key of project {project!r} is configured")
-        canonical = self.ownership.hand_over(name, group, project or None)
-        log.info("gemini-proxy: operator handed %s to group %s", canonical, group)
-        self.state_dirty = True
-        return {"name": canonical, "group": group, "project": project}
-
-    def export_state(self) -> dict[str, Any]:
-        keys = {n: self.pool.snapshot_key(s) for n, s in self.pool.keys.items()}
-        return state_document(keys, self.pool.snapshot_cooldowns())
-
-    def import_state(self, doc: Any) -> int:
-        keys, cooldowns = read_state_document(doc)
-        matched = [
-            n
-            for n, s in keys.items()
-            if n in self.pool.keys
-            and isinstance(s, dict)
-            and s.get("fingerprint") == self.pool.keys[n].spec.fingerprint
-        ]
-        self.pool.restore({n: keys[n] for n in matched}, cooldowns, time.time())
-        self.save_state()
-        return len(matched)
+    gauge_rows = pool_views.gauge_rows
+    usage_today = pool_views.usage_today
+    clients_today = pool_views.clients_today
+    describe_clients = pool_views.describe_clients
+    describe_keys = pool_views.describe_keys
+    health = pool_views.health
+    rotation = pool_views.rotation
+    describe_budgets = pool_views.describe_budgets
+    budget_rows = pool_views.budget_rows
+    operator = operator_actions.operator
+    hand_over = operator_actions.hand_over
+    export_state = operator_actions.export_state
+    import_state = operator_actions.import_state

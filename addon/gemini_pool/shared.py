@@ -6,7 +6,13 @@ project pins (files, cached contents, batches, upload sessions), and budget limi
 Google's 429s (per project x model x kind; the newer wins). Selection never waits on
 Redis: each worker decides from its local state; changes are queued, written and published by a
 background task, and other workers apply what they hear. Two locks make work happen once across
-the pool: the half-open probe of a breaker, and the no-quota check of a key that answered dead.
+the pool: the half-open probe of a breaker, and the no-quota check of a key that answered dead
+(shared_locks.py). A creation waits until Redis holds it (`written`) and a worker reads what it
+has not heard of yet on demand (`learn_pins`, `learn_upload`): read your own writes.
+
+This module stays whole (about 500 lines) on purpose: the queue, the merge scripts, the resync and
+the listener are one protocol, and each half only makes sense next to the other. What has its own
+concern lives beside it: shared_locks, shared_limits, shared_spends, shared_answers, shared_scripts.
 
 Redis is no single point of failure: while it is unreachable workers serve on their local state
 (`up` is False, `gemini_proxy_shared_state_up` 0), reconnect with back-off, and on reconnect merge
@@ -47,6 +53,7 @@ from .budgets import Budgets
 from .pins import KIND_UPLOAD, Pin, ResourcePins
 from .redis_url import shown
 from .selector import KeyPool, KeyState
+from .shared_locks import SharedLocks
 from .shared_scripts import MERGE as _MERGE
 from .shared_scripts import MERGE_MARKS as _MERGE_MARKS
 from .shared_scripts import RELEASE as _RELEASE
@@ -56,8 +63,6 @@ log = logging.getLogger("gemini_proxy")
 
 SEP = "\x1f"  # between the parts of a hash field (project and model, kind and name)
 QUEUE_LIMIT = 50_000  # changes waiting to be written; past it they are dropped, then resynced
-PROBE_LOCK_MS = 10_000  # a probe grant; renewed while the breaker still waits for its probe
-CHECK_LOCK_MS = 30_000
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 READY_WAIT = 5.0  # longest a joining worker holds requests back waiting for its first sync
 PRUNE_EVERY = 300.0  # seconds between deletions of expired entries from Redis
@@ -103,6 +108,7 @@ class SharedState:
         self._merge_marks: Any = None
         self.budgets: Budgets | None = None  # learned limits are shared when set
         self.away = AwaySpends(prefix, worker)  # budget spends made while Redis was away
+        self.locks = SharedLocks(self)  # probes and key checks: one worker across the pool
 
     # ------------------------------------------------------------------ hooks from the pool
 
@@ -488,37 +494,6 @@ class SharedState:
                 return digest in self.pins.uploads
             await asyncio.sleep(min(UPLOAD_POLL, max(0.0, deadline - time.monotonic())))
         return True
-
-    # ------------------------------------------------------------------ work done once
-
-    async def grant_probes(self, now: float) -> None:
-        """Breakers waiting for their half-open probe: one worker across the pool gets it."""
-        for state in self.pool.keys.values():
-            state.breaker.shared = self.up  # keys a reload added, too
-        if not self.up or self._redis is None:
-            return
-        for state in self.pool.keys.values():
-            if state.breaker.wants_probe(now):
-                with contextlib.suppress(RedisError, OSError):
-                    got = await self._redis.set(
-                        self._k(f"probe:{state.spec.fingerprint}"),
-                        self.worker,
-                        nx=True,
-                        px=PROBE_LOCK_MS,
-                    )
-                    state.breaker.probe_granted = bool(got)
-
-    async def claim_check(self, state: KeyState) -> bool:
-        """May this worker run the no-quota check of `state` now? (One worker across the pool.)"""
-        if not self.up or self._redis is None:
-            return True
-        try:
-            got = await self._redis.set(
-                self._k(f"check:{state.spec.fingerprint}"), self.worker, nx=True, px=CHECK_LOCK_MS
-            )
-        except (RedisError, OSError):
-            return True  # Redis just went away: checking twice beats not checking
-        return bool(got)
 
 
 async def _first_failure(*coros: Any) -> None:

@@ -9,6 +9,11 @@ its own. A writer thread was measured to cost the event loop about 0.2 ms of CPU
 is versioned with PRAGMA user_version and upgraded forward; a database from a newer version is
 refused untouched.
 
+This module stays whole (about 730 lines) on purpose: the schema, its migrations, the batched
+writer and the queries share one connection discipline (which thread, which lock, which
+transaction), and that discipline is the hard part to get right; split, it would be checked
+nowhere as a whole.
+
 Key state is upserted, never replaced: a key missing from a snapshot (a half-written key file)
 keeps its row, marked retired, for RETIRED_TTL, so its operator state is there when it returns.
 """
