@@ -55,6 +55,10 @@ def base_env(tmp_path: Path, keys: Path | None, **extra: str) -> dict[str, str]:
     return env
 
 
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """./scripts/run in its own session, output to a file."""
 
@@ -64,7 +68,14 @@ class Run:
         self.port = int(env["GEMINI_PROXY_PORT"])
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [RUN, *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                [RUN, *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                # as in a terminal: a suite started in the background (`cmd &` in a script) runs
+                # with SIGINT ignored, and a shell cannot trap a signal ignored when it started
+                preexec_fn=_interruptible,
             )
 
     def output(self) -> str:
@@ -265,6 +276,7 @@ def test_just_web_stopped_by_ctrl_c_stops_cleanly(tmp_path: Path, fake: Fake) ->
     pid, fd = pty.fork()
     if pid == 0:  # the child: just in the pty's session, as from a terminal
         os.chdir(ROOT)
+        _interruptible()
         os.execve(str(Path(MITMDUMP).parent / "just"), ["just", "web", *args], env)
     out = bytearray()
 
