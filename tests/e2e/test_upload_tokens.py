@@ -196,6 +196,19 @@ def test_a_token_started_on_one_worker_opens_googles_id_on_another(
     for w in (w1, w2):
         wait_for(lambda w=w: w.http.post("/v1beta/models", headers={}).status_code == 401, 5)
     path, token = start(w1, {"x-goog-api-key": "tok-app-1"})
+    shared = redis_server.client()
+
+    def redis_dump() -> str:
+        return "\n".join(
+            f"{k} {shared.type(k)} {shared.hgetall(k) if shared.type(k) == 'hash' else ''}"
+            for k in shared.keys("*")
+        )
+
+    # while the upload is open, Redis holds its session: a digest and a ciphertext, never
+    # Google's id (checked below, once known), never the token
+    open_dump = redis_dump()
+    assert upload_digest(token) in open_dump  # written before the start's answer left
+    assert token not in open_dump
     # the bytes go to the other worker with nothing but the token: it learns the session from
     # Redis and opens Google's id with the token
     done = w2.http.post(
@@ -206,13 +219,8 @@ def test_a_token_started_on_one_worker_opens_googles_id_on_another(
     assert done.status_code == 200, done.text
     (gid,) = google_ids(fake)
     assert not is_token(gid) and gid not in done.text and gid not in str(done.headers)
-    # Redis holds digests and ciphertexts: never Google's id, never the token
-    shared = redis_server.client()
-    dump = "\n".join(
-        f"{k} {shared.type(k)} {shared.hgetall(k) if shared.type(k) == 'hash' else ''}"
-        for k in shared.keys("*")
-    )
-    assert "upload" in dump and gid not in dump and token not in dump
+    dump = redis_dump()  # after it ended: still neither
+    assert gid not in open_dump and gid not in dump and token not in dump
 
     # finalized on w2: the token is spent on w1 as well (which must not take the session back
     # from Redis when it catches up)
