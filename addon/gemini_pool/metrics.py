@@ -220,7 +220,8 @@ class _PoolCollector(Collector):
 
 REGISTRY.register(_PoolCollector())
 
-BudgetSource = Callable[[], list[tuple[str, str, str, float]]]  # (project, model, kind, left)
+# (project, model, kind, left, limit)
+BudgetSource = Callable[[], list[tuple[str, str, str, float, float]]]
 _budget_source: list[BudgetSource] = []
 
 
@@ -238,9 +239,16 @@ class _BudgetCollector(Collector):
             " (Pacific); only where a limit is configured or learned",
             labels=["project", "model", "kind"],
         )
-        for project, model, kind, left in _budget_source[0]() if _budget_source else []:
+        limits = GaugeMetricFamily(
+            "gemini_proxy_budget_limit",
+            "The limit of each budget in gemini_proxy_budget_left (configured or learned)",
+            labels=["project", "model", "kind"],
+        )
+        for project, model, kind, left, limit in _budget_source[0]() if _budget_source else []:
             family.add_metric([project, model, kind], left)
+            limits.add_metric([project, model, kind], limit)
         yield family
+        yield limits
 
 
 REGISTRY.register(_BudgetCollector())

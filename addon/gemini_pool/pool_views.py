@@ -116,9 +116,9 @@ def describe_budgets(service: ProxyService) -> list[dict[str, Any]]:
     return service.budgets.describe(time.time(), [p.name for p in service.config.projects])
 
 
-def budget_rows(service: ProxyService) -> list[tuple[str, str, str, float]]:
-    """Budget left per project x model x kind, for the gauges: bounded labels only (the
-    projects of configured keys, models that answered 2xx or are named in `projects:`)."""
+def budget_rows(service: ProxyService) -> list[tuple[str, str, str, float, float]]:
+    """Budget left and its limit per project x model x kind, for the gauges: bounded labels only
+    (the projects of configured keys, models that answered 2xx or are named in `projects:`)."""
     now = time.time()
     projects = sorted({k.project for k in service.config.keys})
     models = set(service.models.known) | {
@@ -132,6 +132,7 @@ def budget_rows(service: ProxyService) -> list[tuple[str, str, str, float]]:
         for model in sorted(models):
             for kind in KINDS:
                 left = service.budgets.left(project, model, kind, now)
-                if left is not None:
-                    rows.append((project, model, kind, left))
+                limit = service.budgets.limits(project, model).get(kind)
+                if left is not None and limit is not None:
+                    rows.append((project, model, kind, left, float(limit.value)))
     return rows
