@@ -6,7 +6,9 @@ counts, the names of created resources) is read after decoding. Pure: no mitmpro
 
 from __future__ import annotations
 
+import json
 import zlib
+from collections.abc import Sequence
 
 _GZIP_OR_ZLIB = 47  # wbits: auto-detect a gzip or zlib header
 _RAW_DEFLATE = -15
@@ -64,3 +66,30 @@ def decoded(body: bytes, encoding: str, limit: int) -> bytes | None:
     except zlib.error:
         return None
     return b"".join(out)
+
+
+def plain_request(
+    headers: Sequence[tuple[str, str]], body: bytes, limit: int
+) -> tuple[list[tuple[str, str]], bytes] | None:
+    """A request body as every check reads it and as it goes upstream: its Content-Encoding
+    undone (gzip, deflate; at most `limit` bytes decoded) and the header dropped. A compressed
+    body must never slip past a check that reads bytes (whose resource it names, which model).
+    None: an encoding the proxy cannot undo, a corrupt body, or one over `limit` decoded."""
+    encodings = [v for k, v in headers if k.lower() == "content-encoding"]
+    if not encodings:
+        return list(headers), body
+    if not body:
+        return [(k, v) for k, v in headers if k.lower() != "content-encoding"], body
+    plain = decoded(body, ",".join(encodings), limit)
+    if plain is None:
+        return None
+    return [(k, v) for k, v in headers if k.lower() != "content-encoding"], plain
+
+
+def json_not_utf8(headers: Sequence[tuple[str, str]], body: bytes) -> bool:
+    """A JSON body in UTF-16 or UTF-32 (which json.loads, and maybe Google, would read, but no
+    scan of its bytes would): refused, so that every check reads what Google reads."""
+    ctype = next((v for k, v in headers if k.lower() == "content-type"), "application/json")
+    if "json" not in ctype.lower() or len(body) < 2:
+        return False
+    return json.detect_encoding(body) not in ("utf-8", "utf-8-sig")

@@ -47,7 +47,10 @@ _ID = re.compile(rb"[A-Za-z0-9_-]{1,128}")
 _FILE_VALUE = re.compile(rb"(?:^|/)(files/[A-Za-z0-9_-]{1,128})/?\Z")
 _CACHE_VALUE = re.compile(rb"(?:^|/)(cachedContents/[A-Za-z0-9_-]{1,128})/?\Z")
 # the JSON keys a request body names a resource under: one pattern, so a body is scanned once
-_BODY_KEY = re.compile(rb'"(fileUri|file_uri|fileName|file_name|cachedContent|cached_content)"')
+# (in any letter case: a parser that folds case must not read a name the scan missed)
+_BODY_KEY = re.compile(
+    rb'"(fileUri|file_uri|fileName|file_name|cachedContent|cached_content)"', re.IGNORECASE
+)
 _VALUE_OF = {
     b"fileUri": _FILE_VALUE,
     b"file_uri": _FILE_VALUE,
@@ -56,6 +59,13 @@ _VALUE_OF = {
     b"cachedContent": _CACHE_VALUE,
     b"cached_content": _CACHE_VALUE,
 }
+_VALUE_OF_FOLDED = {k.lower(): v for k, v in _VALUE_OF.items()}
+
+
+def value_pattern(key: bytes) -> re.Pattern[bytes]:
+    """The name a body key's value must end in, for the key in any letter case."""
+    return _VALUE_OF_FOLDED[key.lower()]
+
 # after the key: a colon and the opening quote of a string value, then the string (bounded)
 _STRING_VALUE = re.compile(
     rb'[ \t\r\n]{0,64}:[ \t\r\n]{0,64}"((?:[^"\\]|\\.){0,%d})"' % MAX_VALUE, re.DOTALL
@@ -143,7 +153,7 @@ def body_resource_names(body: bytes, limit: int = MAX_MATCHES) -> Iterator[str]:
         pos = key.end()
         m = _STRING_VALUE.match(body, pos)
         if m is not None:
-            name = _name_in_value(m.group(1), _VALUE_OF[key.group(1)])
+            name = _name_in_value(m.group(1), value_pattern(key.group(1)))
             if name is not None:
                 yield name
             pos = m.end()

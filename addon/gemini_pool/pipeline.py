@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from . import answer_cache, fallback, metrics, resources, upload_tokens
 from .budgets import counted, estimate_tokens
-from .codings import decoded
+from .codings import decoded, json_not_utf8, plain_request
 from .decisions import (
     PUBLIC_NO_ANSWER,
     Check,
@@ -117,6 +117,20 @@ class Pipeline:
                 "request_too_large",
                 close=True,
             )
+        # 1b. the body as Google will read it: no Content-Encoding, UTF-8 JSON (every check below
+        # reads bytes; a compressed or UTF-16 body must not slip past them)
+        readable = plain_request(req.headers, req.body, settings.max_body)
+        if readable is None:
+            return ProxyAnswer(
+                415,
+                "request body's Content-Encoding cannot be read: send it plain, gzip or deflate "
+                f"(at most {settings.max_body} bytes decoded)",
+                "unsupported_encoding",
+            )
+        if readable[1] is not req.body:
+            req = replace(req, headers=readable[0], body=readable[1])
+        if admit.upload_id is None and json_not_utf8(req.headers, req.body):
+            return ProxyAnswer(400, "request body must be JSON in UTF-8", "bad_request")
         # 2. route
         try:
             r = route(req.method, req.path, req.query, admit.bearer_only, req.body)

@@ -29,7 +29,15 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from .pins import _BODY_KEY, _STRING_VALUE, _VALUE_OF, MAX_ANSWER_SCAN, MAX_VALUE, parse_rfc3339
+from .pins import (
+    _BODY_KEY,
+    _STRING_VALUE,
+    _VALUE_OF,
+    MAX_ANSWER_SCAN,
+    MAX_VALUE,
+    parse_rfc3339,
+    value_pattern,
+)
 
 KINDS = ("files", "cachedContents", "batches", "operations", "tunedModels")
 # a whole resource name; an operation of a tuned model ("tunedModels/x/operations/y") is the
@@ -50,7 +58,10 @@ _TOKEN = re.compile(r"[/:;]")
 _STRING_START = re.compile(rb'[ \t\r\n]{0,64}:[ \t\r\n]{0,64}"')
 # a \u escape of an ASCII letter or `_`: what a JSON writer uses only to hide a key's spelling
 _ESCAPED_LETTER = re.compile(rb"\\u00(?:4[1-9A-Fa-f]|5[0-9AaFf]|6[1-9A-Fa-f]|7[0-9Aa])")
-_BODY_KEYS = frozenset(k.decode() for k in _VALUE_OF)
+_BODY_KEYS = frozenset(k.decode().lower() for k in _VALUE_OF)
+_CACHE_KEYS = frozenset({"cachedcontent", "cached_content"})
+_BARE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_NOT_A_STRING = re.compile(rb"[ \t\r\n]{0,64}:[ \t\r\n]{0,64}[\[{]")  # an array or an object
 # a value naming files/ID or cachedContents/ID, read leniently (folded, decoded)
 _LOOSE_VALUE = re.compile(r"(?:^|[/\s])(?:files|cachedcontents)/[a-z0-9_-]{1,128}(?:$|[/?#:;\s])")
 
@@ -147,6 +158,7 @@ def body_names(body: bytes) -> list[str]:
         m = _STRING_VALUE.match(body, key.end())
         if m is None:
             odd |= _STRING_START.match(body, key.end()) is not None  # a value too long to read
+            odd |= _NOT_A_STRING.match(body, key.end()) is not None  # a list or an object
             continue
         raw = m.group(1)
         if b"\\" in raw:  # an escaped value ("https:\/\/..."): decode it, strictly
@@ -171,10 +183,13 @@ def _value_name(key: str, value: str) -> tuple[str | None, bool]:
         raw = value.encode()
     except UnicodeEncodeError:  # a lone surrogate
         return None, True
-    m = _VALUE_OF[key.encode()].search(raw)
+    m = value_pattern(key.encode()).search(raw)
     if m is not None:
         return m.group(1).decode(), False
-    folded = _folded(value).strip()
+    if key.lower() in _CACHE_KEYS and _BARE_ID.fullmatch(value.strip()):
+        return f"cachedContents/{value.strip()}", False  # a bare id reads as a cached content's
+    # "files//x", "files/./x": one resource to a lenient reader
+    folded = re.sub(r"/(?:\./)*/+|/(?:\./)+", "/", _folded(value).strip())
     if not _LOOSE_VALUE.search(folded):
         return None, False
     try:
@@ -198,8 +213,9 @@ def _parsed_body_names(body: bytes) -> list[str]:
             stack.extend(reversed(item))
         elif isinstance(item, dict):
             for key, value in item.items():
-                if key in _BODY_KEYS:
+                if isinstance(key, str) and key.lower() in _BODY_KEYS:
                     seen += 1
+                    odd |= isinstance(value, list | dict)  # a name inside: not read
                     if isinstance(value, str):
                         name, unread = (
                             _value_name(key, value) if len(value) <= MAX_VALUE else (None, True)

@@ -116,7 +116,9 @@ def test_configured_budgets_are_spent_then_answered_by_the_proxy(
     assert seen[("proj-b", FLASH)]["limits"]["rpm"]["left"] == 49
     metrics = proxy.metrics()
     assert f'gemini_proxy_budget_left{{kind="rpd",model="{FLASH}",project="proj-a"}} 0.0' in metrics
-    assert f'gemini_proxy_budget_limit{{kind="rpd",model="{FLASH}",project="proj-a"}} 2.0' in metrics
+    assert (
+        f'gemini_proxy_budget_limit{{kind="rpd",model="{FLASH}",project="proj-a"}} 2.0' in metrics
+    )
     # a restart keeps the day's counts (from SQLite): still spent, still nothing upstream
     upstream = len(fake.log())
     proxy.restart()

@@ -4,7 +4,9 @@ the owner's plain requests still go through."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +67,81 @@ def test_odd_spellings_of_another_groups_file_are_refused(
     # the owner's plain spelling still goes through
     r = native(proxy, "tok-alice-1", "GET", f"/v1beta/{mine.name}")
     assert r.status_code == 200 and r.json()["name"] == mine.name
+
+
+def test_bodies_that_hide_another_groups_names_are_refused(
+    fake: Fake, make_proxy: Any, tmp_path: Path
+) -> None:
+    """Compressed, UTF-16, a bare cache id, a doubled slash, a key in another letter case, a
+    name inside a list: each read the way Google (or a lenient parser) would, and refused."""
+    proxy = make_proxy(two_projects(fake), clients=CLIENTS)
+    mine = upload(sdk(proxy, "tok-alice-1"), tmp_path)
+    made = native(
+        proxy,
+        "tok-alice-1",
+        "POST",
+        "/v1beta/cachedContents",
+        json={"model": "models/gemini-2.5-flash", "contents": [{"parts": [{"text": "x"}]}]},
+    )
+    assert made.status_code == 200, made.text
+    cache = made.json()["name"]
+    ident = mine.name.split("/", 1)[1]
+    uses_file = json.dumps({"contents": [{"parts": [{"fileData": {"fileUri": mine.uri}}]}]})
+    uses_cache = json.dumps({"cachedContent": cache, "contents": [{"parts": [{"text": "x"}]}]})
+    table = Table()
+    rows: list[tuple[str, bytes, tuple[bytes, ...], int, str]] = [
+        (
+            "gzip body, a file",
+            gzip.compress(uses_file.encode()),
+            (b"Content-Encoding: gzip",),
+            404,
+            "not_found",
+        ),
+        (
+            "gzip body, a cache",
+            gzip.compress(uses_cache.encode()),
+            (b"Content-Encoding: gzip",),
+            404,
+            "not_found",
+        ),
+        (
+            "deflate body",
+            zlib.compress(uses_file.encode()),
+            (b"Content-Encoding: deflate",),
+            404,
+            "not_found",
+        ),
+        ("brotli body", b"\x1b\x00\x00", (b"Content-Encoding: br",), 415, "unsupported_encoding"),
+        (
+            "UTF-16 body",
+            uses_file.encode("utf-16"),
+            (b"Content-Type: application/json",),
+            400,
+            "bad_request",
+        ),
+    ]
+    plain = [
+        ("bare cache id", {"cachedContent": cache.split("/", 1)[1]}),
+        (
+            "doubled slash",
+            {"contents": [{"parts": [{"fileData": {"fileUri": f"files//{ident}"}}]}]},
+        ),
+        ("dot segment", {"contents": [{"parts": [{"fileData": {"fileUri": f"files/./{ident}"}}]}]}),
+        ("key in other case", {"contents": [{"parts": [{"FileData": {"FileUri": mine.uri}}]}]}),
+        ("cache in a list", {"cachedContent": [cache]}),
+        ("cache in an object", {"cachedContent": {"name": cache}}),
+    ]
+    for name, doc in plain:
+        rows.append((name, json.dumps(doc).encode(), (), 404, "not_found"))
+    for name, body, lines, status, reason in rows:
+        with table.row(name):
+            refused(proxy, fake, proxy.port, req(GEN, BOB, *lines, body=body), status, reason)
+    table.verify()
+    # the owner's own compressed request goes through, plain to Google
+    r = proxy.http.post(
+        GEN.decode(),
+        headers={"x-goog-api-key": "tok-alice-1", "content-encoding": "gzip"},
+        content=gzip.compress(uses_file.encode()),
+    )
+    assert r.status_code == 200, r.text
+    assert "content-encoding" not in fake.log()[-1].get("headers", {})
