@@ -66,6 +66,7 @@ def value_pattern(key: bytes) -> re.Pattern[bytes]:
     """The name a body key's value must end in, for the key in any letter case."""
     return _VALUE_OF_FOLDED[key.lower()]
 
+
 # after the key: a colon and the opening quote of a string value, then the string (bounded)
 _STRING_VALUE = re.compile(
     rb'[ \t\r\n]{0,64}:[ \t\r\n]{0,64}"((?:[^"\\]|\\.){0,%d})"' % MAX_VALUE, re.DOTALL

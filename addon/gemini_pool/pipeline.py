@@ -61,6 +61,9 @@ from .usage import UsageTap
 if TYPE_CHECKING:
     from .service import ProxyService
 
+# a header that makes Google read another method than the one the proxy reasoned about
+METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+
 __all__ = [
     "PUBLIC_NO_ANSWER",
     "Check",
@@ -129,6 +132,12 @@ class Pipeline:
             )
         if readable[1] is not req.body:
             req = replace(req, headers=readable[0], body=readable[1])
+        if any(k.lower() in METHOD_OVERRIDES for k, _ in req.headers):
+            return ProxyAnswer(
+                400,
+                "method override headers are not accepted: send the method itself",
+                "bad_request",
+            )
         if admit.upload_id is None and json_not_utf8(req.headers, req.body):
             return ProxyAnswer(400, "request body must be JSON in UTF-8", "bad_request")
         # 2. route
@@ -149,6 +158,8 @@ class Pipeline:
         # 3. owners and pins
         now = time.time()
         group = self.ownership.group(admit, now)
+        if group is not None and resources.collection_refused(req.method, r.path):
+            return ProxyAnswer(404, NOT_FOUND, "not_found")  # every group's, not the caller's
         stranger = self.ownership.foreign(r, req.body, group, now)
         while stranger is not None:
             # maybe created through another worker a moment ago: Redis knows (one bounded read)

@@ -98,6 +98,32 @@ def list_kind(method: str, path: str) -> str | None:
     return rest if rest in LISTS else None
 
 
+_CREATED_BY_POST = frozenset({"cachedContents", "tunedModels"})  # POST to the collection creates
+
+
+def collection_refused(method: str, path: str) -> bool:
+    """A call on a resource collection itself that a tenant may not make: it would act on, or
+    list, every group's resources of the project. Allowed: the lists the proxy filters (GET files,
+    cachedContents, batches) and creations (POST cachedContents, tunedModels; uploads). Refused:
+    a verb on a collection (`files:list`), a list the proxy does not filter (operations, tuned
+    models), and any other method on a collection."""
+    m = _VERSIONED.match(path)
+    if m is None or path.startswith(("/upload/", "/download/")):
+        return False
+    rest = path[m.end() :]
+    head = re.split(r"[/:]", rest, maxsplit=1)[0]
+    if head not in KINDS:
+        return False
+    tail = rest[len(head) :]
+    if tail.startswith(":"):
+        return True
+    if tail not in ("", "/"):
+        return False  # a named resource: the owner check's
+    if method == "GET":
+        return head not in LISTS
+    return not (method == "POST" and head in _CREATED_BY_POST)
+
+
 def named(path: str, body: bytes) -> list[str]:
     """Every resource a request names (path first, then body), each once; UNREADABLE for a
     spelling the proxy does not read (see the module's doc). At most MAX_NAMED + 1 names."""

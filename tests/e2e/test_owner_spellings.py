@@ -145,3 +145,43 @@ def test_bodies_that_hide_another_groups_names_are_refused(
     )
     assert r.status_code == 200, r.text
     assert "content-encoding" not in fake.log()[-1].get("headers", {})
+
+
+def test_calls_on_a_whole_collection_are_refused_but_the_filtered_lists(
+    fake: Fake, make_proxy: Any, tmp_path: Path
+) -> None:
+    """A verb on a collection, a list the proxy does not filter, a method override: each would
+    act on, or show, every group's resources of the project."""
+    proxy = make_proxy(two_projects(fake), clients=CLIENTS)
+    upload(sdk(proxy, "tok-alice-1"), tmp_path)
+    table = Table()
+    rows = [
+        ("files:list", b"GET", b"/v1beta/files:list", (), 404, "not_found"),
+        ("cachedContents:list", b"GET", b"/v1beta/cachedContents:list", (), 404, "not_found"),
+        ("delete the collection", b"DELETE", b"/v1beta/files", (), 404, "not_found"),
+        ("operations list", b"GET", b"/v1beta/operations", (), 404, "not_found"),
+        ("tuned models list", b"GET", b"/v1beta/tunedModels", (), 404, "not_found"),
+        (
+            "method override",
+            b"POST",
+            b"/v1beta/files",
+            (b"X-HTTP-Method-Override: GET",),
+            400,
+            "bad_request",
+        ),
+    ]
+    for name, method, target, lines, status, reason in rows:
+        with table.row(name):
+            body = b"{}" if method == b"POST" else b""
+            refused(
+                proxy,
+                fake,
+                proxy.port,
+                req(target, BOB, *lines, method=method, body=body),
+                status,
+                reason,
+            )
+    table.verify()
+    # the lists the proxy filters still answer, with the caller's own items only
+    mine = native(proxy, "tok-bob-1", "GET", "/v1beta/files")
+    assert mine.status_code == 200 and mine.json().get("files", []) == []
