@@ -20,12 +20,17 @@ from dataclasses import dataclass
 from .routing import Api, api_for_path, query_credentials, query_param
 
 MAX_TOKEN = 4096
+UPLOAD_NOT_FOUND = (
+    "upload session not found: it ended, expired, or its URL is not one this proxy handed out"
+)
 # request headers that carry a credential Google would accept, name who is billed or counted
 # (X-Goog-User-Project, X-Goog-Quota-User), or that Google checks against a key's restrictions
 # (so a caller could make a key look dead): never forwarded
 CREDENTIAL_FIELDS = frozenset({b"x-goog-api-key", b"authorization"})
 STRIPPED_FIELDS = CREDENTIAL_FIELDS | {
     b"proxy-authorization",
+    b"x-api-key",  # where other SDKs send a key (Anthropic's, Azure's): never read, never kept
+    b"api-key",
     b"cookie",
     b"referer",
     b"origin",
@@ -319,6 +324,10 @@ class Gate:
             client = "local"
         elif upload_key is not None and not tokens and not malformed:
             client = "upload"  # the upload_id we handed out is this session's credential
+        elif upload_id is not None and a.path.startswith("/upload/") and not (tokens or malformed):
+            # an upload URL that no longer opens anything (finalized, expired, made up): say so,
+            # as the pipeline does for a caller with a token
+            return Refuse(404, UPLOAD_NOT_FOUND, "upload_not_found", api, body_expected)
         else:
             if malformed:
                 return Refuse(

@@ -42,7 +42,7 @@ from .decisions import (
     no_answer,
 )
 from .dispatch import ProxyRequest, Result
-from .gate import Admit
+from .gate import UPLOAD_NOT_FOUND, Admit
 from .ownership import NOT_FOUND
 from .records import RequestRecord
 from .routing import Route, RouteError, route
@@ -86,9 +86,6 @@ RESOURCE_PATHS = (
     ":async",
 )
 NO_UPLOAD = ("", "")  # _upload_session: the request continues no upload session
-UPLOAD_NOT_FOUND = (
-    "upload session not found: it ended, expired, or its URL is not one this proxy handed out"
-)
 
 
 class Pipeline:

@@ -355,12 +355,13 @@ def test_odd_bytes_in_every_credential_slot_are_refused_with_401(
         ("Authorization without scheme", req(GEN, b"Authorization: " + t), "invalid_token"),
         ("empty Bearer", req(GEN, b"Authorization: Bearer"), "invalid_token"),
         ("no token at all", req(GEN), "missing_token"),
-        ("upload_id of no session", req(b"/upload/v1beta/files?upload_id=abc"), "missing_token"),
+        ("upload_id of no session", req(b"/upload/v1beta/files?upload_id=abc"), "upload_not_found"),
     ]
     table = Table()
     for name, data, reason in rows:
         with table.row(name):
-            refused(proxy, fake, proxy.port, data, 400 if reason == "bad_request" else 401, reason)
+            status = {"bad_request": 400, "upload_not_found": 404}.get(reason, 401)
+            refused(proxy, fake, proxy.port, data, status, reason)
     with table.row("OpenAI path, Bearer \\xff"):
         data = req(b"/v1/chat/completions", b"Authorization: Bearer \xff", body=CHAT)
         refused(proxy, fake, proxy.port, data, 401, "invalid_token", api="openai")
@@ -514,7 +515,11 @@ def test_duplicate_conflicting_and_smuggled_credentials(fake: Fake, make_proxy: 
         ("upload_id on another upload path", req(b"/upload/v1/files?upload_id=" + upload_id)),
     ]:
         with table.row(name):
-            refused(proxy, fake, proxy.port, data, 401, "missing_token")
+            # on an upload path the id is what the caller presents: not this session's, so no
+            # session at all (404); elsewhere it is no credential (401)
+            upload_path = b" /upload/" in data.split(b"\r\n", 1)[0]
+            status, reason = (404, "upload_not_found") if upload_path else (401, "missing_token")
+            refused(proxy, fake, proxy.port, data, status, reason)
     with table.row("upload_id with a wrong token"):
         data = req(b"/upload/v1beta/files?upload_id=" + upload_id, b"x-goog-api-key: sk-wrong")
         refused(proxy, fake, proxy.port, data, 401, "invalid_token")

@@ -197,6 +197,23 @@ def test_client_tokens_401_in_each_sdks_shape_and_nothing_goes_upstream(
     )
     assert [e["key"] for e in fake.log()] == [a, a]  # the client token never reached upstream
     assert "sk-web-123" not in proxy.logs() and b"sk-web-123" not in proxy.dump.read_bytes()
+    # a token in a header the proxy does not read (other SDKs' x-api-key, api-key): refused
+    # without it, and kept nowhere; beside a real token, not forwarded
+    for header in ("x-api-key", "api-key"):
+        alone = proxy.http.post(
+            f"/v1beta/models/{FLASH}:generateContent",
+            json=gen_body(),
+            headers={header: "sk-web-123"},
+        )
+        assert alone.status_code == 401
+        both = proxy.http.post(
+            f"/v1beta/models/{FLASH}:generateContent",
+            json=gen_body(),
+            headers={"x-goog-api-key": "sk-web-123", header: "sk-web-123"},
+        )
+        assert both.status_code == 200 and header not in fake.log()[-1]["headers"]
+    proxy.stop()  # the dump is complete
+    assert "sk-web-123" not in proxy.logs() and b"sk-web-123" not in proxy.dump.read_bytes()
 
 
 def test_all_cooling_gives_429_with_retry_after_and_all_dead_gives_503(

@@ -112,11 +112,12 @@ def test_an_upload_id_is_a_credential_only_for_its_own_session() -> None:
     g = gate(TOKENS, uploads={"up1": "alpha"})
     ok = g.decide(arrive([], "/upload/v1beta/files", "upload_id=up1&upload_protocol=resumable"), 0)
     assert isinstance(ok, Admit) and ok.client == "upload" and ok.upload_key == "alpha"
-    for path, method in ((GEN, "POST"), ("/upload/v1beta/files", "GET")):
-        d = g.decide(arrive([], path, "upload_id=up1", method=method), 0)
-        assert refused(d, 401, "missing_token"), (path, method)
+    d = g.decide(arrive([], GEN, "upload_id=up1"), 0)  # not an upload: a caller without a token
+    assert refused(d, 401, "missing_token")
+    d = g.decide(arrive([], "/upload/v1beta/files", "upload_id=up1", method="GET"), 0)
+    assert refused(d, 404, "upload_not_found")  # the session's own path, but not its method
     assert refused(
-        g.decide(arrive([], "/upload/v1beta/files", "upload_id=zz"), 0), 401, "missing_token"
+        g.decide(arrive([], "/upload/v1beta/files", "upload_id=zz"), 0), 404, "upload_not_found"
     )
 
 
