@@ -84,6 +84,7 @@ RESOURCE_PATHS = (
     "operations",
     ":batch",
     ":async",
+    ":predictLongRunning",  # a video generation: its operation (models/X/operations/Y)
 )
 NO_UPLOAD = ("", "")  # _upload_session: the request continues no upload session
 

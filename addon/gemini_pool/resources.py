@@ -41,8 +41,12 @@ from .pins import (
 
 KINDS = ("files", "cachedContents", "batches", "operations", "tunedModels")
 # a whole resource name; an operation of a tuned model ("tunedModels/x/operations/y") is the
-# tuned model's: the first two segments
-NAME = re.compile(r"(files|cachedContents|batches|operations|tunedModels)/([A-Za-z0-9_-]{1,128})")
+# tuned model's: the first two segments. A model's long-running operation (a video generation:
+# "models/veo-3.0-generate-001/operations/x", from predictLongRunning) is a resource of its own.
+NAME = re.compile(
+    r"(?:files|cachedContents|batches|operations|tunedModels)/[A-Za-z0-9_-]{1,128}"
+    r"|models/[A-Za-z0-9._-]{1,128}/operations/[A-Za-z0-9_-]{1,128}"
+)
 _VERSIONED = re.compile(r"/(?:upload/|download/)?v1(?:beta|alpha)?\d*/")
 LISTS = {"files": "files", "cachedContents": "cachedContents", "batches": "operations"}
 MAX_NAMED = 64  # resource keys read from one request body (more: UNREADABLE)
@@ -98,6 +102,7 @@ def list_kind(method: str, path: str) -> str | None:
     return rest if rest in LISTS else None
 
 
+_MODEL_OPERATIONS = re.compile(r"models/[^/:]+/operations/?(?::[A-Za-z]+)?")
 _CREATED_BY_POST = frozenset({"cachedContents", "tunedModels"})  # POST to the collection creates
 
 
@@ -111,6 +116,8 @@ def collection_refused(method: str, path: str) -> bool:
     if m is None or path.startswith(("/upload/", "/download/")):
         return False
     rest = path[m.end() :]
+    if _MODEL_OPERATIONS.fullmatch(rest):
+        return True  # a model's operations, every group's
     head = re.split(r"[/:]", rest, maxsplit=1)[0]
     if head not in KINDS:
         return False

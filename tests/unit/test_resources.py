@@ -147,3 +147,22 @@ def test_a_tenants_listing_walks_its_projects_with_its_own_page_tokens() -> None
 def test_any_page_token_decodes_to_a_project_of_the_caller_or_nothing(token: str) -> None:
     page = listing.decode(token, {"p1": 1, "p2": 3})
     assert page is None or page.project in ("p1", "p2")
+
+
+def test_a_models_long_running_operation_is_a_resource_of_its_own() -> None:
+    """A video generation (predictLongRunning) answers with models/X/operations/Y: created, owned,
+    named by a path like any other resource; the model's list of operations is every group's."""
+    op = "models/veo-3.0-generate-001/operations/abc123"
+    assert resources.created(json.dumps({"name": op, "done": False}).encode()) == {op: None}
+    assert resources.path_name(f"/v1beta/{op}") == op
+    assert resources.named(f"/v1beta/{op}", b"") == [op]
+    assert resources.root(op) == op
+    for method, path in (
+        ("GET", "/v1beta/models/veo-3.0-generate-001/operations"),
+        ("GET", "/v1beta/models/veo-3.0-generate-001/operations:list"),
+    ):
+        assert resources.collection_refused(method, path), path
+    assert not resources.collection_refused("GET", f"/v1beta/{op}")  # the owner check's
+    assert not resources.collection_refused(
+        "POST", "/v1beta/models/veo-3.0-generate-001:predictLongRunning"
+    )
