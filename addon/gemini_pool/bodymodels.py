@@ -35,7 +35,7 @@ def reads_body_model(method: str, route: Route) -> bool:
 def body_models(method: str, route: Route, body: bytes) -> list[str]:
     """Every model the body names for Google to use, "models/" taken off (as routing does).
     Raises RouteError (400) for a body that cannot be read: it might name any model."""
-    if not body.strip() or not reads_body_model(method, route):
+    if not reads_body_model(method, route) or not body or body.isspace():
         return []
     try:
         raws: list[bytes] = []
