@@ -1,7 +1,9 @@
 """The admin HTTP server (aiohttp): /healthz, /readyz, /metrics, the /admin/ API and the page (/).
 
 Everything under /admin/ needs `Authorization: Bearer <admin token>` (constant-time
-compare). Bad input answers 4xx JSON and changes nothing.
+compare); ten wrong tokens from one peer address within a minute (bearer or the page's form,
+one throttle) make that address wait: 429 with Retry-After. Bad input answers 4xx JSON and
+changes nothing.
 """
 
 from __future__ import annotations
@@ -81,6 +83,14 @@ class AdminServer:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(("/admin", "/page/")) or request.path == "/":
+            wait = self.page.bearer_wait(request)  # wrong bearer tokens count, per peer address
+            if wait > 0 and request.path.startswith("/admin"):
+                resp = _error(429, "too many wrong admin tokens from this address: try later")
+                resp.headers["Retry-After"] = str(int(wait) + 1)
+                return resp
+            if wait > 0:
+                return self.page.held(wait)
         if request.path.startswith("/admin/") or request.path == "/admin":
             if not self.token:
                 return _error(

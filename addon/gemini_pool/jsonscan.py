@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 
 _WS = re.compile(rb"[ \t\n\r]*")
 # a string token, unrolled so a multi-megabyte string is one tight loop, not one branch per byte
@@ -37,9 +38,22 @@ def top_level(body: bytes, names: frozenset[str]) -> dict[str, bytes]:
     return {name: body[start:end] for name, (start, end) in spans(body, names).items()}
 
 
-def spans(body: bytes, names: frozenset[str]) -> dict[str, tuple[int, int]]:
+def every(body: bytes, names: frozenset[str]) -> list[tuple[str, bytes]]:
+    """(name, raw JSON text) of every top-level member of `body` named in `names`, in order,
+    repeated names included (a parser that keeps the first one sees it too)."""
+    found: list[tuple[str, bytes]] = []
+    spans(body, names, lambda key, start, end: found.append((key, body[start:end])))
+    return found
+
+
+def spans(
+    body: bytes,
+    names: frozenset[str],
+    each: Callable[[str, int, int], None] | None = None,
+) -> dict[str, tuple[int, int]]:
     """Where the value of each top-level member named in `names` starts and ends in `body` (the
-    last one wins); a caller may replace one value and keep every other byte."""
+    last one wins); a caller may replace one value and keep every other byte. `each` is told of
+    every such member, repeats included."""
     pos = _WS.match(body, 0).end()  # type: ignore[union-attr]
     if body[pos : pos + 1] != b"{":
         raise ScanError("request body must be a JSON object")
@@ -59,6 +73,8 @@ def spans(body: bytes, names: frozenset[str]) -> dict[str, tuple[int, int]]:
         end = _skip_value(body, pos)
         if key in names:
             found[key] = (pos, end)
+            if each is not None:
+                each(key, pos, end)
         pos = _skip_ws(body, end)
         sep = body[pos : pos + 1]
         if sep == b"}":

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
+from .bodymodels import body_models
 from .classify import next_pacific_midnight, pacific_day
 from .config import ClientLimits
+from .routing import RouteError, valid_model
 
 if TYPE_CHECKING:
     from .decisions import Incoming, ProxyAnswer
@@ -122,6 +124,19 @@ class _Meter:
         return c
 
 
+def model_refusal(limits: ClientLimits, model: str | None) -> Refusal | None:
+    """403 for a model outside the client's `models` globs (None: no model, or allowed)."""
+    if model is None or not limits.models:
+        return None
+    if valid_model(model) and any(fnmatchcase(model, g) for g in limits.models):
+        return None
+    return Refusal(
+        403,
+        f"client limit models: {model[:128]} is not in {', '.join(limits.models)}",
+        "client_model_not_allowed",
+    )
+
+
 class Limiter:
     def __init__(self, clock: Callable[[], float] = time.time, worker: str = "") -> None:
         self.clock = clock
@@ -146,16 +161,9 @@ class Limiter:
         Clients without limits are counted too (their usage is shown), never refused."""
         if client in UNLIMITED_CLIENTS:
             return None
-        if (
-            limits.models
-            and model is not None
-            and not any(fnmatchcase(model, g) for g in limits.models)
-        ):
-            return Refusal(
-                403,
-                f"client limit models: {model} is not in {', '.join(limits.models)}",
-                "client_model_not_allowed",
-            )
+        refusal = model_refusal(limits, model)
+        if refusal is not None:
+            return refusal
         now = self.clock()
         m = self.meter(client)
         m.roll(now)
@@ -340,9 +348,25 @@ class ClientLimitCheck:
         limits = self.limits_of(client)
         if limits is None:
             return None
-        refusal = self.limiter.check(client, limits, route.model, rec.request_id)
+        refusal = body_model_refusal(req, route, client, limits) or self.limiter.check(
+            client, limits, route.model, rec.request_id
+        )
         if client != LOCAL:  # one owner (no clients:): the note would only repeat the pool's count
             rec.usage_note = usage_note(client, self.limiter.usage(client))
         if refusal is None:
             return None
         return ProxyAnswer(refusal.status, refusal.message, refusal.reason, refusal.retry_after)
+
+
+def body_model_refusal(
+    req: Incoming, route: Route, client: str, limits: ClientLimits
+) -> Refusal | None:
+    """A model the body names (a cached content's, countTokens' generateContentRequest's) must be
+    one the client may use too; a body that cannot be read might name any (400)."""
+    if not limits.models or client in UNLIMITED_CLIENTS:
+        return None
+    try:
+        models = body_models(req.method, route, req.body)
+    except RouteError as e:
+        return Refusal(e.status, e.message, e.reason)
+    return next(filter(None, (model_refusal(limits, m) for m in models)), None)

@@ -96,6 +96,25 @@ class PageRoutes:
         given = auth[7:] if auth.lower().startswith("bearer ") else ""
         return bool(self.token()) and constant_time_equal(given, self.token())
 
+    def bearer_wait(self, request: web.Request) -> float:
+        """Seconds the caller's address must wait (0: go on). A wrong `Authorization` header counts
+        against the form's throttle (per peer address), so past its limit every token from that
+        address waits, as a form sign-in does: a bearer header is no way around it."""
+        if request.headers.get("Authorization") is None or not self.token():
+            return 0.0
+        address, now = request.remote or "-", time.time()
+        wait = self.throttle.retry_after(address, now)
+        if wait <= 0 and not self._bearer(request):
+            self.throttle.failed(address, now)
+            log.warning("gemini-proxy: admin: a wrong admin token (bearer) from %s", address)
+        return wait
+
+    def held(self, wait: float) -> web.Response:
+        """429 for an address past the throttle's limit (the sign-in form, Retry-After)."""
+        resp = _answer(page.render_login("Too many wrong tokens: try again in a minute."), 429)
+        resp.headers["Retry-After"] = str(int(wait) + 1)
+        return resp
+
     def _signed_in(self, request: web.Request) -> tuple[bool, Session | None]:
         if not self.token():
             return False, None
@@ -209,9 +228,7 @@ class PageRoutes:
         address, now = request.remote or "-", time.time()
         wait = self.throttle.retry_after(address, now)
         if wait > 0:
-            resp = _answer(page.render_login("Too many wrong tokens: try again in a minute."), 429)
-            resp.headers["Retry-After"] = str(int(wait) + 1)
-            return resp
+            return self.held(wait)
         form = await request.post()
         given = form.get("token")
         if not isinstance(given, str) or not constant_time_equal(given, self.token()):

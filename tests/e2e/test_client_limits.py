@@ -12,6 +12,7 @@ import aiohttp
 import openai
 import pytest
 from google.genai import errors as genai_errors
+from google.genai import types
 from mitmproxy import io
 
 from ..conftest import Fake, Proxy, gen_body, key_entry, new_secret, wait_for
@@ -122,6 +123,39 @@ def test_a_model_outside_the_clients_globs_is_403_naming_the_rule(
     assert fake.log() == []
     assert g.models.generate_content(model="gemini-2.5-flash-lite", contents="hi").text
     assert post(p, BOB, model=PRO).status_code == 200
+
+
+def test_a_model_named_in_the_body_of_a_cache_or_a_count_is_held_to_the_globs_too(
+    fake: Fake, make_proxy: Any
+) -> None:
+    p = two_clients(fake, make_proxy, {"models": ["gemini-2.5-flash*"]})
+    denied = "client limit models: gemini-2.5-pro is not in gemini-2.5-flash*"
+    g = genai_client(p, token=ALICE)
+    cache = types.CreateCachedContentConfig(contents=["a long document"], ttl="300s")
+    with pytest.raises(genai_errors.ClientError) as ge:
+        g.caches.create(model=PRO, config=cache)
+    assert (ge.value.code, ge.value.message) == (403, denied)
+    count = {"generateContentRequest": {"model": f"models/{PRO}", "contents": []}}
+    for token, path, body in (
+        (ALICE, "/v1beta/cachedContents", {"model": f"models/{PRO}", "contents": []}),
+        (ALICE, f"/v1beta/models/{FLASH}:countTokens", count),
+        (
+            ALICE,
+            f"/v1/models/{FLASH}:countTokens",
+            {"generate_content_request": count["generateContentRequest"]},
+        ),
+    ):
+        r = p.http.post(path, json=body, headers={"x-goog-api-key": token})
+        p.remember(r.content)
+        assert r.status_code == 403, (path, r.text)
+        error = r.json()["error"]
+        assert error["message"] == denied
+        assert error["details"][0]["reason"] == "client_model_not_allowed"
+    assert fake.log() == [] and fake.counts()["create:cachedContents"] == 0
+    # a model alice may use is served; bob has no globs
+    assert g.caches.create(model=FLASH, config=cache).name
+    assert genai_client(p, token=BOB).caches.create(model=PRO, config=cache).name
+    assert fake.counts()["create:cachedContents"] == 2
 
 
 def test_accounting_per_client_in_sqlite_metrics_and_admin_survives_a_restart(

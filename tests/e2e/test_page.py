@@ -116,13 +116,48 @@ def test_signed_out_page_names_no_key_and_a_bearer_or_a_wrong_token_gets_what_it
     # the script and the stylesheet come from the admin port itself
     assert "fetch(" in client.get("/page/page.js").text
     assert client.get("/page/page.css").headers["content-type"].startswith("text/css")
-    # ten wrong tokens from one address within a minute: that address waits, the right token too
-    for _ in range(9):
+    # ten wrong tokens from one address within a minute (two bearer headers and one form so
+    # far): that address waits, the right token too
+    for _ in range(7):
         wrong_form = client.post("/page/login", data={"token": "guess"}, headers={"Origin": origin})
         assert wrong_form.status_code == 401
     held = client.post("/page/login", data={"token": proxy.admin_token}, headers={"Origin": origin})
     assert held.status_code == 429 and int(held.headers["retry-after"]) > 0
     assert "set-cookie" not in held.headers
+
+
+def test_wrong_bearer_tokens_count_against_the_sign_in_throttle_of_their_address(
+    fake: Fake, make_proxy: Any
+) -> None:
+    proxy, secrets = page_proxy(fake, make_proxy)
+    client = browser(proxy)
+
+    def bearer(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    for i in range(5):
+        assert client.get("/admin/keys", headers=bearer(f"wrong{i}")).status_code == 401
+        assert client.get("/page/", headers=bearer(f"wrong-page{i}")).status_code == 401
+    # ten wrong tokens from this address: every further token from it waits, the right one too
+    # (a 401/200 difference would keep the guessing going)
+    for path in ("/admin/keys", "/page/", "/"):
+        for token in ("wrong10", proxy.admin_token):
+            held = client.get(path, headers=bearer(token))
+            assert held.status_code == 429 and int(held.headers["retry-after"]) > 0, path
+            assert_no_pool(held.text, secrets)
+            assert proxy.admin_token not in held.text
+    assert client.get("/admin/keys", headers=bearer("wrong11")).json()["error"]["code"] == 429
+    form = client.post(
+        "/page/login", data={"token": proxy.admin_token}, headers={"Origin": proxy.admin_url}
+    )
+    assert form.status_code == 429 and "set-cookie" not in form.headers
+    # an address that never failed is not locked out: the operator keeps the admin API
+    transport = httpx.HTTPTransport(local_address="127.0.0.2")
+    with httpx.Client(base_url=proxy.admin_url, transport=transport, timeout=10) as other:
+        keys = other.get("/admin/keys", headers=bearer(proxy.admin_token))
+        assert keys.status_code == 200 and {k["name"] for k in keys.json()["keys"]} == set(NAMES)
+        assert other.get("/page/", headers=bearer(proxy.admin_token)).status_code == 200
+        assert other.get("/admin/keys", headers=bearer("wrong")).status_code == 401
 
 
 def test_form_sign_in_gives_a_session_cookie_and_sign_out_ends_it(

@@ -4,6 +4,7 @@ model globs, shares across workers (simulated, with the overshoot measured)."""
 from __future__ import annotations
 
 import itertools
+import json
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -13,12 +14,13 @@ from hypothesis import strategies as st
 from gemini_pool.accounting import client_label
 from gemini_pool.config import ClientLimits, ClientSpec, Config
 from gemini_pool.gate import Target
-from gemini_pool.limits import Counts, Limiter
+from gemini_pool.limits import Counts, Limiter, body_model_refusal
 from gemini_pool.pipeline import Pipeline, ProxyAnswer, Unary
 from gemini_pool.records import RequestRecord
+from gemini_pool.routing import Route, route
 from gemini_pool.shared_limits import read
 
-from .test_pipeline import A, B, FakeGemini, request, run
+from .test_pipeline import GEN, A, B, FakeGemini, request, run
 
 PACIFIC = ZoneInfo("America/Los_Angeles")
 NOON = datetime(2026, 12, 7, 12, 0, tzinfo=PACIFIC).timestamp()
@@ -31,6 +33,10 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
+
+
+def route_of(path: str, method: str = "POST") -> Route:
+    return route(method, path, "", False, b"")
 
 
 def ask(lim: Limiter, limits: ClientLimits, client: str = "alice", model: str = "m") -> str | None:
@@ -269,5 +275,78 @@ def test_the_pipeline_check_refuses_past_the_limit_and_nothing_goes_upstream() -
         service.apply_config(Config(service.config.keys, (ClientSpec("alice", "tok-a"),), "t"))
         d = await p.handle(request(up, path=pro), RequestRecord(client="alice"))
         assert isinstance(d, Unary)
+
+    run(scenario, {A: "ok", B: "ok"})
+
+
+def test_a_model_named_in_a_native_body_must_be_one_the_client_may_use() -> None:
+    limits = ClientLimits(models=("gemini-2.5-flash*",))
+
+    def refusal(path: str, body: object, method: str = "POST") -> tuple[int, str] | None:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = body_model_refusal(request(None, path, raw, method), route_of(path), "alice", limits)
+        return None if r is None else (r.status, r.message)
+
+    pro = "models/gemini-2.5-pro"
+    denied = (403, "client limit models: gemini-2.5-pro is not in gemini-2.5-flash*")
+    caches, count = "/v1beta/cachedContents", "/v1beta/models/gemini-2.5-flash:countTokens"
+    assert refusal(caches, {"model": pro, "contents": []}) == denied
+    assert refusal("/v1/cachedContents/", {"model": "gemini-2.5-pro"}) == denied
+    assert refusal("/v1beta/cachedContents/c1", {"model": pro}, "PATCH") == denied
+    assert refusal(count, {"generateContentRequest": {"contents": [], "model": pro}}) == denied
+    assert refusal(count, {"generate_content_request": {"model": pro}}) == denied
+    # a repeated member: whichever one Google keeps, both must be allowed
+    twice = b'{"model": "models/gemini-2.5-pro", "m\\u006fdel": "models/gemini-2.5-flash"}'
+    assert refusal(caches, twice) == denied
+    # a model that is no model id is not one the globs allow
+    odd = refusal(caches, {"model": "models/gemini-2.5-flash/../gemini-2.5-pro"})
+    assert odd is not None and odd[0] == 403
+    # allowed models, no model, and requests where Google takes no model from the body
+    assert refusal(caches, {"model": "models/gemini-2.5-flash", "contents": []}) is None
+    assert refusal(count, {"generateContentRequest": {"model": "gemini-2.5-flash-lite"}}) is None
+    assert refusal(count, {"contents": [{"parts": [{"text": "model: gemini-2.5-pro"}]}]}) is None
+    assert refusal(count, {"generateContentRequest": None}) is None
+    assert refusal(GEN, {"contents": [{"parts": [{"text": '"model": "x"'}]}]}) is None
+    assert refusal("/upload/v1beta/files", b'{"model": "gemini-2.5-pro"}') is None
+    assert refusal(caches, b"") is None
+    # a body that cannot be read might name any model; a model that is not a string is refused
+    assert refusal(caches, b"\x1f\x8b\x08\x00gzip")[0] == 400  # type: ignore[index]
+    assert refusal(caches, {"model": ["gemini-2.5-pro"]})[0] == 400  # type: ignore[index]
+    # the body of a client without model globs is not looked at
+    assert (
+        body_model_refusal(
+            request(None, caches, b"\x1f\x8b"), route_of(caches), "alice", ClientLimits(rpm=5)
+        )
+        is None
+    )
+
+
+def test_the_pipeline_refuses_a_cache_or_a_count_for_a_model_the_client_may_not_use() -> None:
+    async def scenario(p: Pipeline, up: Target, fake: FakeGemini) -> None:
+        service = p.service
+        limits = ClientLimits(models=("gemini-2.5-flash*",))
+        service.apply_config(
+            Config(service.config.keys, (ClientSpec("alice", "tok-a", "", limits),), "test")
+        )
+        p.checks = [service.limit_check]
+        body = json.dumps({"model": "models/gemini-2.5-pro", "contents": []}).encode()
+        rec = RequestRecord(client="alice")
+        d = await p.handle(request(up, "/v1beta/cachedContents", body), rec)
+        assert isinstance(d, ProxyAnswer) and (d.status, d.reason) == (
+            403,
+            "client_model_not_allowed",
+        )
+        assert d.message == "client limit models: gemini-2.5-pro is not in gemini-2.5-flash*"
+        count = json.dumps({"generateContentRequest": {"model": "models/gemini-2.5-pro"}})
+        path = "/v1beta/models/gemini-2.5-flash:countTokens"
+        d = await p.handle(request(up, path, count.encode()), RequestRecord(client="alice"))
+        assert isinstance(d, ProxyAnswer) and d.status == 403
+        assert fake.log == [] and not service.limiter.held  # refused: no slot held
+        # the model it may use goes through
+        flash = json.dumps({"model": "models/gemini-2.5-flash", "contents": []}).encode()
+        d = await p.handle(
+            request(up, "/v1beta/cachedContents", flash), RequestRecord(client="alice")
+        )
+        assert isinstance(d, Unary) and d.answer.status == 200 and len(fake.log) == 1
 
     run(scenario, {A: "ok", B: "ok"})
