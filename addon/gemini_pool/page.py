@@ -2,8 +2,8 @@
 
 Every value goes through `esc` (key names, projects, errors and client names come from the key
 file or from Google). Nothing here ever sees a secret: the page is built from the same views as
-the admin API (masked keys, names, scrubbed errors). A section is one entry in SECTIONS: a later
-view (budgets, clients' limits) adds a renderer there and nothing else.
+the admin API (masked keys, names, scrubbed errors). A section is one entry in SECTIONS (keys,
+budgets, recent failures, clients): a new view adds a renderer there and nothing else.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class PageData:
     failures: list[dict[str, Any]] | None = None  # recent outcomes >= 400; None: no database
     clients: list[str] = field(default_factory=list)  # client names from the key file
     client_lines: list[str] = field(default_factory=list)  # clients_view.client_line of each
+    budget_lines: list[str] = field(default_factory=list)  # pool_views.budget_line of each
     worker: str | None = None  # this worker's name when workers share state
     csrf: str = ""  # the session's CSRF token ("" when signed in by bearer header)
 
@@ -211,8 +212,19 @@ def render_clients(data: PageData) -> str:
     return f'<ul class="clients">{items}</ul>'
 
 
+def render_budgets(data: PageData) -> str:
+    if not data.budget_lines:
+        return (
+            '<p class="empty">No budgets: none configured (<code>projects:</code> in the key '
+            "file) or learned from Google's 429s yet.</p>"
+        )
+    items = "".join(f"<li>{esc(b)}</li>" for b in data.budget_lines)
+    return f'<ul class="budgets">{items}</ul>'
+
+
 SECTIONS: list[Section] = [
     Section("keys", "Keys", render_keys),
+    Section("budgets", "Budgets per project and model", render_budgets),
     Section("failures", "Recent failures", render_failures),
     Section("clients", "Clients", render_clients),
 ]

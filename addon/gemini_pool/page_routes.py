@@ -20,6 +20,7 @@ from aiohttp import web
 from . import page, page_assets
 from .clients_view import client_line
 from .config import NAME_RE, ConfigError
+from .pool_views import budget_line
 from .service import ProxyService
 from .websession import (
     COOKIE,
@@ -172,6 +173,7 @@ class PageRoutes:
             failures=failures,
             clients=[c.name for c in self.service.config.clients],
             client_lines=[client_line(c) for c in self.service.describe_clients()],
+            budget_lines=[budget_line(b) for b in self.service.describe_budgets()],
             worker=shared.worker if shared is not None else None,
             csrf=session.csrf if session is not None else "",
         )

@@ -136,3 +136,15 @@ def budget_rows(service: ProxyService) -> list[tuple[str, str, str, float, float
                 if left is not None and limit is not None:
                     rows.append((project, model, kind, left, float(limit.value)))
     return rows
+
+
+def budget_line(b: dict[str, Any], now: float | None = None) -> str:
+    """One project x model as one line: "proj-a gemini-2.5-flash rpd 17/20 (learned) ..."."""
+    now = time.time() if now is None else now
+    parts = [f"{b['project']} {b['model']}: {b['requests_today']} requests today"]
+    for kind, lim in b["limits"].items():
+        parts.append(
+            f"{kind} {lim['used']}/{lim['limit']} ({lim['source']}), {lim['left']} left,"
+            f" resets in {max(0.0, lim['resets_at'] - now):.0f}s"
+        )
+    return "; ".join(parts)

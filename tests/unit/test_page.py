@@ -7,7 +7,8 @@ import time
 from typing import Any
 
 from gemini_pool import page
-from gemini_pool.config import ClientSpec, Config, KeySpec
+from gemini_pool.config import ClientSpec, Config, KeySpec, ModelLimits, ProjectSpec
+from gemini_pool.pool_views import budget_line
 from gemini_pool.service import ProxyService
 from gemini_pool.websession import (
     Sessions,
@@ -182,3 +183,17 @@ def test_wrong_sign_ins_are_throttled_per_address() -> None:
     t.failed("b", 70)
     t.failed("c", 70)  # past the address bound the oldest address is forgotten
     assert t.retry_after("a", 70) == 0 and len(t._failures) == 2
+
+
+def test_budgets_show_per_project_and_model_once_they_exist() -> None:
+    s = service()
+    html = page.render_page(data_of(s, failures=[]))
+    assert "Budgets per project and model" in html and "No budgets" in html
+    s.budgets.configure([ProjectSpec("proj-alpha", (ModelLimits("gemini-2.5-flash", rpd=20),))])
+    s.budgets.charge("proj-alpha", "gemini-2.5-flash", 10, time.time())
+    lines = [budget_line(b) for b in s.describe_budgets()]
+    html = page.render_page(data_of(s, failures=[], budget_lines=lines))
+    assert "No budgets" not in html
+    assert "proj-alpha gemini-2.5-flash: 1 requests today; rpd 1/20 (configured), 19 left" in html
+    hostile = page.render_page(data_of(s, failures=[], budget_lines=[HOSTILE]))
+    assert HOSTILE not in hostile  # escaped like every other value

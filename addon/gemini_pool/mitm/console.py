@@ -19,6 +19,7 @@ from mitmproxy.hooks import UpdateHook
 
 from ..clients_view import client_line
 from ..comments import comment, mark, metadata
+from ..pool_views import budget_line
 from ..records import RequestRecord
 from ..runtime import Runtime
 
@@ -149,18 +150,6 @@ def describe_line(k: dict[str, Any]) -> str:
         + (f" next_check={k['next_check_in']:.0f}s" if k["next_check_in"] is not None else "")
         + (f" last_error={k['last_error']}" if k["last_error"] else "")
     )
-
-
-def budget_line(b: dict[str, Any], now: float | None = None) -> str:
-    """One project x model as one line: "proj-a gemini-2.5-flash rpd 17/20 (learned) ..."."""
-    now = time.time() if now is None else now
-    parts = [f"{b['project']} {b['model']}: {b['requests_today']} requests today"]
-    for kind, lim in b["limits"].items():
-        parts.append(
-            f"{kind} {lim['used']}/{lim['limit']} ({lim['source']}), {lim['left']} left,"
-            f" resets in {max(0.0, lim['resets_at'] - now):.0f}s"
-        )
-    return "; ".join(parts)
 
 
 def _condition(k: dict[str, Any]) -> str:
