@@ -222,6 +222,10 @@ class Gate:
             )
 
     def _decide(self, a: Arrival, now: float, api: Api) -> Admit | Refuse:
+        # 0. path parameters (`;key=...`): not part of Gemini's API, and a credential could ride
+        # in them past every check of the query
+        if ";" in a.path or "%3b" in a.path.lower():
+            return Refuse(400, "path parameters (;) are not part of Gemini's API", "bad_path", api)
         # 1. a key only ever goes to the configured upstream
         if a.listener is None:
             return Refuse(

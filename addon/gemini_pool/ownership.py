@@ -45,6 +45,8 @@ class Ownership:
         """The first resource the request names that `group` does not own, if any."""
         if group is None:
             return None
+        if r.path.startswith("/upload/"):
+            body = b""  # a file's own bytes (or its metadata): content, never a reference
         owners = self.service.owners
         for name in resources.named(r.path, body):
             if owners.group_of(name, now) != group:

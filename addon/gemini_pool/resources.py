@@ -65,9 +65,13 @@ _ESCAPED_LETTER = re.compile(rb"\\u00(?:4[1-9A-Fa-f]|5[0-9AaFf]|6[1-9A-Fa-f]|7[0
 _BODY_KEYS = frozenset(k.decode().lower() for k in _VALUE_OF)
 _CACHE_KEYS = frozenset({"cachedcontent", "cached_content"})
 _BARE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_LONG_SPACE = re.compile(rb"[ \t\r\n]{65}")  # more than _STRING_VALUE reads around a colon
+# resources no group owns (the proxy tracks none of them): named in a body, refused for tenants
+_UNTRACKED_IN_BODY = re.compile(rb"(?i)filesearchstore|file_search_store|corpora/")
+_TUNED_IN_BODY = re.compile(rb"(?i)(tunedmodels)/[A-Za-z0-9_-]{1,128}")
 _NOT_A_STRING = re.compile(rb"[ \t\r\n]{0,64}:[ \t\r\n]{0,64}[\[{]")  # an array or an object
 # a value naming files/ID or cachedContents/ID, read leniently (folded, decoded)
-_LOOSE_VALUE = re.compile(r"(?:^|[/\s])(?:files|cachedcontents)/[a-z0-9_-]{1,128}(?:$|[/?#:;\s])")
+_LOOSE_VALUE = re.compile(r"(?:^|[/\s])(?:files|cachedcontents)/[a-z0-9_-]{1,128}(?:$|[/?#:;\s\x00-\x1f\x7f])")
 
 
 def root(name: str) -> str | None:
@@ -102,6 +106,7 @@ def list_kind(method: str, path: str) -> str | None:
     return rest if rest in LISTS else None
 
 
+_UNTRACKED = frozenset({"filesearchstores", "corpora", "generatedfiles"})
 _MODEL_OPERATIONS = re.compile(r"models/[^/:]+/operations/?(?::[A-Za-z]+)?")
 _CREATED_BY_POST = frozenset({"cachedContents", "tunedModels"})  # POST to the collection creates
 
@@ -118,6 +123,8 @@ def collection_refused(method: str, path: str) -> bool:
     rest = path[m.end() :]
     if _MODEL_OPERATIONS.fullmatch(rest):
         return True  # a model's operations, every group's
+    if rest.split("/", 1)[0].split(":", 1)[0].lower() in _UNTRACKED:
+        return True  # File Search stores, corpora, generated files: the proxy tracks no owner
     head = re.split(r"[/:]", rest, maxsplit=1)[0]
     if head not in KINDS:
         return False
@@ -142,6 +149,13 @@ def named(path: str, body: bytes) -> list[str]:
         out[UNREADABLE] = None
     for name in body_names(body):
         out[name] = None
+    if _UNTRACKED_IN_BODY.search(body):
+        out[UNREADABLE] = None  # a File Search store, a corpus: no group owns one
+    for n, m in enumerate(_TUNED_IN_BODY.finditer(body)):
+        if n >= MAX_NAMED or m.group(1) != b"tunedModels":
+            out[UNREADABLE] = None  # too many, or another spelling
+            break
+        out[m.group(0).decode()] = None  # a tuned model used as a model (a cache's, a batch's)
     return list(out)[: MAX_NAMED + 1]
 
 
@@ -180,7 +194,8 @@ def odd_path(path: str) -> bool:
 def body_names(body: bytes) -> list[str]:
     """The resources a request body names where Gemini reads them (fileUri, cachedContent, a
     batch's fileName), in order; UNREADABLE (last) for a spelling not read. Never raises."""
-    if _ESCAPED_LETTER.search(body):
+    if _ESCAPED_LETTER.search(body) or _LONG_SPACE.search(body):
+        # escaped letters, or more space around a key's colon than the byte scan reads: parsed
         return _parsed_body_names(body)
     out: list[str] = []
     odd = False
@@ -235,20 +250,18 @@ def _value_name(key: str, value: str) -> tuple[str | None, bool]:
 
 def _parsed_body_names(body: bytes) -> list[str]:
     """A body with escaped letters: parsed whole (bounded), every key read decoded."""
-    doc = _document(body)
+    doc = _pairs_document(body)
     if doc is None:
         return [UNREADABLE]
     out: list[str] = []
     odd, seen, stack = False, 0, [doc]
     while stack:
         item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(reversed(item))
-        elif isinstance(item, dict):
-            for key, value in item.items():
+        if isinstance(item, _Pairs):  # an object, every member of it (duplicates too)
+            for key, value in item:
                 if isinstance(key, str) and key.lower() in _BODY_KEYS:
                     seen += 1
-                    odd |= isinstance(value, list | dict)  # a name inside: not read
+                    odd |= isinstance(value, list)  # a name inside a list or an object: not read
                     if isinstance(value, str):
                         name, unread = (
                             _value_name(key, value) if len(value) <= MAX_VALUE else (None, True)
@@ -257,9 +270,24 @@ def _parsed_body_names(body: bytes) -> list[str]:
                             out.append(name)
                         odd |= unread
                 stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
     if seen > MAX_NAMED:
         odd = True
     return [*out, UNREADABLE] if odd else out
+
+
+class _Pairs(list[tuple[Any, Any]]):
+    """A JSON object as the list of its members, duplicates kept (json's object_pairs_hook)."""
+
+
+def _pairs_document(body: bytes) -> Any:
+    if len(body) > MAX_ANSWER_SCAN:
+        return None
+    try:
+        return json.loads(body, object_pairs_hook=_Pairs)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
 
 
 def _document(body: bytes) -> Any:

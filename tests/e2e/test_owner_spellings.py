@@ -185,3 +185,58 @@ def test_calls_on_a_whole_collection_are_refused_but_the_filtered_lists(
     # the lists the proxy filters still answer, with the caller's own items only
     mine = native(proxy, "tok-bob-1", "GET", "/v1beta/files")
     assert mine.status_code == 200 and mine.json().get("files", []) == []
+
+
+def test_space_duplicates_untracked_stores_and_path_parameters(
+    fake: Fake, make_proxy: Any, tmp_path: Path
+) -> None:
+    """From a second outside review: space past the byte scan's bound, duplicate keys beside an
+    escaped letter, File Search stores (owned by no group), a token in a path parameter."""
+    proxy = make_proxy(two_projects(fake), clients=CLIENTS)
+    alice = sdk(proxy, "tok-alice-1")
+    mine = upload(alice, tmp_path)
+    theirs = upload(sdk(proxy, "tok-bob-1"), tmp_path, display="bobs")
+    ws = " " * 65
+    file_part = '{"fileData":{"fileUri"' + ws + ':"' + str(mine.uri) + '"}}'
+    rows = [
+        ("65 spaces before the colon", '{"contents":[{"parts":[' + file_part + "]}]}", 404),
+        (
+            "duplicate fileUri beside an escaped letter",
+            '{"contents":[{"parts":[{"text":"\\u0041"},{"fileData":{"fileUri":"'
+            + str(mine.uri)
+            + '","fileUri":"'
+            + str(theirs.uri)
+            + '"}}]}]}',
+            404,
+        ),
+        (
+            "a File Search store in a tool",
+            '{"contents":[{"parts":[{"text":"x"}]}],"tools":[{"fileSearch":'
+            '{"fileSearchStoreNames":["fileSearchStores/alicestore"]}}]}',
+            404,
+        ),
+    ]
+    table = Table()
+    for name, body, status in rows:
+        with table.row(name):
+            refused(proxy, fake, proxy.port, req(GEN, BOB, body=body.encode()), status, "not_found")
+    for name, method, target in [
+        ("File Search stores list", b"GET", b"/v1beta/fileSearchStores"),
+        ("delete a store", b"DELETE", b"/v1beta/fileSearchStores/alicestore?force=true"),
+        ("corpora", b"GET", b"/v1beta/corpora"),
+        ("generated files", b"GET", b"/v1beta/generatedFiles"),
+    ]:
+        with table.row(name):
+            refused(
+                proxy, fake, proxy.port, req(target, BOB, method=method, body=b""), 404, "not_found"
+            )
+    with table.row("a token in a path parameter"):
+        data = req(GEN + b";key=tok-alice-1", body=b"{}")
+        refused(proxy, fake, proxy.port, data, 400, "bad_path")
+    table.verify()
+    # a file whose own bytes hold long space runs and resource-like text still uploads
+    doc = tmp_path / "notes.txt"
+    doc.write_text("x" + " " * 200 + "\ncorpora/abc tunedModels/zzz files/other\n")
+    assert alice.files.upload(file=str(doc)).name
+    proxy.stop()
+    assert b"tok-alice-1" not in proxy.dump.read_bytes()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
@@ -34,6 +36,9 @@ def arrival(flow: http.HTTPFlow) -> Arrival:
     )
 
 
+_PATH_PARAMS = re.compile(r";|%3[bB]")
+
+
 def strip_credentials(req: http.Request) -> None:
     """A refused request keeps no credential either (mitmweb, dumps); this cannot raise."""
     try:
@@ -41,9 +46,12 @@ def strip_credentials(req: http.Request) -> None:
             kv for kv in req.headers.fields if kv[0].strip().lower() not in STRIPPED_FIELDS
         )
         path, sep, query = req.path.partition("?")
+        cut = _PATH_PARAMS.split(path, maxsplit=1)[0]  # `;key=...` goes with the rest
         if sep:
             clean = mask_upload_ids(query_credentials(query).query)
-            req.path = f"{path}?{clean}" if clean else path
+            req.path = f"{cut}?{clean}" if clean else cut
+        elif cut != path:
+            req.path = cut
     except Exception:
         req.headers.fields = ()
         req.data.path = b"/"
