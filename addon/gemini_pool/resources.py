@@ -71,7 +71,9 @@ _UNTRACKED_IN_BODY = re.compile(rb"(?i)filesearchstore|file_search_store|corpora
 _TUNED_IN_BODY = re.compile(rb"(?i)(tunedmodels)/[A-Za-z0-9_-]{1,128}")
 _NOT_A_STRING = re.compile(rb"[ \t\r\n]{0,64}:[ \t\r\n]{0,64}[\[{]")  # an array or an object
 # a value naming files/ID or cachedContents/ID, read leniently (folded, decoded)
-_LOOSE_VALUE = re.compile(r"(?:^|[/\s])(?:files|cachedcontents)/[a-z0-9_-]{1,128}(?:$|[/?#:;\s\x00-\x1f\x7f])")
+_LOOSE_VALUE = re.compile(
+    r"(?:^|[/\s])(?:files|cachedcontents)/[a-z0-9_-]{1,128}(?:$|[/?#:;\s\x00-\x1f\x7f])"
+)
 
 
 def root(name: str) -> str | None:
