@@ -8,11 +8,13 @@ Redis: each worker decides from its local state; changes are queued, written and
 background task, and other workers apply what they hear. Two locks make work happen once across
 the pool: the half-open probe of a breaker, and the no-quota check of a key that answered dead
 (shared_locks.py). A creation waits until Redis holds it (`written`) and a worker reads what it
-has not heard of yet on demand (`learn_pins`, `learn_upload`): read your own writes.
+has not heard of yet on demand (`learn_pins`, `learn_upload` in shared_reads.py): read your own
+writes.
 
 This module stays whole (about 500 lines) on purpose: the queue, the merge scripts, the resync and
 the listener are one protocol, and each half only makes sense next to the other. What has its own
-concern lives beside it: shared_locks, shared_limits, shared_spends, shared_answers, shared_scripts.
+concern lives beside it: shared_locks, shared_reads, shared_limits, shared_spends, shared_answers,
+shared_scripts.
 
 Redis is no single point of failure: while it is unreachable workers serve on their local state
 (`up` is False, `gemini_proxy_shared_state_up` 0), reconnect with back-off, and on reconnect merge
@@ -48,12 +50,13 @@ from typing import Any
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
-from . import metrics
+from . import metrics, shared_reads
 from .budgets import Budgets
-from .pins import KIND_UPLOAD, Pin, ResourcePins
+from .pins import Pin, ResourcePins
 from .redis_url import shown
 from .selector import KeyPool, KeyState
 from .shared_locks import SharedLocks
+from .shared_reads import SEP as SEP  # between the parts of a hash field
 from .shared_scripts import MERGE as _MERGE
 from .shared_scripts import MERGE_MARKS as _MERGE_MARKS
 from .shared_scripts import RELEASE as _RELEASE
@@ -61,13 +64,11 @@ from .shared_spends import AwaySpends
 
 log = logging.getLogger("gemini_proxy")
 
-SEP = "\x1f"  # between the parts of a hash field (project and model, kind and name)
 QUEUE_LIMIT = 50_000  # changes waiting to be written; past it they are dropped, then resynced
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 READY_WAIT = 5.0  # longest a joining worker holds requests back waiting for its first sync
 PRUNE_EVERY = 300.0  # seconds between deletions of expired entries from Redis
 WARNED_LIMIT = 1000  # malformed fields remembered (each is warned about once)
-UPLOAD_POLL = 0.05  # learn_upload: how often it looks again
 
 _ORDER = {"marks": "t", "breakers": "t", "cooldowns": "until", "pins": "expires", "learned": "at"}
 _EXPIRY = {"cooldowns": "until", "pins": "expires"}  # tables whose entries expire
@@ -453,47 +454,9 @@ class SharedState:
                 return False
         return True
 
-    async def learn_pins(self, kind_names: Iterable[tuple[str, str]], wait: float) -> int:
-        """Pins this worker does not know, read once from Redis (at most `wait` seconds): a
-        resource created through another worker a moment ago. Returns how many were learnt."""
-        if not self.up or self._redis is None:
-            return 0
-        fields = [f"{kind}{SEP}{name}" for kind, name in kind_names]
-        if not fields:
-            return 0
-        try:
-            raws = await asyncio.wait_for(self._redis.hmget(self._k("pins"), fields), wait)
-        except (RedisError, OSError, TimeoutError):
-            return 0
-        learnt = 0
-        for field, raw in zip(fields, raws, strict=True):
-            if raw is None:
-                continue
-            try:
-                learnt += bool(self._apply("pins", field, json.loads(raw)))
-            except (ValueError, TypeError, KeyError) as e:
-                self._malformed("pins", field, e)
-        return learnt
-
-    async def learn_upload(self, digest: str, wait: float) -> bool:
-        """An upload follow-up names a session this worker has not heard of: it may have started
-        on another worker a moment ago, its pin still on the way. Look for it in Redis (and in
-        what the other workers publish) for at most `wait` seconds. True once it is known here."""
-        field = f"{KIND_UPLOAD}{SEP}{digest}"
-        deadline = time.monotonic() + wait
-        while digest not in self.pins.uploads:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.up or self._redis is None:
-                return False
-            try:
-                raw = await asyncio.wait_for(self._redis.hget(self._k("pins"), field), left)
-                if raw is not None:
-                    self._apply("pins", field, json.loads(raw))
-                    continue
-            except (RedisError, OSError, ValueError, TypeError, KeyError):
-                return digest in self.pins.uploads
-            await asyncio.sleep(min(UPLOAD_POLL, max(0.0, deadline - time.monotonic())))
-        return True
+    # reads on demand (shared_reads.py): a resource or an upload this worker has not heard of
+    learn_pins = shared_reads.learn_pins
+    learn_upload = shared_reads.learn_upload
 
 
 async def _first_failure(*coros: Any) -> None:
