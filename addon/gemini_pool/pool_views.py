@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import metrics
@@ -17,6 +18,7 @@ from .clients_view import describe_clients as _describe_clients
 
 if TYPE_CHECKING:
     from .service import ProxyService
+    from .store import Store
 
 log = logging.getLogger("gemini_proxy")
 
@@ -42,23 +44,24 @@ def gauge_rows(service: ProxyService) -> tuple[list[metrics.KeyGaugeRow], int]:
 
 
 def usage_today(service: ProxyService) -> dict[str, dict[str, int]]:
-    if service.store is None:
-        return {}
-    try:
-        return service.store.usage(pacific_day(time.time()))
-    except Exception as e:  # the admin view must not fail because of the database
-        log.warning("gemini-proxy: cannot read usage: %s", e)
-        return {}
+    return _today(service, lambda store, day: store.usage(day), "usage")
 
 
 def clients_today(service: ProxyService) -> dict[str, Any]:
     """This worker's accounting per client today, from SQLite (call from a worker thread)."""
+    return _today(service, lambda store, day: store.client_usage(day), "usage per client")
+
+
+def _today(
+    service: ProxyService, read: Callable[[Store, str], dict[str, Any]], what: str
+) -> dict[str, Any]:
+    """Today's (Pacific) rows from this worker's database; {} without one or when it fails."""
     if service.store is None:
         return {}
     try:
-        return service.store.client_usage(pacific_day(time.time()))
+        return read(service.store, pacific_day(time.time()))
     except Exception as e:  # the admin view must not fail because of the database
-        log.warning("gemini-proxy: cannot read usage per client: %s", e)
+        log.warning("gemini-proxy: cannot read %s: %s", what, e)
         return {}
 
 
