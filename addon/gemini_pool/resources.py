@@ -101,11 +101,17 @@ def list_kind(method: str, path: str) -> str | None:
     """The kind a list call lists (GET /v1beta/files -> "files"), else None."""
     if method != "GET":
         return None
+    rest = _api_rest(path)
+    return None if rest is None or rest.rstrip("/") not in LISTS else rest.rstrip("/")
+
+
+def _api_rest(path: str) -> str | None:
+    """What follows the API version (`files/abc` of `/v1beta/files/abc`); None for a path outside
+    the API or under /upload/ or /download/ (the bytes of a file, not a call on a collection)."""
     m = _VERSIONED.match(path)
     if m is None or path.startswith(("/upload/", "/download/")):
         return None
-    rest = path[m.end() :].rstrip("/")
-    return rest if rest in LISTS else None
+    return path[m.end() :]
 
 
 _UNTRACKED = frozenset({"filesearchstores", "corpora", "generatedfiles"})
@@ -119,15 +125,14 @@ def collection_refused(method: str, path: str) -> bool:
     cachedContents, batches) and creations (POST cachedContents, tunedModels; uploads). Refused:
     a verb on a collection (`files:list`), a list the proxy does not filter (operations, tuned
     models), and any other method on a collection."""
-    m = _VERSIONED.match(path)
-    if m is None or path.startswith(("/upload/", "/download/")):
+    rest = _api_rest(path)
+    if rest is None:
         return False
-    rest = path[m.end() :]
     if _MODEL_OPERATIONS.fullmatch(rest):
         return True  # a model's operations, every group's
-    if rest.split("/", 1)[0].split(":", 1)[0].lower() in _UNTRACKED:
-        return True  # File Search stores, corpora, generated files: the proxy tracks no owner
     head = re.split(r"[/:]", rest, maxsplit=1)[0]
+    if head.lower() in _UNTRACKED:
+        return True  # File Search stores, corpora, generated files: the proxy tracks no owner
     if head not in KINDS:
         return False
     tail = rest[len(head) :]
@@ -252,7 +257,7 @@ def _value_name(key: str, value: str) -> tuple[str | None, bool]:
 
 def _parsed_body_names(body: bytes) -> list[str]:
     """A body with escaped letters: parsed whole (bounded), every key read decoded."""
-    doc = _pairs_document(body)
+    doc = _document(body, pairs=True)
     if doc is None:
         return [UNREADABLE]
     out: list[str] = []
@@ -283,20 +288,13 @@ class _Pairs(list[tuple[Any, Any]]):
     """A JSON object as the list of its members, duplicates kept (json's object_pairs_hook)."""
 
 
-def _pairs_document(body: bytes) -> Any:
+def _document(body: bytes, pairs: bool = False) -> Any:
+    """A body parsed (bounded); `pairs`: every object as the list of its members, duplicates
+    kept. None when it is too large or no JSON."""
     if len(body) > MAX_ANSWER_SCAN:
         return None
     try:
-        return json.loads(body, object_pairs_hook=_Pairs)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-
-
-def _document(body: bytes) -> Any:
-    if len(body) > MAX_ANSWER_SCAN:
-        return None
-    try:
-        return json.loads(body)
+        return json.loads(body, object_pairs_hook=_Pairs if pairs else None)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
 
