@@ -225,9 +225,8 @@ def test_a_prompt_too_large_for_a_project_goes_elsewhere_and_never_cools_the_poo
     assert {k for k, _ in served(fake)[2:]} == {b}  # proj-b: the most headroom
 
 
-def test_two_workers_spend_one_budget_through_redis(
-    fake: Fake, make_proxy: Any, redis_server: Any
-) -> None:
+def budget_workers(fake: Fake, make_proxy: Any, redis_url: str, rpd: int) -> list[Proxy]:
+    """Two workers on one Redis, one key of proj-a, whose flash budget is `rpd` a day."""
     a = new_secret()
     fake.configure({a: "ok"}, projects={a: "proj-a"})
     prefix = "t-" + secrets.token_hex(4)
@@ -237,15 +236,22 @@ def test_two_workers_spend_one_budget_through_redis(
             [key_entry("a1", a, project="proj-a")],
             start=False,
             options={
-                "gemini_redis": redis_server.url,
+                "gemini_redis": redis_url,
                 "gemini_redis_prefix": prefix,
                 "gemini_worker": f"w{i}",
             },
         )
         doc = yaml.safe_load(w.keys_file.read_text())
-        doc["projects"] = [{"name": "proj-a", "limits": {FLASH: {"rpd": 3}}}]
+        doc["projects"] = [{"name": "proj-a", "limits": {FLASH: {"rpd": rpd}}}]
         w.keys_file.write_text(yaml.safe_dump(doc))
         made.append(w.start())
+    return made
+
+
+def test_two_workers_spend_one_budget_through_redis(
+    fake: Fake, make_proxy: Any, redis_server: Any
+) -> None:
+    made = budget_workers(fake, make_proxy, redis_server.url, rpd=3)
     w1, w2 = made
     wait_for(lambda: all(shared_up(w) for w in made))
     for _ in range(2):
@@ -268,24 +274,7 @@ def test_two_workers_share_a_budget_with_redis_killed_mid_run(
 ) -> None:
     server = RedisServer(tmp_path)
     try:
-        a = new_secret()
-        fake.configure({a: "ok"}, projects={a: "proj-a"})
-        prefix = "t-" + secrets.token_hex(4)
-        made = []
-        for i in (1, 2):
-            w: Proxy = make_proxy(
-                [key_entry("a1", a, project="proj-a")],
-                start=False,
-                options={
-                    "gemini_redis": server.url,
-                    "gemini_redis_prefix": prefix,
-                    "gemini_worker": f"w{i}",
-                },
-            )
-            doc = yaml.safe_load(w.keys_file.read_text())
-            doc["projects"] = [{"name": "proj-a", "limits": {FLASH: {"rpd": 9}}}]
-            w.keys_file.write_text(yaml.safe_dump(doc))
-            made.append(w.start())
+        made = budget_workers(fake, make_proxy, server.url, rpd=9)
         w1, w2 = made
         wait_for(lambda: all(shared_up(w) for w in made))
         wait_for(lambda: all(w.admin.get("/admin/clients").json()["workers"] == 2 for w in made))

@@ -4,13 +4,14 @@ a joining worker's readiness. Two SharedStates in one event loop stand for two w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,20 @@ async def until(condition: Callable[[], bool], timeout: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def two_workers_up(url: str) -> AsyncIterator[tuple[SharedState, SharedState]]:
+    """Two workers on one Redis, both synced; stopped at the end."""
+    w1, w2 = worker(url, "w1"), worker(url, "w2")
+    for w in (w1, w2):
+        w.start()
+    try:
+        await until(lambda: w1.up and w2.up)
+        yield w1, w2
+    finally:
+        await w1.stop()
+        await w2.stop()
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:
@@ -194,11 +209,7 @@ def test_a_creation_is_in_redis_when_written_returns_and_a_miss_reads_it_once(
     field = f"{KIND_RESOURCE}{SEP}files/new"
 
     async def scenario() -> None:
-        w1, w2 = worker(redis_url, "w1"), worker(redis_url, "w2")
-        for w in (w1, w2):
-            w.start()
-        try:
-            await until(lambda: w1.up and w2.up)
+        async with two_workers_up(redis_url) as (w1, w2):
             pin = Pin(KIND_RESOURCE, "files/new", "pa", "", time.time() + 300)
             w1.pins.restore([pin], time.time())
             w1.pin_added(pin)
@@ -216,9 +227,6 @@ def test_a_creation_is_in_redis_when_written_returns_and_a_miss_reads_it_once(
             assert w2.pins.project_for("v1beta/files/other", b"", time.time()) == "pb"
             # a name nobody created: one read, nothing learnt, no wait
             assert await w2.learn_pins([(KIND_RESOURCE, "files/nobody")], 2) == 0
-        finally:
-            await w1.stop()
-            await w2.stop()
 
     run(scenario)
 
@@ -230,19 +238,12 @@ def test_an_ended_pin_leaves_redis_so_no_worker_takes_it_back(redis_url: str) ->
     field = f"{KIND_RESOURCE}{SEP}files/gone"
 
     async def scenario() -> None:
-        w1, w2 = worker(redis_url, "w1"), worker(redis_url, "w2")
-        for w in (w1, w2):
-            w.start()
-        try:
-            await until(lambda: w1.up and w2.up)
+        async with two_workers_up(redis_url) as (w1, w2):
             w1.pin_added(Pin(KIND_RESOURCE, "files/gone", "pa", "", time.time() + 300))
             assert await w1.written(5) and r.hget("t:pins", field) is not None
             w1.pin_added(Pin(KIND_RESOURCE, "files/gone", "pa", "", time.time()))  # deleted
             assert await w1.written(5)
             assert r.hget("t:pins", field) is None
             assert await w2.learn_pins([(KIND_RESOURCE, "files/gone")], 2) == 0
-        finally:
-            await w1.stop()
-            await w2.stop()
 
     run(scenario)
