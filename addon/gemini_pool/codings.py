@@ -70,14 +70,14 @@ def decoded(body: bytes, encoding: str, limit: int) -> bytes | None:
 
 def plain_request(
     headers: Sequence[tuple[str, str]], body: bytes, limit: int
-) -> tuple[list[tuple[str, str]], bytes] | None:
-    """A request body as every check reads it and as it goes upstream: its Content-Encoding
-    undone (gzip, deflate; at most `limit` bytes decoded) and the header dropped. A compressed
+) -> tuple[Sequence[tuple[str, str]], bytes] | None:
+    """A request's headers and body as every check reads them and as they go upstream (the same
+    objects when there is no Content-Encoding): its Content-Encoding undone (gzip, deflate; at most `limit` bytes decoded) and the header dropped. A compressed
     body must never slip past a check that reads bytes (whose resource it names, which model).
     None: an encoding the proxy cannot undo, a corrupt body, or one over `limit` decoded."""
     encodings = [v for k, v in headers if k.lower() == "content-encoding"]
     if not encodings:
-        return list(headers), body
+        return headers, body  # the common case: nothing to undo, nothing copied
     if not body:
         return [(k, v) for k, v in headers if k.lower() != "content-encoding"], body
     plain = decoded(body, ",".join(encodings), limit)

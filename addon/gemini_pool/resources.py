@@ -65,10 +65,13 @@ _ESCAPED_LETTER = re.compile(rb"\\u00(?:4[1-9A-Fa-f]|5[0-9AaFf]|6[1-9A-Fa-f]|7[0
 _BODY_KEYS = frozenset(k.decode().lower() for k in _VALUE_OF)
 _CACHE_KEYS = frozenset({"cachedcontent", "cached_content"})
 _BARE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_LONG_SPACE = re.compile(rb"[ \t\r\n]{65}")  # more than _STRING_VALUE reads around a colon
+# escaped letters, or more space than _STRING_VALUE reads around a colon: the body is parsed
+_PARSE_WHOLE = re.compile(_ESCAPED_LETTER.pattern + rb"|[ \t\r\n]{65}")
 # resources no group owns (the proxy tracks none of them): named in a body, refused for tenants
-_UNTRACKED_IN_BODY = re.compile(rb"(?i)filesearchstore|file_search_store|corpora/")
-_TUNED_IN_BODY = re.compile(rb"(?i)(tunedmodels)/[A-Za-z0-9_-]{1,128}")
+# and a tuned model used as a model (group 1: its name): one pass over the body for both
+_OTHER_IN_BODY = re.compile(
+    rb"(?i)filesearchstore|file_search_store|corpora/|((tunedmodels)/[A-Za-z0-9_-]{1,128})"
+)
 _NOT_A_STRING = re.compile(rb"[ \t\r\n]{0,64}:[ \t\r\n]{0,64}[\[{]")  # an array or an object
 # a value naming files/ID or cachedContents/ID, read leniently (folded, decoded)
 _LOOSE_VALUE = re.compile(
@@ -156,13 +159,11 @@ def named(path: str, body: bytes) -> list[str]:
         out[UNREADABLE] = None
     for name in body_names(body):
         out[name] = None
-    if _UNTRACKED_IN_BODY.search(body):
-        out[UNREADABLE] = None  # a File Search store, a corpus: no group owns one
-    for n, m in enumerate(_TUNED_IN_BODY.finditer(body)):
-        if n >= MAX_NAMED or m.group(1) != b"tunedModels":
-            out[UNREADABLE] = None  # too many, or another spelling
-            break
-        out[m.group(0).decode()] = None  # a tuned model used as a model (a cache's, a batch's)
+    for n, m in enumerate(_OTHER_IN_BODY.finditer(body)):
+        if m.group(1) is None or n >= MAX_NAMED or m.group(2) != b"tunedModels":
+            out[UNREADABLE] = None  # a File Search store, a corpus (no group owns one), too
+            break  # many names, or another spelling
+        out[m.group(1).decode()] = None  # a tuned model used as a model (a cache's, a batch's)
     return list(out)[: MAX_NAMED + 1]
 
 
@@ -201,7 +202,7 @@ def odd_path(path: str) -> bool:
 def body_names(body: bytes) -> list[str]:
     """The resources a request body names where Gemini reads them (fileUri, cachedContent, a
     batch's fileName), in order; UNREADABLE (last) for a spelling not read. Never raises."""
-    if _ESCAPED_LETTER.search(body) or _LONG_SPACE.search(body):
+    if _PARSE_WHOLE.search(body):
         # escaped letters, or more space around a key's colon than the byte scan reads: parsed
         return _parsed_body_names(body)
     out: list[str] = []
